@@ -1,0 +1,25 @@
+"""Palettization-aware training for PyTorch Lightning and Hugging Face, on coreai-opt."""
+
+from .engine import Palettization, PalettizationWarning
+from .export import ExportError, ExportResult, load_palettized
+from .report import CompressionReport
+from .settings import (
+    PalettizeConfigError,
+    PalettizeSettings,
+    build_palettizer_config,
+    register_configs,
+)
+
+__all__ = [
+    "CompressionReport",
+    "ExportError",
+    "ExportResult",
+    "Palettization",
+    "PalettizationWarning",
+    "PalettizeConfigError",
+    "PalettizeSettings",
+    "build_palettizer_config",
+    "load_palettized",
+    "register_configs",
+]
+__version__ = "0.1.0"

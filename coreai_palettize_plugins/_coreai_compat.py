@@ -1,0 +1,161 @@
+"""Every use of coreai-opt internals lives here (pinned to coreai-opt 0.4.x).
+
+coreai-opt's public ``KMeansPalettizer.prepare`` builds the palettized structure *and* runs k-means
+in one call, and keeps its PAT step counter private. Training integrations need both split:
+build the structure before the model is wrapped and the optimizer exists, then cluster only if
+no checkpoint restored the state, on the rank that owns each layer, and restore the step
+counter on resume. These helpers do that with the least private surface; tests exercise each.
+Upstream request: ``prepare(..., cluster=False)`` + ``cluster()`` and a public step setter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.utils.parametrize as P
+from coreai_opt.palettization import KMeansPalettizer
+from coreai_opt.palettization.kmeans.kmeans_fake_palettize import _KMeansFakePalettize
+from coreai_opt.palettization.spec.fake_palettize import _disable_fake_palett, _enable_fake_palett
+
+__all__ = [
+    "PalettizedTensor",
+    "attach_structure",
+    "cluster_tensors",
+    "fake_palettized_tensors",
+    "finish_clustering",
+    "set_step",
+]
+
+
+@dataclass
+class PalettizedTensor:
+    """One palettized weight: ``module.<attr>`` is rebuilt by ``fake`` from ``original``."""
+
+    module_name: str
+    module: nn.Module
+    attr: str
+    fake: _KMeansFakePalettize
+
+    @property
+    def name(self) -> str:
+        """Fully qualified name of the weight, e.g. ``layers.0.fc.weight``."""
+        return f"{self.module_name}.{self.attr}" if self.module_name else self.attr
+
+    @property
+    def state_prefix(self) -> str:
+        """State-dict prefix of the parametrization, e.g. ``fc.parametrizations.weight.``."""
+        base = f"{self.module_name}." if self.module_name else ""
+        return f"{base}parametrizations.{self.attr}."
+
+    @property
+    def original(self) -> torch.Tensor:
+        return self.module.parametrizations[self.attr].original
+
+    @property
+    def initialized(self) -> bool:
+        return self.fake.centroids is not None
+
+
+def fake_palettized_tensors(model: nn.Module) -> list[PalettizedTensor]:
+    """Every k-means palettized weight of ``model``, in module order, tied weights once."""
+    found: list[PalettizedTensor] = []
+    seen: set[int] = set()
+    for module_name, module in model.named_modules():
+        if not P.is_parametrized(module):
+            continue
+        for attr, plist in module.parametrizations.items():
+            for fake in plist:
+                if isinstance(fake, _KMeansFakePalettize) and id(fake) not in seen:
+                    seen.add(id(fake))
+                    found.append(PalettizedTensor(module_name, module, attr, fake))
+                    break
+    return found
+
+
+def attach_structure(
+    palettizer: KMeansPalettizer, example_inputs: tuple[Any, ...]
+) -> dict[str, str]:
+    """Insert the fake-palettize parametrizations without clustering.
+
+    Mirrors ``KMeansPalettizer.prepare(state_dict=...)`` up to the point where it would load a
+    state dict. Returns ``{weight name: reason}`` for weights the config asked for but whose shape
+    the spec cannot take (coreai-opt drops those and leaves them dense).
+    """
+    model = palettizer._model
+    palettizer._module_config_dict = palettizer._config.build_module_config_dict(model)
+    palettizer._handler.prepare(model, example_inputs=example_inputs)
+    skipped = {}
+    for tensor in fake_palettized_tensors(model):
+        if not tensor.fake.check_compatible(tensor.original):
+            skipped[tensor.name] = _incompatibility(tensor)
+    palettizer._remove_incompatible_fake_palett_modules()
+    palettizer._mark_model_as_prepared(model)
+    return skipped
+
+
+def _incompatibility(tensor: PalettizedTensor) -> str:
+    fake, shape = tensor.fake, tuple(tensor.original.shape)
+    group = getattr(fake.granularity, "group_size", None)
+    if group:
+        return f"shape {shape} is not divisible into groups of {group} along axis {fake._resolved_axis}"
+    return f"shape {shape} is incompatible with cluster_dim={fake.cluster_dim}"
+
+
+def cluster_tensors(palettizer: KMeansPalettizer, tensors: list[PalettizedTensor]) -> None:
+    """Run k-means for ``tensors`` in this process (coreai-opt's ``num_workers`` pool if > 1)."""
+    if not tensors:
+        return
+    names = {t.name for t in tensors}
+    infos = [i for i in palettizer._collect_fake_palett_info(to_cpu=False)
+             if i.fp_module.tensor_fqn in names]
+    for info in infos:
+        info.fp_module.disable_fake_palett()
+    if palettizer._num_workers <= 1:
+        palettizer._calculate_centroids_sequential(infos)
+    else:
+        _calculate_in_pool(palettizer, infos)
+    for info in infos:
+        info.fp_module.enable_fake_palett()
+
+
+def _calculate_in_pool(palettizer: KMeansPalettizer, infos: list) -> None:
+    """coreai-opt's spawn pool over a subset of layers (``_calculate_centroids`` takes all)."""
+    import torch.multiprocessing as mp
+    from coreai_opt.palettization.kmeans.palettizer import _calculate_centroids_for_module
+
+    workers = min(palettizer._num_workers, len(infos))
+    with mp.get_context("spawn").Pool(processes=workers) as pool:
+        results = pool.map(_calculate_centroids_for_module,
+                           [(i.fp_module, i.weight.cpu()) for i in infos])
+    palettizer._apply_centroid_results(infos, results)
+
+
+def finish_clustering(palettizer: KMeansPalettizer) -> None:
+    """Drop layers k-means disabled and turn fake palettization on (end of ``prepare``)."""
+    model = palettizer._model
+    palettizer._remove_disabled_fake_palett_modules(model)
+    model.apply(_enable_fake_palett)
+
+
+def disable_all(model: nn.Module) -> None:
+    model.apply(_disable_fake_palett)
+
+
+def set_step(palettizer: KMeansPalettizer, step: int) -> None:
+    """Set the PAT step counter (private in coreai-opt) and apply the schedule if training."""
+    palettizer._step_count = int(step)
+    if palettizer._lifecycle.value == "training":
+        palettizer._apply_schedule()
+
+
+def get_step(palettizer: KMeansPalettizer) -> int:
+    return int(palettizer._step_count)
+
+
+def iter_state_children(tensor: PalettizedTensor) -> Iterator[tuple[str, torch.Tensor]]:
+    """(key, tensor) of the fake-palettize module's persistent state, keys relative to it."""
+    yield from tensor.fake.state_dict().items()

@@ -1,0 +1,346 @@
+"""``Palettization``: the framework-agnostic lifecycle both callbacks sit on.
+
+    engine = Palettization("w4", overrides={"linear": "w8"})
+    engine.attach(model, example_inputs)    # palettized structure, before wrap and optimizer
+    engine.cluster()                        # k-means, unless a checkpoint restored the state
+    engine.start_training(step)             # coreai-opt training mode + PAT schedule
+    engine.sync_step(optimizer_step)        # after each optimizer step
+    engine.stop_training()
+    engine.export_on_main("out/")           # .aimodel + packed artifact + report
+
+``prepare(model, example_inputs, state_dict=None)`` does attach + (load or cluster) in one call.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import re
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from coreai_opt.palettization import KMeansPalettizer
+
+from . import _coreai_compat as compat
+from .export import ExportResult, export_palettized, quiet_prepare
+from .report import CompressionReport, build_report
+from .settings import (
+    ConfigSource,
+    PalettizeConfigError,
+    config_from_settings,
+    config_to_yaml,
+    resolve_settings,
+)
+
+__all__ = ["Palettization", "PalettizationWarning", "as_example_inputs"]
+
+log = logging.getLogger("coreai_palettize_plugins")
+
+
+class PalettizationWarning(UserWarning):
+    """A layer the config asked for was left dense, or similar surprises."""
+
+
+def as_example_inputs(value: Any) -> tuple[Any, ...]:
+    """Normalise example inputs to the positional tuple coreai-opt's ``prepare`` needs."""
+    if isinstance(value, torch.Tensor):
+        return (value,)
+    if isinstance(value, (list, tuple)):
+        return tuple(value)
+    if isinstance(value, Mapping):
+        raise TypeError("example inputs must be positional (a tensor or a tuple of tensors), "
+                        f"got a mapping with keys {sorted(value)}")
+    raise TypeError(f"example inputs must be a tensor or a tuple, got {type(value).__name__}")
+
+
+def _rank() -> int:
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def meta_skeleton(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose parameters and persistent buffers live on the meta device.
+
+    Costs no memory; non-persistent buffers (rotary tables, masks) are copied for real because
+    no state dict restores them. ``materialize`` turns it into a usable model for export.
+    """
+    memo: dict[int, Any] = {}
+    for module in model.modules():
+        for p in module._parameters.values():
+            if p is not None and id(p) not in memo:
+                memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"),
+                                           requires_grad=p.requires_grad)
+        for name, b in module._buffers.items():
+            if b is not None and name not in module._non_persistent_buffers_set:
+                memo.setdefault(id(b), torch.empty_like(b, device="meta"))
+    return copy.deepcopy(model, memo)
+
+
+def materialize(skeleton: nn.Module) -> nn.Module:
+    """A new model from a ``meta_skeleton``: meta tensors become zeros on the CPU (ties kept)."""
+    model = copy.deepcopy(skeleton)
+    made: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for store in (module._parameters, module._buffers):
+            for name, t in list(store.items()):
+                if t is None or not t.is_meta:
+                    continue
+                if id(t) not in made:
+                    data = torch.zeros(t.shape, dtype=t.dtype)
+                    made[id(t)] = (nn.Parameter(data, requires_grad=t.requires_grad)
+                                   if isinstance(t, nn.Parameter) else data)
+                store[name] = made[id(t)]
+    return model
+
+
+class Palettization:
+    """Owns one model's coreai-opt ``KMeansPalettizer`` from prepare to export.
+
+    Args:
+        config: anything ``build_palettizer_config`` accepts (a preset name, settings, a
+            coreai-opt YAML path, a ``KMeansPalettizerConfig``).
+        overrides: per module type, e.g. ``{"linear": "w8", "embedding": None}``.
+        modules: per module name regex, e.g. ``{"lm_head": "w8"}``.
+        model_factory: builds a new instance of the model for export. By default a
+            zero-memory meta copy taken before prepare is used.
+        **fields: other ``palettize`` keys (``num_workers``, ``distributed``, ``schedule``,
+            ``training``, ``export``).
+    """
+
+    def __init__(
+        self,
+        config: ConfigSource | None = "w4",
+        *,
+        overrides: Mapping[str, Any] | None = None,
+        modules: Mapping[str, Any] | None = None,
+        model_factory: Callable[[], nn.Module] | None = None,
+        **fields: Any,
+    ) -> None:
+        self.settings = resolve_settings(config, overrides=overrides, modules=modules, **fields)
+        self.config = config_from_settings(self.settings)
+        self.model: nn.Module | None = None
+        self.palettizer: KMeansPalettizer | None = None
+        self.example_inputs: tuple[Any, ...] = ()
+        self.skipped: dict[str, str] = {}
+        self.restored = False
+        self._model_factory = model_factory
+        self._skeleton: nn.Module | None = None
+        self._training: Any = None
+
+    # ---------------------------------------------------------------- structure and clustering
+
+    @property
+    def attached(self) -> bool:
+        return self.palettizer is not None
+
+    def tensors(self) -> list[compat.PalettizedTensor]:
+        """The palettized weights of the attached model."""
+        return compat.fake_palettized_tensors(self.model) if self.model is not None else []
+
+    @property
+    def clustered(self) -> bool:
+        """True once every palettized weight has centroids (k-means ran or state was loaded)."""
+        tensors = self.tensors()
+        return bool(tensors) and all(t.initialized for t in tensors)
+
+    def attach(self, model: nn.Module, example_inputs: Any) -> None:
+        """Insert the palettized structure into ``model`` (in place) without running k-means.
+
+        Call before the model is wrapped (DDP/FSDP) and before the optimizer is built. Attaching
+        the same model again is a no-op.
+        """
+        if self.model is not None:
+            if model is self.model:
+                return
+            raise RuntimeError("this Palettization is already attached to another model")
+        if KMeansPalettizer._is_model_prepared(model):
+            raise RuntimeError(f"{type(model).__name__} is already palettized (prepared by "
+                               "coreai-opt); build a new model or reuse its Palettization")
+        example_inputs = as_example_inputs(example_inputs)
+        self._check_module_patterns(model)
+        if self._model_factory is None:
+            try:
+                self._skeleton = meta_skeleton(model)
+            except Exception as e:
+                raise RuntimeError(
+                    f"cannot copy {type(model).__name__} for the end-of-training export "
+                    f"({type(e).__name__}: {e}); pass model_factory= (a callable returning a new "
+                    "instance of the model)") from e
+        palettizer = KMeansPalettizer(model, self.config)
+        palettizer._num_workers = int(self.settings["num_workers"])
+        with quiet_prepare(model):
+            self.skipped = compat.attach_structure(palettizer, example_inputs)
+        self.model, self.palettizer = model, palettizer
+        self.example_inputs = tuple(
+            x.detach().cpu().clone() if isinstance(x, torch.Tensor) else x for x in example_inputs)
+        if not self.tensors():
+            raise PalettizeConfigError(
+                f"palettize: the config palettizes no weight of {type(model).__name__} "
+                f"({self._what_was_asked()}); check palettize.preset/overrides/modules"
+                + (f" (skipped: {', '.join(self.skipped)})" if self.skipped else ""))
+        if _rank() == 0:
+            for name, reason in self.skipped.items():
+                warnings.warn(f"palettize: {name} left dense: {reason}", PalettizationWarning,
+                              stacklevel=2)
+
+    def _what_was_asked(self) -> str:
+        s = self.settings
+        parts = [f"preset={s['preset']}"] if s.get("preset") is not None else []
+        parts += [f"overrides.{k}={v}" for k, v in (s["overrides"] or {}).items()
+                  if v != "inherit"]
+        parts += [f"modules.{k}={v}" for k, v in (s["modules"] or {}).items()]
+        return ", ".join(parts) or "a coreai-opt config"
+
+    def _check_module_patterns(self, model: nn.Module) -> None:
+        names = [n for n, _ in model.named_modules() if n]
+        for pattern in self.settings["modules"] or {}:
+            if not any(re.fullmatch(pattern, n) for n in names):
+                sample = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+                raise PalettizeConfigError(
+                    f"palettize.modules.{pattern}: matches no module of {type(model).__name__} "
+                    f"(re.fullmatch); module names look like: {sample}")
+
+    def cluster(self) -> None:
+        """Run k-means for every palettized weight that has no centroids yet."""
+        self._require_attached()
+        pending = [t for t in self.tensors() if not t.initialized]
+        compat.cluster_tensors(self.palettizer, pending)
+        compat.finish_clustering(self.palettizer)
+
+    def prepare(
+        self,
+        model: nn.Module,
+        example_inputs: Any,
+        state_dict: Mapping[str, torch.Tensor] | None = None,
+    ) -> nn.Module:
+        """Attach, then load ``state_dict`` (skipping k-means) or cluster. Returns ``model``."""
+        self.attach(model, example_inputs)
+        if state_dict is not None:
+            model.load_state_dict(state_dict)
+            self.verify_restored()
+        else:
+            self.cluster()
+        return model
+
+    def verify_restored(self) -> None:
+        """Raise unless every palettized weight got its centroids from a loaded state."""
+        missing = [t.name for t in self.tensors() if not t.initialized]
+        if missing:
+            raise RuntimeError(
+                f"the loaded checkpoint has no palettized state (centroids/indices) for "
+                f"{len(missing)} weight(s): {', '.join(missing[:5])}"
+                f"{' ...' if len(missing) > 5 else ''}; it does not come from this config")
+        self.restored = True
+
+    def _require_attached(self) -> None:
+        if self.palettizer is None:
+            raise RuntimeError("call attach() or prepare() first")
+
+    # ---------------------------------------------------------------- training
+
+    @property
+    def step(self) -> int:
+        return compat.get_step(self.palettizer) if self.palettizer is not None else 0
+
+    def start_training(self, step: int = 0) -> None:
+        """Enter coreai-opt's training mode at optimizer step ``step`` (resume-aware)."""
+        self._require_attached()
+        if self._training is not None:
+            return
+        compat.set_step(self.palettizer, step)
+        self._training = self.palettizer.training_mode()
+        self._training.__enter__()
+
+    def sync_step(self, step: int) -> None:
+        """Advance the PAT schedule to optimizer step ``step``: call after optimizer steps."""
+        if self.palettizer is not None and compat.get_step(self.palettizer) != step:
+            compat.set_step(self.palettizer, step)
+
+    def stop_training(self) -> None:
+        """Leave training mode (restores the model's train/eval state)."""
+        if self._training is not None:
+            context, self._training = self._training, None
+            context.__exit__(None, None, None)
+
+    # ---------------------------------------------------------------- state
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint needs besides the model's own state: the PAT step and config."""
+        return {"version": 1, "step": self.step, "config": config_to_yaml(self.config)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore from ``state_dict()``. The model's tensors come from its own state dict."""
+        saved = state.get("config")
+        if saved is not None and saved != config_to_yaml(self.config):
+            raise PalettizeConfigError(
+                "palettize: the checkpoint was palettized with a different config than this "
+                "run's; resume with the same palettize settings")
+        if self.palettizer is not None:
+            compat.set_step(self.palettizer, int(state.get("step", 0)))
+        self.restored = True
+
+    # ---------------------------------------------------------------- report and export
+
+    def report(self) -> CompressionReport:
+        self._require_attached()
+        return build_report(self.model, self.skipped)
+
+    def new_model(self) -> nn.Module:
+        """A new, unprepared instance of the model's architecture (for export)."""
+        if self._model_factory is not None:
+            with torch.random.fork_rng(devices=[]):
+                return self._model_factory()
+        if self._skeleton is None:
+            raise RuntimeError("attach() a model first")
+        return materialize(self._skeleton)
+
+    def export(
+        self,
+        directory: str | Path | None = None,
+        *,
+        formats: Sequence[str] | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        extra_files: Callable[[Path], None] | None = None,
+        strict: bool = False,
+    ) -> ExportResult:
+        """Write ``.aimodel``, the packed artifact and the report to ``directory`` (atomic)."""
+        self._require_attached()
+        export_settings = self.settings["export"]
+        directory = directory or export_settings.get("dir")
+        if directory is None:
+            raise ValueError("no export directory: pass one or set palettize.export.dir")
+        result = export_palettized(
+            self.model,
+            config=self.config,
+            example_inputs=self.example_inputs,
+            directory=directory,
+            factory=self.new_model,
+            formats=formats if formats is not None else export_settings["formats"],
+            report=self.report(),
+            metadata=metadata,
+            extra_files=extra_files,
+            strict=strict,
+        )
+        log.info("palettize: exported %s to %s", ", ".join(result.written) or "nothing",
+                 result.directory)
+        return result
+
+    def export_on_main(self, directory: str | Path | None = None, **kwargs: Any) -> ExportResult | None:
+        """``export`` on global rank 0 only; every rank waits at a barrier afterwards."""
+        result = None
+        try:
+            if _rank() == 0:
+                result = self.export(directory, **kwargs)
+        finally:
+            _barrier()
+        return result
