@@ -1,5 +1,11 @@
 """Palettization-aware training for PyTorch Lightning and Hugging Face, on coreai-opt."""
 
+from . import _quiet
+
+_quiet.install()
+
+# ruff: noqa: E402
+
 from .engine import Palettization, PalettizationWarning
 from .export import ExportError, ExportResult, load_palettized
 from .report import CompressionReport
@@ -23,3 +29,6 @@ __all__ = [
     "register_configs",
 ]
 __version__ = "0.1.0"
+
+# The YAML files of a `palettize` config group extend `palettize/base`: make it available.
+register_configs()

@@ -10,6 +10,7 @@ Upstream request: ``prepare(..., cluster=False)`` + ``cluster()`` and a public s
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -105,10 +106,40 @@ def _incompatibility(tensor: PalettizedTensor) -> str:
     return f"shape {shape} is incompatible with cluster_dim={fake.cluster_dim}"
 
 
+STALE_LOCK_SECONDS = 300
+
+
+def ensure_kmeans_extension() -> None:
+    """Build (or load) coreai-opt's JIT k-means extension, clearing a stale build lock first.
+
+    torch < 2.14 waits forever on a ``lock`` file left by a killed build. A real build of this
+    one-file extension takes about a second, so a lock older than ``STALE_LOCK_SECONDS`` is stale.
+    """
+    import logging
+    import os
+    import time
+
+    from coreai_opt.deps._kmeans1d import core
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = os.path.join(_get_build_directory("_core", verbose=False), "lock")
+    try:
+        age = time.time() - os.path.getmtime(lock)
+    except OSError:
+        age = None
+    if age is not None and age > STALE_LOCK_SECONDS:
+        logging.getLogger("coreai_palettize_plugins").warning(
+            "removing a stale torch extension build lock (%.0f s old): %s", age, lock)
+        with contextlib.suppress(OSError):
+            os.remove(lock)
+    core._dll()
+
+
 def cluster_tensors(palettizer: KMeansPalettizer, tensors: list[PalettizedTensor]) -> None:
     """Run k-means for ``tensors`` in this process (coreai-opt's ``num_workers`` pool if > 1)."""
     if not tensors:
         return
+    ensure_kmeans_extension()
     names = {t.name for t in tensors}
     infos = [i for i in palettizer._collect_fake_palett_info(to_cpu=False)
              if i.fp_module.tensor_fqn in names]
@@ -150,6 +181,32 @@ def set_step(palettizer: KMeansPalettizer, step: int) -> None:
     palettizer._step_count = int(step)
     if palettizer._lifecycle.value == "training":
         palettizer._apply_schedule()
+
+
+COREAI_INDEX_BITS = (1, 2, 4, 6, 8)
+"""Index widths coreai-torch 0.4 can store in an ``.aimodel`` (3-bit raises ValueError)."""
+
+
+@torch.no_grad()
+def widen_for_coreai(model: nn.Module) -> list[str]:
+    """Re-express LUTs whose width coreai-torch cannot store with the next supported width.
+
+    A 3-bit LUT becomes a 4-bit LUT whose extra entries repeat the last centroid; indices are
+    unchanged (all < 8), so the model's outputs are identical. Only for a throwaway export copy.
+    Returns the names of the widened weights.
+    """
+    widened = []
+    for t in fake_palettized_tensors(model):
+        fake = t.fake
+        if fake.n_bits in COREAI_INDEX_BITS or fake.centroids is None:
+            continue
+        bits = min(b for b in COREAI_INDEX_BITS if b > fake.n_bits)
+        centroids = fake.centroids
+        pad = centroids[:, -1:].expand(-1, 2**bits - centroids.shape[1], -1)
+        fake.centroids = torch.cat([centroids, pad], dim=1).contiguous()
+        fake.n_bits = bits
+        widened.append(t.name)
+    return widened
 
 
 def get_step(palettizer: KMeansPalettizer) -> int:

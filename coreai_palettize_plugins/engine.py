@@ -193,6 +193,20 @@ class Palettization:
                 warnings.warn(f"palettize: {name} left dense: {reason}", PalettizationWarning,
                               stacklevel=2)
 
+    def check(self, model: nn.Module, example_inputs: Any) -> None:
+        """Validate the config against ``model`` without touching it (a dry run on a copy).
+
+        Raises ``PalettizeConfigError`` for a name regex that matches no module and for a config
+        that palettizes no weight. Use it to fail before any training starts.
+        """
+        self._check_module_patterns(model)
+        dry_run = Palettization(self.config, model_factory=lambda: None,
+                                num_workers=1, export={"formats": []})
+        dry_run.settings = {**self.settings, "num_workers": 1}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PalettizationWarning)
+            dry_run.attach(materialize(meta_skeleton(model)), example_inputs)
+
     def _what_was_asked(self) -> str:
         s = self.settings
         parts = [f"preset={s['preset']}"] if s.get("preset") is not None else []

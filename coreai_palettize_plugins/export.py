@@ -28,7 +28,7 @@ import torch.nn as nn
 from coreai_opt import ExportBackend
 from coreai_opt.palettization import KMeansPalettizer, KMeansPalettizerConfig
 
-from ._coreai_compat import fake_palettized_tensors
+from ._coreai_compat import fake_palettized_tensors, widen_for_coreai
 from .report import CompressionReport
 from .settings import config_from_yaml_text, config_to_yaml
 
@@ -291,6 +291,11 @@ def write_aimodel(
     import coreai_torch
 
     expected = model_outputs(model, example_inputs)
+    widened = widen_for_coreai(model)
+    if widened:
+        log.info("coreai-torch stores no 3-bit indices: %d weight(s) go into the .aimodel with "
+                 "4-bit indices and a padded LUT (same values): %s", len(widened),
+                 ", ".join(widened))
     finalized = palettizer.finalize(model, backend=ExportBackend.CoreAI).eval()
     try:
         with torch.no_grad():

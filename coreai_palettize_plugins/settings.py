@@ -27,6 +27,7 @@ A spec mapping has the keys ``preset`` (base), ``n_bits``, ``granularity`` (``pe
 from __future__ import annotations
 
 import dataclasses
+import enum
 import importlib
 import io
 import os
@@ -160,17 +161,15 @@ ConfigSource = PalettizeSettings | Mapping[str, Any] | str | os.PathLike | KMean
 
 
 def register_configs() -> None:
-    """Register the ``palettize`` schema and presets in Hydra's ConfigStore.
+    """Register the ``palettize`` schema as ``palettize/base`` in Hydra's ConfigStore.
 
-    ``palettize/base`` is the schema the YAML files in ``conf/palettize`` extend; the presets are
-    registered too (``palettize/w4`` ...) so any Hydra app that calls this gets the group.
+    The YAML options of the group (``conf/palettize/w4.yaml`` ...) extend it with
+    ``defaults: [base]``, which makes them typed: ``--cfg job`` lists every overridable module
+    type, and ``palettize.overrides.linear=w8`` needs no ``+``. Importing the package calls this.
     """
     from hydra.core.config_store import ConfigStore
 
-    cs = ConfigStore.instance()
-    cs.store(group="palettize", name="base", node=PalettizeSettings)
-    for name in PRESETS:
-        cs.store(group="palettize", name=name, node=PalettizeSettings(preset=name))
+    ConfigStore.instance().store(group="palettize", name="base", node=PalettizeSettings)
 
 
 # --------------------------------------------------------------------------------------------
@@ -426,7 +425,7 @@ def _module_config(value: Any, key: str, module_type: type | None = None):
         spec = _spec_from_mapping(PRESETS[value] if isinstance(value, str) else value, key)
         return ModuleKMeansPalettizerConfig(
             op_input_spec=None, op_output_spec=None, op_state_spec=None,
-            module_state_spec={"weight": spec},
+            module_state_spec={"weight": spec}, enable_fast_kmeans_mode=spec.cluster_dim == 1,
         )
     if isinstance(value, str) and value in _COREAI_PRESETS:
         return getattr(ModuleKMeansPalettizerConfig.presets, value)()
@@ -435,6 +434,8 @@ def _module_config(value: Any, key: str, module_type: type | None = None):
         op_input_spec=None,
         op_output_spec=None,
         op_state_spec=dict.fromkeys(OpKMeansPalettizerConfig.get_default_state_spec(), spec),
+        # coreai-opt's fast (fp16-rounded) k-means is scalar-only.
+        enable_fast_kmeans_mode=spec.cluster_dim == 1,
     )
 
 
@@ -542,6 +543,20 @@ def _jsonable(value: Any) -> Any:
         return [_jsonable(v) for v in value]
     if isinstance(value, torch.dtype):
         return str(value).removeprefix("torch.")
+    if isinstance(value, enum.Enum):
+        return value.value
     if isinstance(value, type):
-        return f"{value.__module__}.{value.__qualname__}"
+        return _registry_key(value)
     return value
+
+
+def _registry_key(cls: type) -> str:
+    """coreai-opt dumps classes (``lut_qspec.fake_quantize_cls`` ...) as objects but parses them
+    back by registry key: find the key under which ``cls`` is registered."""
+    for base in cls.__mro__:
+        registry = base.__dict__.get("REGISTRY")
+        if isinstance(registry, Mapping):
+            for key, registered in registry.items():
+                if registered is cls:
+                    return key
+    return f"{cls.__module__}.{cls.__qualname__}"

@@ -1,0 +1,164 @@
+"""Lightning adapter: ``PalettizationCallback`` maps Lightning hooks onto the ``Palettization`` engine.
+
+Hook order (``Trainer._run``): ``setup`` -> ``configure_model`` -> checkpoint restore (model
+weights, then callback state) -> ``strategy.setup`` (DDP wrap, optimizers) -> ``on_fit_start``.
+So the palettized structure is built in ``setup(stage="fit")``, before wrapping and before the
+optimizer exists; k-means runs in ``on_fit_start`` only if no checkpoint restored the state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn as nn
+from lightning.pytorch.callbacks import Callback
+
+from .engine import Palettization, as_example_inputs
+from .export import ExportResult
+from .report import CompressionReport
+from .settings import ConfigSource
+
+__all__ = ["PalettizationCallback", "default_example_inputs"]
+
+
+def default_example_inputs(batch: Any) -> tuple[Any, ...]:
+    """First-batch -> positional example inputs: the input tensor of ``(x, y)``-style batches,
+    ``input_ids`` of dict batches, trimmed to one sample."""
+    if isinstance(batch, torch.Tensor):
+        return (batch[:1],)
+    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
+        return (batch[0][:1],)
+    if isinstance(batch, Mapping) and isinstance(batch.get("input_ids"), torch.Tensor):
+        return (batch["input_ids"][:1],)
+    raise TypeError(
+        f"cannot derive example inputs from a {type(batch).__name__} batch: set "
+        "LightningModule.example_input_array, or pass example_inputs= or example_inputs_fn= "
+        "to PalettizationCallback")
+
+
+class PalettizationCallback(Callback):
+    """Palettization-aware training for a Lightning ``Trainer``, in one callback.
+
+        Trainer(callbacks=[PalettizationCallback("w4", overrides={"linear": "w8"},
+                                                 export_dir="out/")])
+
+    Args:
+        config: anything ``build_palettizer_config`` accepts (preset name, settings mapping or
+            ``DictConfig``, coreai-opt YAML path, ``KMeansPalettizerConfig``).
+        overrides / modules: per module type / per module-name regex (see ``settings``).
+        export_dir: where the compressed model goes at the end of ``fit`` (default:
+            ``<default_root_dir>/palettized``).
+        export_formats: ``("coreai", "torch")`` by default; ``()`` disables the export.
+        example_inputs: positional inputs for coreai-opt's tracing forward. Default:
+            ``example_input_array``, else ``example_inputs_fn(first training batch)``.
+        model_factory: builds a new instance of the LightningModule for export (default: a
+            zero-memory copy taken before prepare).
+        strict_export: raise if a format cannot be written (default: log the error).
+        **fields: other ``palettize`` keys (``schedule``, ``training``, ``num_workers``,
+            ``distributed``).
+    """
+
+    def __init__(
+        self,
+        config: ConfigSource | None = "w4",
+        *,
+        overrides: Mapping[str, Any] | None = None,
+        modules: Mapping[str, Any] | None = None,
+        export_dir: str | Path | None = None,
+        export_formats: Sequence[str] | None = None,
+        example_inputs: Any = None,
+        example_inputs_fn: Callable[[Any], Any] = default_example_inputs,
+        model_factory: Callable[[], nn.Module] | None = None,
+        strict_export: bool = False,
+        log_metrics: bool = True,
+        **fields: Any,
+    ) -> None:
+        export = dict(fields.pop("export", None) or {})
+        if export_dir is not None:
+            export["dir"] = str(export_dir)
+        if export_formats is not None:
+            export["formats"] = list(export_formats)
+        self.engine = Palettization(config, overrides=overrides, modules=modules,
+                                    model_factory=model_factory, export=export, **fields)
+        self.example_inputs = example_inputs
+        self.example_inputs_fn = example_inputs_fn
+        self.strict_export = strict_export
+        self.log_metrics = log_metrics
+        self.report: CompressionReport | None = None
+        self.export_result: ExportResult | None = None
+
+    # ------------------------------------------------------------------ structure
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit" or self.engine.attached:
+            return
+        self.engine.attach(pl_module, self._resolve_example_inputs(trainer, pl_module))
+
+    def _resolve_example_inputs(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
+        if self.example_inputs is not None:
+            return as_example_inputs(self.example_inputs)
+        array = pl_module.example_input_array
+        if array is not None and not isinstance(array, Mapping):
+            return as_example_inputs(array)
+        # Iterating a shuffled loader draws from the global RNG: keep the user's stream intact.
+        with torch.random.fork_rng(devices=[]):
+            loader = trainer.fit_loop._data_source.dataloader()
+            batch = next(iter(loader))
+        return as_example_inputs(self.example_inputs_fn(batch))
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        # Model weights (with centroids and indices) were restored just before this hook.
+        if self.engine.attached:
+            self.engine.verify_restored()
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.engine.clustered:
+            self.engine.cluster()
+        self.report = self.engine.report()
+        self._log(trainer, self.report.metrics())
+
+    # ------------------------------------------------------------------ training
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.engine.start_training(step=trainer.global_step)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        # global_step counts optimizer steps, so gradient accumulation is handled.
+        self.engine.sync_step(trainer.global_step)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.engine.stop_training()
+        formats = self.engine.settings["export"]["formats"]
+        if not formats:
+            return
+        directory = self.engine.settings["export"].get("dir") or (
+            Path(trainer.default_root_dir) / "palettized")
+        self.export_result = self.engine.export_on_main(directory, strict=self.strict_export)
+        if self.export_result is not None:
+            self.report = self.export_result.report
+            extra = {f"palettize/{k}": float(v) for k, v in self.report.extra.items()
+                     if isinstance(v, (int, float))}
+            self._log(trainer, {**self.report.metrics(), **extra})
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                     exception: BaseException) -> None:
+        self.engine.stop_training()
+
+    def _log(self, trainer: pl.Trainer, metrics: dict[str, float]) -> None:
+        if self.log_metrics:
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
+
+    # ------------------------------------------------------------------ checkpoint state
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.engine.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.engine.load_state_dict(state_dict)
