@@ -112,6 +112,9 @@ class DigitsCNN(pl.LightningModule):
     def test_step(self, batch, batch_idx):
         self._step(batch, "test")
 
+    def predict_step(self, batch, batch_idx):
+        return self(batch[0] if isinstance(batch, (list, tuple)) else batch)
+
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr,
                                 weight_decay=self.hparams.weight_decay)

@@ -1,0 +1,72 @@
+"""Tiny models and utilities shared by the tests."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from coreai_opt.palettization.kmeans.kmeans_fake_palettize import _KMeansFakePalettize
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class MixedNet(nn.Module):
+    """Linear, Conv2d and Conv1d in one model (for the palettize=none contract)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv2d = nn.Conv2d(1, 16, 3, padding=1)
+        self.conv1d = nn.Conv1d(16, 16, 3, padding=1)
+        self.fc = nn.Linear(16 * 64, 32)
+        self.head = nn.Linear(32, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv2d(x))                  # (B, 16, 8, 8)
+        h = torch.relu(self.conv1d(h.flatten(2)))       # (B, 16, 64)
+        return self.head(torch.relu(self.fc(h.flatten(1))))
+
+
+def mixed_net() -> MixedNet:
+    torch.manual_seed(0)
+    return MixedNet()
+
+
+def example_image(batch: int = 2) -> torch.Tensor:
+    return torch.randn(batch, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+
+
+class KMeansCounter:
+    """Counts coreai-opt k-means runs (one per palettized weight) via monkeypatch."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.calls: list[str] = []
+        original = _KMeansFakePalettize._cluster_to_centroids
+        counter = self
+
+        def counting(fake, *args, **kwargs):
+            counter.calls.append(fake.tensor_fqn)
+            return original(fake, *args, **kwargs)
+
+        monkeypatch.setattr(_KMeansFakePalettize, "_cluster_to_centroids", counting)
+
+
+def palettized_state_hash(model: nn.Module) -> str:
+    """sha256 over every LUT and index tensor of a prepared model (names included)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if name.endswith((".centroids", ".indices")):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def run_python(*args: str, cwd: Path = REPO, timeout: int = 300,
+               env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``python *args`` in a subprocess with the test environment; capture output."""
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
