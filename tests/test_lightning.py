@@ -48,7 +48,8 @@ def test_fit_palettizes_trains_exports_and_logs(tmp_path, monkeypatch):
     loaded = load_palettized(tmp_path / "out", DigitsCNN)
     assert (loaded(x) - net.eval()(x)).abs().max().item() == 0.0
 
-    rows = list(csv.DictReader(open(logger.log_dir + "/metrics.csv")))
+    with open(logger.log_dir + "/metrics.csv") as f:
+        rows = list(csv.DictReader(f))
     logged = {k for row in rows for k, v in row.items() if v}
     assert {"palettize/bits_per_weight", "palettize/compression_ratio",
             "palettize/palettized_layers", "palettize/skipped_layers"} <= logged
@@ -80,7 +81,7 @@ def _run(tmp_path, name, *, ckpt_path=None, max_epochs=4, checkpoint=False):
 
 
 def test_resume_restores_state_without_kmeans_and_is_bit_exact(tmp_path, monkeypatch):
-    full, full_net = _run(tmp_path, "full", checkpoint=True)
+    _, full_net = _run(tmp_path, "full", checkpoint=True)
     counter = KMeansCounter(monkeypatch)
     resumed, resumed_net = _run(tmp_path, "resumed", ckpt_path=tmp_path / "full/ckpt/epoch=1.ckpt")
     assert counter.calls == []                                  # restored, never re-clustered
