@@ -60,6 +60,11 @@ class PalettizedTensor:
     def initialized(self) -> bool:
         return self.fake.centroids is not None
 
+    @property
+    def has_indices(self) -> bool:
+        """Indices present and current (stale ones would be re-derived by nearest centroid)."""
+        return self.fake.indices is not None and not self.fake._indices_stale
+
 
 def fake_palettized_tensors(model: nn.Module) -> list[PalettizedTensor]:
     """Every k-means palettized weight of ``model``, in module order, tied weights once."""
@@ -75,6 +80,25 @@ def fake_palettized_tensors(model: nn.Module) -> list[PalettizedTensor]:
                     found.append(PalettizedTensor(module_name, module, attr, fake))
                     break
     return found
+
+
+def tied_prefixes(model: nn.Module) -> dict[str, str]:
+    """``{alias state prefix: source state prefix}`` for weights palettized once but reachable
+    under two modules (an ``lm_head`` tied to the input embedding)."""
+    first: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        if not P.is_parametrized(module):
+            continue
+        for attr, plist in module.parametrizations.items():
+            if not any(isinstance(f, _KMeansFakePalettize) for f in plist):
+                continue
+            base = f"{module_name}." if module_name else ""
+            prefix = f"{base}parametrizations.{attr}."
+            source = first.setdefault(id(plist[0]), prefix)
+            if source != prefix:
+                aliases[prefix] = source
+    return aliases
 
 
 def attach_structure(
@@ -140,9 +164,9 @@ def cluster_tensors(palettizer: KMeansPalettizer, tensors: list[PalettizedTensor
     if not tensors:
         return
     ensure_kmeans_extension()
-    names = {t.name for t in tensors}
+    wanted = {id(t.fake) for t in tensors}
     infos = [i for i in palettizer._collect_fake_palett_info(to_cpu=False)
-             if i.fp_module.tensor_fqn in names]
+             if id(i.fp_module) in wanted]
     for info in infos:
         info.fp_module.disable_fake_palett()
     if palettizer._num_workers <= 1:

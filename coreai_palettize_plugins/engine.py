@@ -57,6 +57,10 @@ def as_example_inputs(value: Any) -> tuple[Any, ...]:
     raise TypeError(f"example inputs must be a tensor or a tuple, got {type(value).__name__}")
 
 
+def _to_device(x: Any, device: torch.device) -> Any:
+    return x.to(device) if isinstance(x, torch.Tensor) else x
+
+
 def _rank() -> int:
     dist = torch.distributed
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
@@ -135,6 +139,7 @@ class Palettization:
         self.restored = False
         self._model_factory = model_factory
         self._skeleton: nn.Module | None = None
+        self.tied: dict[str, str] = {}
         self._training: Any = None
 
     # ---------------------------------------------------------------- structure and clustering
@@ -178,9 +183,14 @@ class Palettization:
                     "instance of the model)") from e
         palettizer = KMeansPalettizer(model, self.config)
         palettizer._num_workers = int(self.settings["num_workers"])
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
         with quiet_prepare(model):
-            self.skipped = compat.attach_structure(palettizer, example_inputs)
+            self.skipped = compat.attach_structure(
+                palettizer, tuple(_to_device(x, device) for x in example_inputs))
         self.model, self.palettizer = model, palettizer
+        self.tied = compat.tied_prefixes(model)
+        if self.tied:
+            model.register_load_state_dict_pre_hook(self._fill_tied_keys)
         self.example_inputs = tuple(
             x.detach().cpu().clone() if isinstance(x, torch.Tensor) else x for x in example_inputs)
         if not self.tensors():
@@ -206,6 +216,13 @@ class Palettization:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", PalettizationWarning)
             dry_run.attach(materialize(meta_skeleton(model)), example_inputs)
+
+    def _fill_tied_keys(self, module, state_dict, prefix, *args) -> None:
+        """Checkpoints may hold a tied weight's palettized state once (HF drops duplicates):
+        copy it to the alias keys, or the alias would load stale indices and re-derive them."""
+        for alias, source in self.tied.items():
+            for key in [k for k in state_dict if k.startswith(prefix + source)]:
+                state_dict.setdefault(prefix + alias + key[len(prefix + source):], state_dict[key])
 
     def _what_was_asked(self) -> str:
         s = self.settings
@@ -247,8 +264,9 @@ class Palettization:
         return model
 
     def verify_restored(self) -> None:
-        """Raise unless every palettized weight got its centroids from a loaded state."""
-        missing = [t.name for t in self.tensors() if not t.initialized]
+        """Raise unless every palettized weight got its centroids and indices from a loaded
+        state (a partial load, e.g. HF's ``strict=False``, must not pass silently)."""
+        missing = [t.name for t in self.tensors() if not (t.initialized and t.has_indices)]
         if missing:
             raise RuntimeError(
                 f"the loaded checkpoint has no palettized state (centroids/indices) for "
@@ -325,9 +343,14 @@ class Palettization:
         formats: Sequence[str] | None = None,
         metadata: Mapping[str, Any] | None = None,
         extra_files: Callable[[Path], None] | None = None,
+        configure_model: Callable[[nn.Module], None] | None = None,
         strict: bool = False,
     ) -> ExportResult:
-        """Write ``.aimodel``, the packed artifact and the report to ``directory`` (atomic)."""
+        """Write ``.aimodel``, the packed artifact and the report to ``directory`` (atomic).
+
+        ``configure_model(fresh)`` may adjust the rebuilt export copy (e.g. disable a KV cache);
+        ``extra_files(tmp_dir)`` may add files (config, tokenizer) before the rename.
+        """
         self._require_attached()
         export_settings = self.settings["export"]
         directory = directory or export_settings.get("dir")
@@ -338,7 +361,7 @@ class Palettization:
             config=self.config,
             example_inputs=self.example_inputs,
             directory=directory,
-            factory=self.new_model,
+            factory=self._export_factory(configure_model),
             formats=formats if formats is not None else export_settings["formats"],
             report=self.report(),
             metadata=metadata,
@@ -348,6 +371,15 @@ class Palettization:
         log.info("palettize: exported %s to %s", ", ".join(result.written) or "nothing",
                  result.directory)
         return result
+
+    def _export_factory(self, configure: Callable[[nn.Module], None] | None):
+        def build() -> nn.Module:
+            model = self.new_model()
+            if configure is not None:
+                configure(model)
+            return model
+
+        return build
 
     def export_on_main(self, directory: str | Path | None = None, **kwargs: Any) -> ExportResult | None:
         """``export`` on global rank 0 only; every rank waits at a barrier afterwards."""

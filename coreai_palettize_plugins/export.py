@@ -412,14 +412,15 @@ def _disk_bytes(path: Path) -> int:
 
 def load_palettized(
     path: str | os.PathLike,
-    model_or_factory: nn.Module | Callable[[], nn.Module],
+    model_or_factory: nn.Module | Callable[[], nn.Module] | None = None,
     *,
     finalize: bool = True,
 ) -> nn.Module:
     """Rebuild a model from a packed artifact; its outputs equal the palettized model's.
 
     ``model_or_factory`` is an unprepared instance of the architecture (or a callable building
-    one); its weights are replaced. With ``finalize`` (default) the result is a plain model whose
+    one); its weights are replaced. It may be omitted for a Hugging Face export (a directory with
+    ``config.json``): the ``transformers`` class named there is built. With ``finalize`` (default) the result is a plain model whose
     weights hold the palettized values; without it, the model stays prepared (coreai-opt
     parametrizations, dense master weights set to the palettized values) so training can go on.
     """
@@ -448,6 +449,8 @@ def load_palettized(
     for alias, target in manifest["aliases"].items():
         state[alias] = state[target]
 
+    if model_or_factory is None:
+        model_or_factory = _transformers_factory(directory)
     model = model_or_factory if isinstance(model_or_factory, nn.Module) else model_or_factory()
     config = config_from_yaml_text(manifest["palettizer_config"])
     palettizer = KMeansPalettizer(model, config)
@@ -459,3 +462,23 @@ def load_palettized(
     if finalize:
         model = palettizer.finalize(model, backend=ExportBackend.Torch)
     return model
+
+
+def _transformers_factory(directory: Path) -> Callable[[], nn.Module]:
+    if not (directory / "config.json").is_file():
+        raise ValueError(f"{directory} has no config.json: pass the model (or a factory) to "
+                         "load_palettized")
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(directory)
+    names = getattr(config, "architectures", None) or []
+    cls = getattr(transformers, names[0], None) if names else None
+    if cls is None:
+        raise ValueError(f"{directory}/config.json names no transformers architecture "
+                         f"({names}): pass the model (or a factory) to load_palettized")
+
+    def build() -> nn.Module:
+        with torch.random.fork_rng(devices=[]):
+            return cls(config)
+
+    return build
