@@ -420,9 +420,10 @@ def load_palettized(
 
     ``model_or_factory`` is an unprepared instance of the architecture (or a callable building
     one); its weights are replaced. It may be omitted for a Hugging Face export (a directory with
-    ``config.json``): the ``transformers`` class named there is built. With ``finalize`` (default) the result is a plain model whose
-    weights hold the palettized values; without it, the model stays prepared (coreai-opt
-    parametrizations, dense master weights set to the palettized values) so training can go on.
+    ``config.json``): the ``transformers`` class named there is built. With ``finalize``
+    (default) the result is a plain model whose weights hold the palettized values; without it,
+    the model stays prepared (coreai-opt parametrizations, dense master weights set to the
+    palettized values) so training can go on.
     """
     from safetensors.torch import load_file
 
