@@ -61,6 +61,13 @@ def _to_device(x: Any, device: torch.device) -> Any:
     return x.to(device) if isinstance(x, torch.Tensor) else x
 
 
+def _disable_kv_cache(model: nn.Module) -> None:
+    """transformers models return a KV-cache object torch.export cannot trace: export without."""
+    config = getattr(model, "config", None)
+    if getattr(config, "use_cache", None):
+        config.use_cache = False
+
+
 def _rank() -> int:
     dist = torch.distributed
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
@@ -375,6 +382,7 @@ class Palettization:
     def _export_factory(self, configure: Callable[[nn.Module], None] | None):
         def build() -> nn.Module:
             model = self.new_model()
+            _disable_kv_cache(model)
             if configure is not None:
                 configure(model)
             return model

@@ -190,7 +190,6 @@ class PalettizationTrainerCallback(TrainerCallback):
         self.export_result = self.engine.export_on_main(
             directory,
             extra_files=lambda tmp: self._write_hf_files(tmp, self.engine.model, processing_class),
-            configure_model=_disable_kv_cache,
             strict=self.strict_export,
         )
         if self.export_result is not None:
@@ -217,10 +216,4 @@ class PalettizationTrainerCallback(TrainerCallback):
         trainer = self.trainer
         if trainer is not None and trainer.state is not None:
             trainer.log(dict(metrics))
-
-
-def _disable_kv_cache(model: nn.Module) -> None:
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "use_cache"):
-        config.use_cache = False
 

@@ -38,6 +38,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Run the job for a composed config; returns the accuracies and the export directory."""
     output_dir = Path(cfg.output_dir)
     export_dir = cfg.palettize.export.dir or output_dir / "palettized"
+    pl.seed_everything(cfg.seed, verbose=False)
     try:
         palettize = PalettizationCallback(cfg.palettize, export_dir=export_dir)
         model = instantiate(cfg.model)
@@ -46,7 +47,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         _remove_if_only_bookkeeping(output_dir)
         sys.exit(f"error: {error}")
 
-    pl.seed_everything(cfg.seed, verbose=False)
     data = instantiate(cfg.data)
     dense_trainer = instantiate(cfg.trainer, max_epochs=cfg.dense_epochs, logger=False,
                                 enable_checkpointing=False)

@@ -70,3 +70,28 @@ def run_python(*args: str, cwd: Path = REPO, timeout: int = 300,
     """Run ``python *args`` in a subprocess with the test environment; capture output."""
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def tiny_llama(tied: bool = False, seed: int = 0):
+    """A 2-layer LlamaForCausalLM built from config (no hub)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, vocab_size=256,
+                         max_position_embeddings=128, tie_word_embeddings=tied)
+    return LlamaForCausalLM(config)
+
+
+class TokenDataset(torch.utils.data.Dataset):
+    """Random-but-fixed token blocks for causal LM training: {input_ids, labels}."""
+
+    def __init__(self, blocks: int = 64, length: int = 32, vocab: int = 256, seed: int = 0) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        self.tokens = torch.randint(0, vocab, (blocks, length), generator=generator)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.tokens[index], "labels": self.tokens[index]}

@@ -1,0 +1,142 @@
+"""PalettizationTrainerCallback with a real Hugging Face Trainer and a tiny Llama (CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import KMeansCounter, TokenDataset, palettized_state_hash, tiny_llama
+from safetensors.torch import load_file, save_file
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from coreai_palettize_plugins import load_palettized
+from coreai_palettize_plugins.export import AIMODEL_NAME, PACKED_NAME
+from coreai_palettize_plugins.hf import PalettizationTrainerCallback
+
+
+def arguments(out, **kwargs) -> TrainingArguments:
+    options = dict(max_steps=6, per_device_train_batch_size=8, learning_rate=1e-3, save_steps=3,
+                   logging_steps=1, report_to=[], use_cpu=True, disable_tqdm=True, seed=0,
+                   save_strategy="steps")
+    options.update(kwargs)
+    return TrainingArguments(str(out), **options)
+
+
+class RecordLogs(TrainerCallback):
+    """Stands in for a report_to backend: records every on_log payload."""
+
+    def __init__(self) -> None:
+        self.logs: list[dict] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs or {}))
+
+
+def test_train_export_reload_and_metrics(tmp_path, monkeypatch):
+    counter = KMeansCounter(monkeypatch)
+    model, data = tiny_llama(), TokenDataset()
+    callback = PalettizationTrainerCallback("w4", overrides={"linear": "w8"},
+                                            modules={"lm_head": "w4"})
+    backend = RecordLogs()
+    trainer = Trainer(model=model, args=arguments(tmp_path), train_dataset=data,
+                      callbacks=[callback, backend])
+    assert len(callback.engine.tensors()) == 15 and counter.calls == []   # structure only
+    # Example inputs come from the train dataset through the data collator.
+    assert torch.equal(callback.engine.example_inputs[0], data[0]["input_ids"][None])
+    trainer.train()
+
+    assert len(counter.calls) == 15
+    assert callback.engine.step == trainer.state.global_step == 6
+    assert callback.export_result.errors == {}
+    export = tmp_path / "palettized"
+    assert (export / AIMODEL_NAME / "main.mlirb").is_file()
+    assert (export / "config.json").is_file()
+    loaded = load_palettized(export)                     # no code: built from config.json
+    x = torch.randint(0, 256, (2, 16))
+    model.eval()
+    assert (loaded(x).logits - model(x).logits).abs().max().item() == 0.0
+    assert type(loaded).__name__ == "LlamaForCausalLM"
+
+    logged = [entry for entry in backend.logs if "palettize/bits_per_weight" in entry]
+    assert len(logged) == 2 and logged[0]["palettize/compression_ratio"] > 2.5
+    assert any("palettize/bits_per_weight" in h for h in trainer.state.log_history)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_resume_is_byte_identical_without_kmeans(tmp_path, monkeypatch, tied):
+    def run(out, resume=None):
+        callback = PalettizationTrainerCallback("w4", export_formats=["torch"])
+        trainer = Trainer(model=tiny_llama(tied), args=arguments(out), train_dataset=TokenDataset(),
+                          callbacks=[callback])
+        trainer.train(resume_from_checkpoint=resume)
+        return callback, trainer
+
+    full, full_trainer = run(tmp_path / "full")
+    if tied:  # the tied lm_head/embedding is stored once in HF checkpoints
+        keys = load_file(str(tmp_path / "full/checkpoint-3/model.safetensors"))
+        assert not [k for k in keys if k.startswith("lm_head.")]
+        assert model_has_shared_palettized_weight(full_trainer.model)
+    counter = KMeansCounter(monkeypatch)
+    resumed, resumed_trainer = run(tmp_path / "resumed", resume=str(tmp_path / "full/checkpoint-3"))
+    assert counter.calls == []
+    assert palettized_state_hash(resumed_trainer.model) == palettized_state_hash(full_trainer.model)
+    first = (tmp_path / "full/palettized" / PACKED_NAME).read_bytes()
+    second = (tmp_path / "resumed/palettized" / PACKED_NAME).read_bytes()
+    assert first == second
+
+
+def model_has_shared_palettized_weight(model) -> bool:
+    lm_head = model.lm_head.parametrizations.weight
+    embed = model.model.embed_tokens.parametrizations.weight
+    return lm_head.original is embed.original and lm_head[0] is embed[0]
+
+
+def test_partial_checkpoint_fails_loudly(tmp_path):
+    callback = PalettizationTrainerCallback("w4", export_formats=())
+    Trainer(model=tiny_llama(), args=arguments(tmp_path / "a", max_steps=3),
+            train_dataset=TokenDataset(), callbacks=[callback]).train()
+    weights = tmp_path / "a/checkpoint-3/model.safetensors"
+    state = load_file(str(weights))
+    del state["model.layers.1.mlp.down_proj.parametrizations.weight.0.centroids"]
+    del state["model.layers.0.self_attn.q_proj.parametrizations.weight.0.indices"]
+    save_file(state, str(weights), metadata={"format": "pt"})
+
+    again = PalettizationTrainerCallback("w4", export_formats=())
+    trainer = Trainer(model=tiny_llama(), args=arguments(tmp_path / "b"),
+                      train_dataset=TokenDataset(), callbacks=[again])
+    with pytest.raises(RuntimeError, match=r"no palettized state .* for 2 weight\(s\): "
+                       r"model\.layers\.0\.self_attn\.q_proj\.weight, "
+                       r"model\.layers\.1\.mlp\.down_proj\.weight"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "a/checkpoint-3"))
+
+
+class RecordSchedule(TrainerCallback):
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, bool]] = []
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        fake = model.model.layers[0].mlp.up_proj.parametrizations.weight[0]
+        self.seen.append((state.global_step, bool(fake.fake_palett_enabled[0])))
+
+
+def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
+    callback = PalettizationTrainerCallback("w4", export_formats=(), schedule={"start_step": 3})
+    record = RecordSchedule()
+    trainer = Trainer(model=tiny_llama(), train_dataset=TokenDataset(),
+                      args=arguments(tmp_path, gradient_accumulation_steps=4, max_steps=5,
+                                     per_device_train_batch_size=2, save_strategy="no"),
+                      callbacks=[callback, record])
+    trainer.train()
+    assert callback.engine.step == 5
+    assert [step for step, _ in record.seen] == [1, 2, 3, 4, 5]      # 20 micro-batches
+    assert [enabled for _, enabled in record.seen] == [False, False, True, True, True]
+
+
+def test_callback_added_after_init_via_attach_to_trainer(tmp_path):
+    trainer = Trainer(model=tiny_llama(), args=arguments(tmp_path, max_steps=2, save_strategy="no"),
+                      train_dataset=TokenDataset())
+    callback = PalettizationTrainerCallback("w8", export_formats=())
+    callback.attach_to_trainer(trainer)
+    assert callback in trainer.callback_handler.callbacks
+    assert callback.engine.attached and not callback.engine.clustered
+    trainer.train()
+    assert callback.engine.clustered and callback.engine.step == 2
