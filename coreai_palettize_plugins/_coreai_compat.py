@@ -58,7 +58,8 @@ class PalettizedTensor:
 
     @property
     def initialized(self) -> bool:
-        return self.fake.centroids is not None
+        """Has centroids that are current (a PAT switch-on invalidates them for re-clustering)."""
+        return self.fake.centroids is not None and self.fake._centroids_initialized
 
     @property
     def has_indices(self) -> bool:

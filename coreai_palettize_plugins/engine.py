@@ -26,6 +26,7 @@ import torch.nn as nn
 from coreai_opt.palettization import KMeansPalettizer
 
 from . import _coreai_compat as compat
+from . import distributed
 from .export import ExportResult, export_palettized, quiet_prepare
 from .report import CompressionReport, build_report
 from .settings import (
@@ -147,6 +148,7 @@ class Palettization:
         self._model_factory = model_factory
         self._skeleton: nn.Module | None = None
         self.tied: dict[str, str] = {}
+        self.cluster_stats: distributed.ClusterStats | None = None
         self._training: Any = None
 
     # ---------------------------------------------------------------- structure and clustering
@@ -179,36 +181,79 @@ class Palettization:
             raise RuntimeError(f"{type(model).__name__} is already palettized (prepared by "
                                "coreai-opt); build a new model or reuse its Palettization")
         example_inputs = as_example_inputs(example_inputs)
-        self._check_module_patterns(model)
-        if self._model_factory is None:
-            try:
-                self._skeleton = meta_skeleton(model)
-            except Exception as e:
-                raise RuntimeError(
-                    f"cannot copy {type(model).__name__} for the end-of-training export "
-                    f"({type(e).__name__}: {e}); pass model_factory= (a callable returning a new "
-                    "instance of the model)") from e
-        palettizer = KMeansPalettizer(model, self.config)
-        palettizer._num_workers = int(self.settings["num_workers"])
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        with quiet_prepare(model):
-            self.skipped = compat.attach_structure(
-                palettizer, tuple(_to_device(x, device) for x in example_inputs))
-        self.model, self.palettizer = model, palettizer
-        self.tied = compat.tied_prefixes(model)
-        if self.tied:
-            model.register_load_state_dict_pre_hook(self._fill_tied_keys)
-        self.example_inputs = tuple(
-            x.detach().cpu().clone() if isinstance(x, torch.Tensor) else x for x in example_inputs)
-        if not self.tensors():
-            raise PalettizeConfigError(
-                f"palettize: the config palettizes no weight of {type(model).__name__} "
-                f"({self._what_was_asked()}); check palettize.preset/overrides/modules"
-                + (f" (skipped: {', '.join(self.skipped)})" if self.skipped else ""))
+        with distributed.agree("palettize setup"):
+            self._use_settings_of_rank_zero()
+            self._check_module_patterns(model)
+            if self._model_factory is None:
+                try:
+                    self._skeleton = meta_skeleton(model)
+                except Exception as e:
+                    raise RuntimeError(
+                        f"cannot copy {type(model).__name__} for the end-of-training export "
+                        f"({type(e).__name__}: {e}); pass model_factory= (a callable returning a "
+                        "new instance of the model)") from e
+            palettizer = KMeansPalettizer(model, self.config)
+            palettizer._num_workers = int(self.settings["num_workers"])
+            device = next((p.device for p in model.parameters()), torch.device("cpu"))
+            with quiet_prepare(model):
+                self.skipped = compat.attach_structure(
+                    palettizer, tuple(_to_device(x, device) for x in example_inputs))
+            self.model, self.palettizer = model, palettizer
+            self.example_inputs = tuple(
+                x.detach().cpu().clone() if isinstance(x, torch.Tensor) else x
+                for x in example_inputs)
+            self.tied = compat.tied_prefixes(model)
+            if self.tied:
+                model.register_load_state_dict_pre_hook(self._fill_tied_keys)
+            self._check_palettizes_something()
+            if self.frozen_weights:
+                # No gradient ever reaches them: say so before DDP builds its reducer, so plain
+                # DDP works (no "Expected to have finished reduction" error).
+                for tensor in self.tensors():
+                    tensor.original.requires_grad_(False)
         if _rank() == 0:
             for name, reason in self.skipped.items():
                 warnings.warn(f"palettize: {name} left dense: {reason}", PalettizationWarning,
                               stacklevel=2)
+
+    def _check_palettizes_something(self) -> None:
+        if not self.tensors():
+            raise self._nothing_palettized(self.model, self.skipped)
+
+    def _nothing_palettized(self, model: nn.Module, skipped: Mapping[str, str]) -> Exception:
+        return PalettizeConfigError(
+            f"palettize: the config palettizes no weight of {type(model).__name__} "
+            f"({self._what_was_asked()}); check palettize.preset/overrides/modules"
+            + (f" (skipped: {', '.join(skipped)})" if skipped else ""))
+
+    @property
+    def schedule_start(self) -> int:
+        return int((self.settings.get("schedule") or {}).get("start_step") or 0)
+
+    @property
+    def frozen_weights(self) -> bool:
+        """Palettized weights never get a gradient (coreai-opt's default strategy, no warm-up)."""
+        return self.settings["training"] == "frozen" and not self.schedule_start
+
+    @property
+    def needs_unused_parameter_detection(self) -> bool:
+        """Weights that train dense during a warm-up stop getting gradients when palettization
+        switches on: DDP must then run with ``find_unused_parameters=True``."""
+        return self.settings["training"] == "frozen" and self.schedule_start > 0
+
+    def _use_settings_of_rank_zero(self) -> None:
+        """One resolved config on every rank (lazily resolved interpolations such as ``${now:}``
+        may differ per process): rank 0's settings win, with a warning naming what differed."""
+        ours = {k: v for k, v in self.settings.items() if k != "_config"}
+        theirs = distributed.broadcast_object(ours)
+        if theirs == ours:
+            return
+        differing = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+        log.warning("palettize: rank %d had different settings (%s); using rank 0's",
+                    _rank(), ", ".join(differing))
+        self.settings = {**theirs, **({"_config": self.settings["_config"]}
+                                      if "_config" in self.settings else {})}
+        self.config = config_from_settings(self.settings)
 
     def check(self, model: nn.Module, example_inputs: Any) -> None:
         """Validate the config against ``model`` without touching it (a dry run on a copy).
@@ -217,12 +262,12 @@ class Palettization:
         that palettizes no weight. Use it to fail before any training starts.
         """
         self._check_module_patterns(model)
-        dry_run = Palettization(self.config, model_factory=lambda: None,
-                                num_workers=1, export={"formats": []})
-        dry_run.settings = {**self.settings, "num_workers": 1}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", PalettizationWarning)
-            dry_run.attach(materialize(meta_skeleton(model)), example_inputs)
+        copy_ = materialize(meta_skeleton(model))
+        palettizer = KMeansPalettizer(copy_, self.config)
+        with quiet_prepare(copy_):
+            skipped = compat.attach_structure(palettizer, as_example_inputs(example_inputs))
+        if not compat.fake_palettized_tensors(copy_):
+            raise self._nothing_palettized(model, skipped)
 
     def _fill_tied_keys(self, module, state_dict, prefix, *args) -> None:
         """Checkpoints may hold a tied weight's palettized state once (HF drops duplicates):
@@ -249,10 +294,13 @@ class Palettization:
                     f"(re.fullmatch); module names look like: {sample}")
 
     def cluster(self) -> None:
-        """Run k-means for every palettized weight that has no centroids yet."""
+        """Run k-means for every palettized weight that has no current centroids: once across
+        all ranks (``palettize.distributed``), every rank ending with the identical result."""
         self._require_attached()
         pending = [t for t in self.tensors() if not t.initialized]
-        compat.cluster_tensors(self.palettizer, pending)
+        if pending:
+            self.cluster_stats = distributed.cluster(
+                self.palettizer, pending, self.settings["distributed"])
         compat.finish_clustering(self.palettizer)
 
     def prepare(
@@ -301,9 +349,17 @@ class Palettization:
         self._training.__enter__()
 
     def sync_step(self, step: int) -> None:
-        """Advance the PAT schedule to optimizer step ``step``: call after optimizer steps."""
+        """Advance the PAT schedule to optimizer step ``step``: call after optimizer steps.
+
+        When the schedule switches palettization on, coreai-opt would re-cluster inside the next
+        forward on every rank; the engine clusters the switched weights here instead, once.
+        """
         if self.palettizer is not None and compat.get_step(self.palettizer) != step:
             compat.set_step(self.palettizer, step)
+            switched_on = [t for t in self.tensors() if not t.initialized]
+            if switched_on:
+                self.cluster_stats = distributed.cluster(
+                    self.palettizer, switched_on, self.settings["distributed"])
 
     def stop_training(self) -> None:
         """Leave training mode (restores the model's train/eval state)."""

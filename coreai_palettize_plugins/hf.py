@@ -22,7 +22,7 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 from .engine import Palettization, as_example_inputs
 from .export import ExportResult
 from .report import CompressionReport
-from .settings import ConfigSource
+from .settings import ConfigSource, PalettizeConfigError
 
 __all__ = ["PalettizationTrainerCallback", "batch_to_example_inputs"]
 
@@ -51,6 +51,23 @@ def _calling_trainer() -> Trainer | None:
             return candidate
         frame = frame.f_back
     return None
+
+
+def _check_distributed_setup(trainer: Trainer, engine: Palettization) -> None:
+    """Fail before training for setups that cannot work, with the fix."""
+    if getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False):
+        raise PalettizeConfigError(
+            "palettize: FSDP and DeepSpeed are not supported (coreai-opt keeps palettization "
+            "state in buffers they would shard or ignore); train with DDP (torchrun / accelerate "
+            "multi-process without fsdp/deepspeed), see README 'Distributed'")
+    handler = getattr(trainer.accelerator, "ddp_handler", None)
+    find_unused = getattr(handler, "find_unused_parameters", None)
+    if (engine.needs_unused_parameter_detection and trainer.args.world_size > 1
+            and find_unused is False):
+        raise PalettizeConfigError(
+            "palettize.schedule.start_step: palettized weights stop getting gradients when "
+            "palettization switches on, which DDP rejects without find_unused_parameters; set "
+            "TrainingArguments(ddp_find_unused_parameters=True)")
 
 
 class PalettizationTrainerCallback(TrainerCallback):
@@ -123,6 +140,7 @@ class PalettizationTrainerCallback(TrainerCallback):
         self._trainer = weakref.ref(trainer)
         if self not in trainer.callback_handler.callbacks:
             trainer.add_callback(self)
+        _check_distributed_setup(trainer, self.engine)
         if not self.engine.attached:
             self._attach(trainer.model, self._inputs_from_trainer(trainer))
         return self

@@ -20,9 +20,30 @@ from lightning.pytorch.callbacks import Callback
 from .engine import Palettization, as_example_inputs
 from .export import ExportResult
 from .report import CompressionReport
-from .settings import ConfigSource
+from .settings import ConfigSource, PalettizeConfigError
 
 __all__ = ["PalettizationCallback", "default_example_inputs"]
+
+
+def _check_strategy(trainer: pl.Trainer, engine: Palettization) -> None:
+    """Fail before training for strategies that cannot work; configure DDP where needed."""
+    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy
+
+    strategy = trainer.strategy
+    if isinstance(strategy, (FSDPStrategy, DeepSpeedStrategy)) or (
+            type(strategy).__name__ == "ModelParallelStrategy"):
+        raise PalettizeConfigError(
+            f"palettize: the {type(strategy).__name__} is not supported (coreai-opt keeps "
+            "palettization state in buffers FSDP/DeepSpeed would shard or ignore); use "
+            "strategy='ddp' (see README, 'Distributed')")
+    if isinstance(strategy, DDPStrategy) and engine.needs_unused_parameter_detection:
+        kwargs = strategy._ddp_kwargs
+        if kwargs.get("find_unused_parameters") is False:
+            raise PalettizeConfigError(
+                "palettize.schedule.start_step: palettized weights stop getting gradients when "
+                "palettization switches on, which DDP rejects with find_unused_parameters=False; "
+                "use strategy='ddp_find_unused_parameters_true'")
+        kwargs["find_unused_parameters"] = True
 
 
 def default_example_inputs(batch: Any) -> tuple[Any, ...]:
@@ -96,6 +117,7 @@ class PalettizationCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit" or self.engine.attached:
             return
+        _check_strategy(trainer, self.engine)
         self.engine.attach(pl_module, self._resolve_example_inputs(trainer, pl_module))
 
     def _resolve_example_inputs(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:

@@ -1,0 +1,208 @@
+"""Who runs k-means under ``torch.distributed``, and how the result reaches every rank.
+
+- ``rank0``: rank 0 clusters every palettized weight; the other ranks receive.
+- ``sharded`` (default): weights are spread over ranks by size (greedy bin packing, largest
+  first onto the least-loaded rank); each rank clusters its share and broadcasts it.
+
+Results travel as tensors, never pickled: each owner packs the state of its fake-palettize modules
+(uint8 indices, LUTs, scales) into one byte buffer that every rank broadcasts asynchronously into
+pre-allocated storage; all ranks wait once, then load it like a checkpoint. Only small metadata
+(shapes, dtypes, error messages) goes through ``all_gather_object``. Every rank ends bit-identical
+to a single-process run (scalar k-means is deterministic). A failure on any rank is shared at a
+consensus point, so every rank raises promptly instead of waiting in a collective.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from . import _coreai_compat as compat
+
+__all__ = ["ClusterStats", "agree", "broadcast_object", "cluster", "plan_owners", "rank", "world_size"]
+
+log = logging.getLogger("coreai_palettize_plugins")
+
+
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+@dataclass
+class ClusterStats:
+    """What one ``cluster`` call did on this rank."""
+
+    mode: str
+    world_size: int
+    clustered_here: list[str]
+    owners: dict[str, int]
+    broadcast_bytes: int = 0
+    palettized_weights: int = 0
+
+    @property
+    def bytes_per_weight(self) -> float:
+        return self.broadcast_bytes / max(self.palettized_weights, 1)
+
+
+def plan_owners(sizes: Sequence[int], world: int, mode: str) -> list[int]:
+    """Owner rank of each weight: all 0 for ``rank0``; greedy bin packing by size for
+    ``sharded`` (deterministic: ties go to the lower index and the lower rank)."""
+    if mode == "rank0" or world <= 1:
+        return [0] * len(sizes)
+    loads = [0] * world
+    owners = [0] * len(sizes)
+    for index in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        owner = min(range(world), key=lambda r: (loads[r], r))
+        owners[index] = owner
+        loads[owner] += sizes[index]
+    return owners
+
+
+@contextlib.contextmanager
+def agree(what: str) -> Iterator[None]:
+    """Run the block on every rank; if it failed anywhere, raise everywhere.
+
+    The failing rank re-raises its own exception; the others raise a ``RuntimeError`` naming the
+    rank and the original error. Without a process group this is a no-op wrapper.
+    """
+    error: BaseException | None = None
+    try:
+        yield
+    except Exception as e:
+        error = e
+    if _active():
+        message = None if error is None else _describe(error)
+        messages: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(messages, message)
+        failed = [(r, m) for r, m in enumerate(messages) if m is not None]
+        if error is None and failed:
+            failed_rank, failed_message = failed[0]
+            raise RuntimeError(f"palettize: {what} failed on rank {failed_rank}: {failed_message}")
+    if error is not None:
+        raise error
+
+
+def _describe(error: BaseException) -> str:
+    """``Type: message``, with the chain of causes (coreai-opt wraps k-means errors)."""
+    parts = []
+    while error is not None and len(parts) < 4:
+        parts.append(f"{type(error).__name__}: {error}")
+        error = error.__cause__
+    return " <- ".join(parts)
+
+
+def broadcast_object(value: Any, src: int = 0) -> Any:
+    """``value`` from rank ``src`` on every rank (small metadata only)."""
+    if not _active():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+@contextlib.contextmanager
+def _progress_on_rank_zero() -> Iterator[None]:
+    """coreai-opt draws a tqdm bar while clustering: silence it on ranks other than 0."""
+    if rank() == 0:
+        yield
+        return
+    previous = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = previous
+
+
+def _comm_device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def cluster(palettizer, tensors: list[compat.PalettizedTensor], mode: str) -> ClusterStats:
+    """k-means for ``tensors`` (those without centroids), once across all ranks."""
+    world = world_size() if _active() else 1
+    owners = plan_owners([t.original.numel() for t in tensors], world, mode)
+    me = rank() if _active() else 0
+    mine = [t for t, owner in zip(tensors, owners) if owner == me]
+    stats = ClusterStats(mode=mode, world_size=world, clustered_here=[t.name for t in mine],
+                         owners={t.name: o for t, o in zip(tensors, owners)},
+                         palettized_weights=sum(t.original.numel() for t in tensors))
+    with agree("k-means"), _progress_on_rank_zero():
+        compat.cluster_tensors(palettizer, mine)
+    if world > 1:
+        stats.broadcast_bytes = _broadcast_results(tensors, owners)
+    return stats
+
+
+def _broadcast_results(tensors: list[compat.PalettizedTensor], owners: list[int]) -> int:
+    """Every owner sends its tensors' fake-palettize state to every rank in one buffer."""
+    me = rank()
+    local_meta = {
+        t.name: [(key, tuple(v.shape), str(v.dtype)) for key, v in t.fake.state_dict().items()]
+        for t, owner in zip(tensors, owners) if owner == me
+    }
+    all_meta: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(all_meta, local_meta)
+    device = _comm_device()
+    by_name = {t.name: t for t in tensors}
+    pending = []
+    total = 0
+    for owner, meta in enumerate(all_meta):
+        if not meta:
+            continue
+        names = list(meta)
+        sizes = [[_nbytes(shape, dtype) for _, shape, dtype in meta[name]] for name in names]
+        nbytes = sum(map(sum, sizes))
+        total += nbytes
+        if owner == me:
+            parts = [v.detach().contiguous().reshape(-1).view(torch.uint8).cpu()
+                     for name in names for v in by_name[name].fake.state_dict().values()]
+            buffer = torch.cat(parts).to(device) if parts else torch.empty(0, dtype=torch.uint8)
+        else:
+            buffer = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        work = dist.broadcast(buffer, src=owner, async_op=True)
+        pending.append((owner, names, sizes, buffer, work))
+    for _, _, _, _, work in pending:
+        work.wait()
+    for owner, names, sizes, buffer, _ in pending:
+        if owner == me:
+            continue
+        data = buffer.cpu()
+        offset = 0
+        for name, name_sizes in zip(names, sizes):
+            state = {}
+            for (key, shape, dtype), nbytes in zip(all_meta[owner][name], name_sizes):
+                chunk = data[offset:offset + nbytes].clone()  # own, aligned storage per tensor
+                state[key] = chunk.view(getattr(torch, dtype.removeprefix("torch."))).reshape(shape)
+                offset += nbytes
+            # CPU tensors: coreai-opt moves LUTs to the module's device and keeps indices on CPU.
+            by_name[name].fake.load_state_dict(state)
+    return total
+
+
+def _nbytes(shape: tuple[int, ...], dtype: str) -> int:
+    element = torch.empty(0, dtype=getattr(torch, dtype.removeprefix("torch."))).element_size()
+    numel = 1
+    for dim in shape:
+        numel *= dim
+    return numel * element
