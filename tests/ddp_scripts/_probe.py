@@ -11,7 +11,7 @@ import torch.distributed as dist
 from coreai_opt.palettization.kmeans.kmeans_fake_palettize import _KMeansFakePalettize
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from helpers import palettized_state_hash  # noqa: E402
+from helpers import palettized_state_hash
 
 KMEANS_CALLS: list[str] = []
 _original = _KMeansFakePalettize._cluster_to_centroids

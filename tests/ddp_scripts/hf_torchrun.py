@@ -11,9 +11,9 @@ from _probe import KMEANS_CALLS, record, state_hash
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from helpers import TokenDataset, tiny_llama  # noqa: E402
+from helpers import TokenDataset, tiny_llama
 
-from coreai_palettize_plugins.hf import PalettizationTrainerCallback  # noqa: E402
+from coreai_palettize_plugins.hf import PalettizationTrainerCallback
 
 
 class Probe(TrainerCallback):
