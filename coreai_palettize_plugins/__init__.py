@@ -6,6 +6,7 @@ _quiet.install()
 
 # ruff: noqa: E402
 
+from . import strategies  # registers the ste/lut coreai-opt training strategies
 from .engine import Palettization, PalettizationWarning
 from .export import ExportError, ExportResult, load_palettized
 from .report import CompressionReport
@@ -27,6 +28,7 @@ __all__ = [
     "build_palettizer_config",
     "load_palettized",
     "register_configs",
+    "strategies",
 ]
 __version__ = "0.1.0"
 

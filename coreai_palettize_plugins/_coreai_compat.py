@@ -63,7 +63,10 @@ class PalettizedTensor:
 
     @property
     def has_indices(self) -> bool:
-        """Indices present and current (stale ones would be re-derived by nearest centroid)."""
+        """Indices present and current (stale ones would be re-derived by nearest centroid),
+        or a training strategy that always derives them from the dense weight."""
+        if getattr(self.fake._training_strategy, "derives_indices", False):
+            return True
         return self.fake.indices is not None and not self.fake._indices_stale
 
 
@@ -241,3 +244,102 @@ def get_step(palettizer: KMeansPalettizer) -> int:
 def iter_state_children(tensor: PalettizedTensor) -> Iterator[tuple[str, torch.Tensor]]:
     """(key, tensor) of the fake-palettize module's persistent state, keys relative to it."""
     yield from tensor.fake.state_dict().items()
+
+
+# --------------------------------------------------------------------------------------------
+# Layout helpers for the training strategies (mirror KMeansFakePalettize._palettize, 0.4.x).
+# --------------------------------------------------------------------------------------------
+
+
+def centroids_shape(tensor: PalettizedTensor) -> tuple[int, int, int]:
+    """Shape ``(num_luts, 2**n_bits, cluster_dim)`` k-means will give ``tensor``'s centroids."""
+    fake = tensor.fake
+    blocks, _ = fake._reshape_and_block(tensor.original.detach().to("meta"))
+    return len(blocks), 2**fake.n_bits, fake.cluster_dim
+
+
+def nearest_centroids(centroids: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest centroid for each vector: ``(P, K, D)``, ``(P, N, D)`` -> ``(P, N)``.
+
+    Scalar LUTs use a batched ``searchsorted`` on the sorted centroids' midpoints (no distance
+    matrix); vector LUTs use ``cdist``.
+    """
+    centroids = centroids.detach().float().to(vectors.device)
+    vectors = vectors.detach().float()
+    if centroids.shape[-1] == 1:
+        ordered, order = centroids[..., 0].sort(dim=1)
+        midpoints = ((ordered[:, 1:] + ordered[:, :-1]) / 2).contiguous()
+        position = torch.searchsorted(midpoints, vectors[..., 0].contiguous())
+        return order.gather(1, position)
+    return torch.cdist(vectors, centroids).argmin(dim=-1)
+
+
+def gather_centroids(centroids: torch.Tensor, assignment: torch.Tensor) -> torch.Tensor:
+    """``(P, K, D)`` centroids picked by a ``(P, N)`` assignment -> ``(P, N, D)`` vectors."""
+    centroids = centroids.to(assignment.device)
+    index = assignment.unsqueeze(-1).expand(-1, -1, centroids.shape[-1])
+    return centroids.gather(1, index)
+
+
+@torch.no_grad()
+def lloyd_step(centroids: torch.Tensor, vectors: torch.Tensor) -> None:
+    """Move each centroid (in place) to the mean of the vectors nearest to it."""
+    assignment = nearest_centroids(centroids, vectors)
+    dim = centroids.shape[-1]
+    sums = torch.zeros(centroids.shape, dtype=torch.float32, device=vectors.device)
+    sums.scatter_add_(1, assignment.unsqueeze(-1).expand(-1, -1, dim), vectors.float())
+    counts = torch.zeros(centroids.shape[:2], dtype=torch.float32, device=vectors.device)
+    counts.scatter_add_(1, assignment, torch.ones_like(assignment, dtype=torch.float32))
+    means = sums / counts.clamp(min=1).unsqueeze(-1)
+    updated = torch.where(counts.unsqueeze(-1) > 0, means, centroids.float().to(vectors.device))
+    centroids.copy_(updated.to(centroids.dtype))
+
+
+def flat_lut_positions(fake: _KMeansFakePalettize, weight: torch.Tensor):
+    """``(positions, context)``: for the weight's vectorized layout, the position of each value
+    in the flattened ``(P, K, D)`` LUT, so ``lut.reshape(-1)[positions]`` equals what coreai-opt's
+    ``_palettize`` gathers. Cached until the indices change."""
+    from coreai_opt.palettization.kmeans.kmeans_fake_palettize import _WeightVectorization
+    from coreai_opt.palettization.spec import PerGroupedChannelGranularity
+
+    indices = fake.indices
+    key = (indices.data_ptr(), indices._version, tuple(weight.shape), weight.device, weight.dtype)
+    cached = getattr(fake, "_plugin_lut_positions", None)
+    if cached is not None and cached[0] == key:
+        return cached[1], cached[2]
+    axis, dim = fake._resolved_axis, fake.cluster_dim
+    grid = fake.reshape_strategy.reshape_for_kmeans(indices, axis)
+    if isinstance(fake.granularity, PerGroupedChannelGranularity):
+        group = fake.granularity.group_size
+        blocks = fake.granularity.num_blocks_to_cluster(weight)
+        if axis == 0:
+            groups = grid.reshape(blocks, group // dim, -1)
+        else:
+            groups = grid.reshape(grid.shape[0], blocks, group).permute(1, 0, 2)
+    else:
+        groups = grid.unsqueeze(0)
+    num_luts, rows, cols = groups.shape
+    per_lut = (groups.transpose(1, 2) if dim > 1 else groups).reshape(num_luts, -1).long()
+    per_lut = per_lut + torch.arange(num_luts).unsqueeze(1) * (2**fake.n_bits)
+    positions = (per_lut.unsqueeze(-1) * dim + torch.arange(dim)).reshape(-1)
+    positions = positions.to(weight.device)
+    context = _WeightVectorization(axis, torch.Size((rows * dim, cols)), weight.shape, weight.dtype)
+    fake._plugin_lut_positions = (key, positions, context)
+    return positions, context
+
+
+@torch.no_grad()
+def store_assignment(fake: _KMeansFakePalettize, assignment: torch.Tensor, context) -> bool:
+    """Write a ``(P, N)`` nearest-centroid assignment as the module's indices (uint8, CPU).
+
+    Only for scalar LUTs without per-channel scales, whose index layout is the weight layout;
+    returns False otherwise (the caller marks the indices stale for coreai-opt to re-derive).
+    """
+    if fake.cluster_dim != 1 or fake.enable_per_channel_scale:
+        return False
+    groups = fake._from_cluster_vectors(assignment.unsqueeze(-1).float(), *context.block_shape)
+    grid = fake._merge_groups(groups, context.axis)
+    layout = fake.reshape_strategy.reshape_to_original(grid, context.axis, context.weight_shape)
+    fake.indices = layout.round().to(torch.uint8).cpu()
+    fake._indices_stale = False
+    return True

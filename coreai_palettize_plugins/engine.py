@@ -26,7 +26,7 @@ import torch.nn as nn
 from coreai_opt.palettization import KMeansPalettizer
 
 from . import _coreai_compat as compat
-from . import distributed
+from . import distributed, strategies
 from .export import ExportResult, export_palettized, quiet_prepare
 from .report import CompressionReport, build_report
 from .settings import (
@@ -35,6 +35,7 @@ from .settings import (
     config_from_settings,
     config_to_yaml,
     resolve_settings,
+    training_name,
 )
 
 __all__ = ["Palettization", "PalettizationWarning", "as_example_inputs"]
@@ -206,6 +207,7 @@ class Palettization:
             if self.tied:
                 model.register_load_state_dict_pre_hook(self._fill_tied_keys)
             self._check_palettizes_something()
+            strategies.prepare_parameters(self.tensors())
             if self.frozen_weights:
                 # No gradient ever reaches them: say so before DDP builds its reducer, so plain
                 # DDP works (no "Expected to have finished reduction" error).
@@ -231,15 +233,19 @@ class Palettization:
         return int((self.settings.get("schedule") or {}).get("start_step") or 0)
 
     @property
+    def training_strategy(self) -> str:
+        return training_name(self.settings["training"])
+
+    @property
     def frozen_weights(self) -> bool:
-        """Palettized weights never get a gradient (coreai-opt's default strategy, no warm-up)."""
-        return self.settings["training"] == "frozen" and not self.schedule_start
+        """Dense weights never get a gradient: ``frozen`` or ``lut`` strategy, no warm-up."""
+        return self.training_strategy in ("frozen", "lut") and not self.schedule_start
 
     @property
     def needs_unused_parameter_detection(self) -> bool:
         """Weights that train dense during a warm-up stop getting gradients when palettization
         switches on: DDP must then run with ``find_unused_parameters=True``."""
-        return self.settings["training"] == "frozen" and self.schedule_start > 0
+        return self.training_strategy in ("frozen", "lut") and self.schedule_start > 0
 
     def _use_settings_of_rank_zero(self) -> None:
         """One resolved config on every rank (lazily resolved interpolations such as ``${now:}``
@@ -301,6 +307,7 @@ class Palettization:
         if pending:
             self.cluster_stats = distributed.cluster(
                 self.palettizer, pending, self.settings["distributed"])
+            strategies.after_cluster(pending)
         compat.finish_clustering(self.palettizer)
 
     def prepare(
@@ -356,14 +363,18 @@ class Palettization:
         """
         if self.palettizer is not None and compat.get_step(self.palettizer) != step:
             compat.set_step(self.palettizer, step)
-            switched_on = [t for t in self.tensors() if not t.initialized]
+            tensors = self.tensors()
+            switched_on = [t for t in tensors if not t.initialized]
             if switched_on:
                 self.cluster_stats = distributed.cluster(
                     self.palettizer, switched_on, self.settings["distributed"])
+                strategies.after_cluster(switched_on)
+            strategies.after_optimizer_step(tensors, step)
 
     def stop_training(self) -> None:
         """Leave training mode (restores the model's train/eval state)."""
         if self._training is not None:
+            strategies.training_finished(self.tensors())
             context, self._training = self._training, None
             context.__exit__(None, None, None)
 
@@ -389,6 +400,11 @@ class Palettization:
     def report(self) -> CompressionReport:
         self._require_attached()
         return build_report(self.model, self.skipped)
+
+    def export_state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's state as coreai-opt knows it (without the strategies' extra tensors)."""
+        extra = set(strategies.strategy_state_keys(self.model))
+        return {k: v for k, v in self.model.state_dict().items() if k not in extra}
 
     def new_model(self) -> nn.Module:
         """A new, unprepared instance of the model's architecture (for export)."""
@@ -427,6 +443,7 @@ class Palettization:
             factory=self._export_factory(configure_model),
             formats=formats if formats is not None else export_settings["formats"],
             report=self.report(),
+            state_dict=self.export_state_dict(),
             metadata=metadata,
             extra_files=extra_files,
             strict=strict,

@@ -337,6 +337,7 @@ def export_palettized(
     factory: Callable[[], nn.Module],
     formats: Sequence[str] = ("coreai", "torch"),
     report: CompressionReport | None = None,
+    state_dict: Mapping[str, torch.Tensor] | None = None,
     metadata: Mapping[str, Any] | None = None,
     extra_files: Callable[[Path], None] | None = None,
     strict: bool = False,
@@ -352,7 +353,8 @@ def export_palettized(
     result = ExportResult(directory=directory, report=report)
     example_inputs = [x.detach().cpu() if isinstance(x, torch.Tensor) else x
                       for x in example_inputs]
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu()
+             for k, v in (state_dict if state_dict is not None else model.state_dict()).items()}
     expected = model_outputs(model, example_inputs)
 
     with atomic_directory(directory) as tmp:

@@ -9,6 +9,7 @@ optimizer -> wrap (DDP) -> ``on_train_begin``. So the palettized structure is bu
 
 from __future__ import annotations
 
+import copy
 import sys
 import weakref
 from collections.abc import Callable, Mapping, Sequence
@@ -220,6 +221,8 @@ class PalettizationTrainerCallback(TrainerCallback):
         """config.json (+ generation config, tokenizer): ``load_palettized(dir)`` needs no code."""
         config = getattr(model, "config", None)
         if config is not None and hasattr(config, "save_pretrained"):
+            config = copy.deepcopy(config)
+            config.architectures = [type(model).__name__]  # as save_pretrained records it
             config.save_pretrained(directory)
         generation = getattr(model, "generation_config", None)
         if generation is not None and hasattr(generation, "save_pretrained"):

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.utils.parametrize as parametrize
 
 from ._coreai_compat import PalettizedTensor, fake_palettized_tensors
 
@@ -204,8 +205,10 @@ def build_report(model: nn.Module, skipped: dict[str, str] | None = None) -> Com
             continue
         for attr in ("weight", "in_proj_weight"):
             name = f"{module_name}.{attr}" if module_name else attr
+            if name in palettized_names or parametrize.is_parametrized(module, attr):
+                continue  # (reading a parametrized weight would run its training forward)
             weight = getattr(module, attr, None)
-            if not isinstance(weight, torch.Tensor) or name in palettized_names:
+            if not isinstance(weight, torch.Tensor):
                 continue
             if name in skipped:
                 reason = f"skipped by coreai-opt: {skipped[name]}"

@@ -150,7 +150,7 @@ class PalettizeSettings:
     modules: dict[str, Any] = field(default_factory=dict)
     config_file: str | None = None
     schedule: ScheduleSettings = field(default_factory=ScheduleSettings)
-    training: str = "frozen"
+    training: Any = "frozen"
     num_workers: int = 1
     distributed: str = "sharded"
     export: ExportSettings = field(default_factory=ExportSettings)
@@ -285,9 +285,7 @@ def _validate_settings(s: dict[str, Any], key: str) -> None:
     unknown = sorted(set(s["schedule"] or {}) - {"start_step"})
     if unknown:
         raise _fail(f"{key}.schedule.{unknown[0]}", "unknown key; valid: start_step")
-    if s["training"] not in TRAINING_STRATEGIES:
-        raise _fail(f"{key}.training",
-                    f"unknown strategy {s['training']!r}; valid: {_choices(TRAINING_STRATEGIES)}")
+    _training_spec(s.get("training", "frozen"), f"{key}.training")
     workers = s["num_workers"]
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
         raise _fail(f"{key}.num_workers", f"must be an integer >= 1, got {workers!r}")
@@ -502,17 +500,14 @@ def _module_configs(config: KMeansPalettizerConfig) -> Iterable[tuple[Callable, 
 
 def _apply_training_and_schedule(config: KMeansPalettizerConfig, settings: dict[str, Any]):
     start = (settings.get("schedule") or {}).get("start_step")
-    strategy = settings.get("training", "frozen")
-    if not start and strategy == "frozen":
+    strategy_spec = _training_spec(settings.get("training", "frozen"), "palettize.training")
+    if not start and strategy_spec is None:
         return config
-    from coreai_opt.palettization.spec import TrainingStrategySpec
-
-    strategy_spec = TrainingStrategySpec.REGISTRY[TRAINING_STRATEGIES[strategy]]()
     for setter, module_cfg in _module_configs(config):
         update: dict[str, Any] = {}
         if start:
             update["pat_schedule"] = PATSchedule(enable_fake_palettize=start)
-        if strategy != "frozen":
+        if strategy_spec is not None:
             for spec_field in ("op_state_spec", "module_state_spec"):
                 specs = getattr(module_cfg, spec_field)
                 update[spec_field] = {
@@ -522,6 +517,38 @@ def _apply_training_and_schedule(config: KMeansPalettizerConfig, settings: dict[
                 }
         setter(module_cfg.model_copy(update=update))
     return config
+
+
+def training_name(value: Any) -> str:
+    """``palettize.training`` (a name or ``{type: name, ...options}``) -> the strategy name."""
+    return value.get("type", "") if isinstance(value, Mapping) else str(value)
+
+
+def _training_spec(value: Any, key: str):
+    """``palettize.training`` -> a coreai-opt ``TrainingStrategySpec`` (None for ``frozen``)."""
+    from coreai_opt.palettization.spec import TrainingStrategySpec
+
+    name = training_name(value)
+    if name not in TRAINING_STRATEGIES:
+        raise _fail(key, f"unknown strategy {name!r}; valid: {_choices(TRAINING_STRATEGIES)}")
+    if name == "frozen":
+        if isinstance(value, Mapping) and len(value) > 1:
+            raise _fail(key, "'frozen' takes no options")
+        return None
+    options = {k: v for k, v in value.items() if k != "type"} if isinstance(value, Mapping) else {}
+    spec_cls = TrainingStrategySpec.REGISTRY[TRAINING_STRATEGIES[name]]
+    unknown = sorted(set(options) - set(spec_cls.model_fields))
+    if unknown:
+        raise _fail(f"{key}.{unknown[0]}",
+                    f"unknown option; valid: {_choices(spec_cls.model_fields) or 'none'}")
+    try:
+        return spec_cls(**options)
+    except ValueError as e:
+        errors = getattr(e, "errors", lambda: [])()
+        if errors:
+            where = ".".join(str(p) for p in errors[0].get("loc", ()))
+            raise _fail(f"{key}.{where}" if where else key, errors[0]["msg"]) from None
+        raise _fail(key, str(e)) from None
 
 
 def config_to_yaml(config: KMeansPalettizerConfig) -> str:

@@ -26,6 +26,17 @@ class Probe(Callback):
                owners=stats.owners if stats else None,
                bytes_per_weight=stats.bytes_per_weight if stats else None)
 
+    def on_after_backward(self, trainer, pl_module):
+        trainable = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
+        missing = [n for n, p in trainable if p.grad is None]
+        record(self.out, trainer.global_rank, trainable=len(trainable),
+               params_without_grad=sorted(set(missing) | set(self._missing())))
+
+    def _missing(self) -> list[str]:
+        import json
+        path = self.out / f"rank{int(os.environ.get('LOCAL_RANK', '0'))}.json"
+        return json.loads(path.read_text()).get("params_without_grad", []) if path.exists() else []
+
     def on_train_end(self, trainer, pl_module):
         record(self.out, trainer.global_rank, hash_at_end=state_hash(pl_module),
                kmeans_total=list(KMEANS_CALLS), global_step=trainer.global_step,
@@ -40,6 +51,7 @@ def main() -> None:
     parser.add_argument("--start-step", type=int, default=0)
     parser.add_argument("--ckpt", default=None)
     parser.add_argument("--rank1-preset", default=None)
+    parser.add_argument("--training", default="frozen")
     args = parser.parse_args()
     torch.set_num_threads(1)
     pl.seed_everything(0, verbose=False)
@@ -48,7 +60,8 @@ def main() -> None:
     preset = args.rank1_preset if (args.rank1_preset and rank == 1) else "w4"
     callback = PalettizationCallback(preset, overrides={"linear": "w8"}, distributed=args.mode,
                                      export_dir=args.out / "export", export_formats=["torch"],
-                                     schedule={"start_step": args.start_step})
+                                     schedule={"start_step": args.start_step},
+                                     training=args.training)
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, strategy="ddp", max_epochs=args.epochs,
         limit_train_batches=6, limit_val_batches=2, logger=False, enable_progress_bar=False,
