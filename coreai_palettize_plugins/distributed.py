@@ -26,7 +26,8 @@ import torch.distributed as dist
 
 from . import _coreai_compat as compat
 
-__all__ = ["ClusterStats", "agree", "broadcast_object", "cluster", "plan_owners", "rank", "world_size"]
+__all__ = ["ClusterStats", "agree", "barrier", "broadcast_object", "cluster", "plan_owners", "rank",
+           "world_size"]
 
 log = logging.getLogger("coreai_palettize_plugins")
 
@@ -37,6 +38,11 @@ def _active() -> bool:
 
 def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 def world_size() -> int:

@@ -70,15 +70,14 @@ def _disable_kv_cache(model: nn.Module) -> None:
         config.use_cache = False
 
 
-def _rank() -> int:
-    dist = torch.distributed
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+def _copy_for_export(model: nn.Module) -> nn.Module:
+    try:
+        return meta_skeleton(model)
+    except Exception as e:
+        raise RuntimeError(
+            f"cannot copy {type(model).__name__} for the end-of-training export "
+            f"({type(e).__name__}: {e}); pass model_factory= (a callable returning a new "
+            "instance of the model)") from e
 
 
 def meta_skeleton(model: nn.Module) -> nn.Module:
@@ -182,41 +181,41 @@ class Palettization:
             raise RuntimeError(f"{type(model).__name__} is already palettized (prepared by "
                                "coreai-opt); build a new model or reuse its Palettization")
         example_inputs = as_example_inputs(example_inputs)
-        with distributed.agree("palettize setup"):
+        with distributed.agree("palettize setup"):  # a failure on any rank stops every rank
             self._use_settings_of_rank_zero()
             self._check_module_patterns(model)
             if self._model_factory is None:
-                try:
-                    self._skeleton = meta_skeleton(model)
-                except Exception as e:
-                    raise RuntimeError(
-                        f"cannot copy {type(model).__name__} for the end-of-training export "
-                        f"({type(e).__name__}: {e}); pass model_factory= (a callable returning a "
-                        "new instance of the model)") from e
-            palettizer = KMeansPalettizer(model, self.config)
-            palettizer._num_workers = int(self.settings["num_workers"])
-            device = next((p.device for p in model.parameters()), torch.device("cpu"))
-            with quiet_prepare(model):
-                self.skipped = compat.attach_structure(
-                    palettizer, tuple(_to_device(x, device) for x in example_inputs))
-            self.model, self.palettizer = model, palettizer
-            self.example_inputs = tuple(
-                x.detach().cpu().clone() if isinstance(x, torch.Tensor) else x
-                for x in example_inputs)
-            self.tied = compat.tied_prefixes(model)
-            if self.tied:
-                model.register_load_state_dict_pre_hook(self._fill_tied_keys)
+                self._skeleton = _copy_for_export(model)
+            self._insert_structure(model, example_inputs)
             self._check_palettizes_something()
-            strategies.prepare_parameters(self.tensors())
-            if self.frozen_weights:
-                # No gradient ever reaches them: say so before DDP builds its reducer, so plain
-                # DDP works (no "Expected to have finished reduction" error).
-                for tensor in self.tensors():
-                    tensor.original.requires_grad_(False)
-        if _rank() == 0:
+            self._prepare_parameters()
+        if distributed.rank() == 0:
             for name, reason in self.skipped.items():
                 warnings.warn(f"palettize: {name} left dense: {reason}", PalettizationWarning,
                               stacklevel=2)
+
+    def _insert_structure(self, model: nn.Module, example_inputs: tuple[Any, ...]) -> None:
+        palettizer = KMeansPalettizer(model, self.config)
+        palettizer._num_workers = int(self.settings["num_workers"])
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        with quiet_prepare(model):
+            self.skipped = compat.attach_structure(
+                palettizer, tuple(_to_device(x, device) for x in example_inputs))
+        self.model, self.palettizer = model, palettizer
+        self.example_inputs = tuple(
+            x.detach().cpu().clone() if isinstance(x, torch.Tensor) else x for x in example_inputs)
+        self.tied = compat.tied_prefixes(model)
+        if self.tied:
+            model.register_load_state_dict_pre_hook(self._fill_tied_keys)
+
+    def _prepare_parameters(self) -> None:
+        """Before the optimizer and DDP exist: the strategies' parameters, and dense weights that
+        never get a gradient frozen, so plain DDP does not wait for them ("Expected to have
+        finished reduction in the prior iteration")."""
+        strategies.prepare_parameters(self.tensors())
+        if self.frozen_weights:
+            for tensor in self.tensors():
+                tensor.original.requires_grad_(False)
 
     def _check_palettizes_something(self) -> None:
         if not self.tensors():
@@ -256,7 +255,7 @@ class Palettization:
             return
         differing = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
         log.warning("palettize: rank %d had different settings (%s); using rank 0's",
-                    _rank(), ", ".join(differing))
+                    distributed.rank(), ", ".join(differing))
         self.settings = {**theirs, **({"_config": self.settings["_config"]}
                                       if "_config" in self.settings else {})}
         self.config = config_from_settings(self.settings)
@@ -466,8 +465,8 @@ class Palettization:
         """``export`` on global rank 0 only; every rank waits at a barrier afterwards."""
         result = None
         try:
-            if _rank() == 0:
+            if distributed.rank() == 0:
                 result = self.export(directory, **kwargs)
         finally:
-            _barrier()
+            distributed.barrier()
         return result
