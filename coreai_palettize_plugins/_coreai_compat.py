@@ -320,9 +320,9 @@ def flat_lut_positions(fake: _KMeansFakePalettize, weight: torch.Tensor):
         groups = grid.unsqueeze(0)
     num_luts, rows, cols = groups.shape
     per_lut = (groups.transpose(1, 2) if dim > 1 else groups).reshape(num_luts, -1).long()
-    per_lut = per_lut + torch.arange(num_luts).unsqueeze(1) * (2**fake.n_bits)
-    positions = (per_lut.unsqueeze(-1) * dim + torch.arange(dim)).reshape(-1)
-    positions = positions.to(weight.device)
+    per_lut = per_lut.to(weight.device)  # indices may sit on the CPU (coreai-opt) or the GPU
+    per_lut = per_lut + torch.arange(num_luts, device=weight.device).unsqueeze(1) * (2**fake.n_bits)
+    positions = (per_lut.unsqueeze(-1) * dim + torch.arange(dim, device=weight.device)).reshape(-1)
     context = _WeightVectorization(axis, torch.Size((rows * dim, cols)), weight.shape, weight.dtype)
     fake._plugin_lut_positions = (key, positions, context)
     return positions, context
@@ -330,7 +330,7 @@ def flat_lut_positions(fake: _KMeansFakePalettize, weight: torch.Tensor):
 
 @torch.no_grad()
 def store_assignment(fake: _KMeansFakePalettize, assignment: torch.Tensor, context) -> bool:
-    """Write a ``(P, N)`` nearest-centroid assignment as the module's indices (uint8, CPU).
+    """Write a ``(P, N)`` nearest-centroid assignment as the module's indices (uint8).
 
     Only for scalar LUTs without per-channel scales, whose index layout is the weight layout;
     returns False otherwise (the caller marks the indices stale for coreai-opt to re-derive).
@@ -340,6 +340,7 @@ def store_assignment(fake: _KMeansFakePalettize, assignment: torch.Tensor, conte
     groups = fake._from_cluster_vectors(assignment.unsqueeze(-1).float(), *context.block_shape)
     grid = fake._merge_groups(groups, context.axis)
     layout = fake.reshape_strategy.reshape_to_original(grid, context.axis, context.weight_shape)
-    fake.indices = layout.round().to(torch.uint8).cpu()
+    # Kept on the compute device: a copy to the CPU here would sync the GPU every forward.
+    fake.indices = layout.round().to(torch.uint8)
     fake._indices_stale = False
     return True
