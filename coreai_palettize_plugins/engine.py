@@ -125,6 +125,7 @@ class Palettization:
         modules: per module name regex, e.g. ``{"lm_head": "w8"}``.
         model_factory: builds a new instance of the model for export. By default a
             zero-memory meta copy taken before prepare is used.
+            key: how error messages name these settings (``recipe.palettize`` in recipes).
         **fields: other ``palettize`` keys (``num_workers``, ``distributed``, ``schedule``,
             ``training``, ``export``).
     """
@@ -136,10 +137,13 @@ class Palettization:
         overrides: Mapping[str, Any] | None = None,
         modules: Mapping[str, Any] | None = None,
         model_factory: Callable[[], nn.Module] | None = None,
+        key: str = "palettize",
         **fields: Any,
     ) -> None:
-        self.settings = resolve_settings(config, overrides=overrides, modules=modules, **fields)
-        self.config = config_from_settings(self.settings)
+        self.key = key  # how error messages name the settings, e.g. "recipe.palettize"
+        self.settings = resolve_settings(config, overrides=overrides, modules=modules, key=key,
+                                         **fields)
+        self.config = config_from_settings(self.settings, key=key)
         self.model: nn.Module | None = None
         self.palettizer: KMeansPalettizer | None = None
         self.example_inputs: tuple[Any, ...] = ()
@@ -223,8 +227,8 @@ class Palettization:
 
     def _nothing_palettized(self, model: nn.Module, skipped: Mapping[str, str]) -> Exception:
         return PalettizeConfigError(
-            f"palettize: the config palettizes no weight of {type(model).__name__} "
-            f"({self._what_was_asked()}); check palettize.preset/overrides/modules"
+            f"{self.key}: the config palettizes no weight of {type(model).__name__} "
+            f"({self._what_was_asked()}); check {self.key}.preset/overrides/modules"
             + (f" (skipped: {', '.join(skipped)})" if skipped else ""))
 
     @property
@@ -258,7 +262,7 @@ class Palettization:
                     distributed.rank(), ", ".join(differing))
         self.settings = {**theirs, **({"_config": self.settings["_config"]}
                                       if "_config" in self.settings else {})}
-        self.config = config_from_settings(self.settings)
+        self.config = config_from_settings(self.settings, key=self.key)
 
     def check(self, model: nn.Module, example_inputs: Any) -> None:
         """Validate the config against ``model`` without touching it (a dry run on a copy).
@@ -295,7 +299,7 @@ class Palettization:
             if not any(re.fullmatch(pattern, n) for n in names):
                 sample = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
                 raise PalettizeConfigError(
-                    f"palettize.modules.{pattern}: matches no module of {type(model).__name__} "
+                    f"{self.key}.modules.{pattern}: matches no module of {type(model).__name__} "
                     f"(re.fullmatch); module names look like: {sample}")
 
     def cluster(self) -> None:
@@ -388,7 +392,7 @@ class Palettization:
         saved = state.get("config")
         if saved is not None and saved != config_to_yaml(self.config):
             raise PalettizeConfigError(
-                "palettize: the checkpoint was palettized with a different config than this "
+                f"{self.key}: the checkpoint was palettized with a different config than this "
                 "run's; resume with the same palettize settings")
         if self.palettizer is not None:
             compat.set_step(self.palettizer, int(state.get("step", 0)))

@@ -10,6 +10,7 @@ optimizer -> wrap (DDP) -> ``on_train_begin``. So the palettized structure is bu
 from __future__ import annotations
 
 import copy
+import re
 import sys
 import weakref
 from collections.abc import Callable, Mapping, Sequence
@@ -27,8 +28,6 @@ from .settings import ConfigSource, PalettizeConfigError
 
 __all__ = ["PalettizationTrainerCallback", "batch_to_example_inputs"]
 
-_TIED_SUFFIXES = ("original", "0.indices", "0.centroids", "0.fake_palett_enabled",
-                  "0.per_channel_scale")
 
 
 def batch_to_example_inputs(model: nn.Module, batch: Mapping[str, Any]) -> tuple[Any, ...]:
@@ -151,9 +150,10 @@ class PalettizationTrainerCallback(TrainerCallback):
         if self.engine.tied and hasattr(model, "_tied_weights_keys"):
             # save_pretrained refuses shared tensors it was not told about: declare the tied
             # parametrization keys so it stores them once (the engine restores them on load).
+            # Keys are regexes (re.search): one covers every tensor under the alias, those of the
+            # training strategies (trainable LUTs) included.
             tied = dict(model._tied_weights_keys or {})
-            for alias, source in self.engine.tied.items():
-                tied.update({alias + s: source + s for s in _TIED_SUFFIXES})
+            tied.update({re.escape(alias) + ".+": source for alias, source in self.engine.tied.items()})
             model._tied_weights_keys = tied
 
     def _inputs_from_trainer(self, trainer: Trainer) -> tuple[Any, ...]:

@@ -61,22 +61,22 @@ def test_train_export_reload_and_metrics(tmp_path, monkeypatch):
     assert any("palettize/bits_per_weight" in h for h in trainer.state.log_history)
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_resume_is_byte_identical_without_kmeans(tmp_path, monkeypatch, tied):
+@pytest.mark.parametrize(("tied", "training"), [(False, "frozen"), (True, "frozen"), (True, "lut")])
+def test_resume_is_byte_identical_without_kmeans(tmp_path, monkeypatch, tied, training):
     def run(out, resume=None):
-        callback = PalettizationTrainerCallback("w4", export_formats=["torch"])
+        callback = PalettizationTrainerCallback("w4", export_formats=["torch"], training=training)
         trainer = Trainer(model=tiny_llama(tied), args=arguments(out), train_dataset=TokenDataset(),
                           callbacks=[callback])
         trainer.train(resume_from_checkpoint=resume)
         return callback, trainer
 
-    full, full_trainer = run(tmp_path / "full")
+    _, full_trainer = run(tmp_path / "full")
     if tied:  # the tied lm_head/embedding is stored once in HF checkpoints
         keys = load_file(str(tmp_path / "full/checkpoint-3/model.safetensors"))
         assert not [k for k in keys if k.startswith("lm_head.")]
         assert model_has_shared_palettized_weight(full_trainer.model)
     counter = KMeansCounter(monkeypatch)
-    resumed, resumed_trainer = run(tmp_path / "resumed", resume=str(tmp_path / "full/checkpoint-3"))
+    _, resumed_trainer = run(tmp_path / "resumed", resume=str(tmp_path / "full/checkpoint-3"))
     assert counter.calls == []
     assert palettized_state_hash(resumed_trainer.model) == palettized_state_hash(full_trainer.model)
     first = (tmp_path / "full/palettized" / PACKED_NAME).read_bytes()
