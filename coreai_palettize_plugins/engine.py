@@ -125,6 +125,7 @@ class Palettization:
         modules: per module name regex, e.g. ``{"lm_head": "w8"}``.
         model_factory: builds a new instance of the model for export. By default a
             zero-memory meta copy taken before prepare is used.
+        export_dir / export_formats: shortcuts for ``export={"dir": ..., "formats": ...}``.
             key: how error messages name these settings (``recipe.palettize`` in recipes).
         **fields: other ``palettize`` keys (``num_workers``, ``distributed``, ``schedule``,
             ``training``, ``export``).
@@ -137,9 +138,18 @@ class Palettization:
         overrides: Mapping[str, Any] | None = None,
         modules: Mapping[str, Any] | None = None,
         model_factory: Callable[[], nn.Module] | None = None,
+        export_dir: str | Path | None = None,
+        export_formats: Sequence[str] | None = None,
         key: str = "palettize",
         **fields: Any,
     ) -> None:
+        export = dict(fields.pop("export", None) or {})
+        if export_dir is not None:
+            export["dir"] = str(export_dir)
+        if export_formats is not None:
+            export["formats"] = list(export_formats)
+        if export:
+            fields["export"] = export
         self.key = key  # how error messages name the settings, e.g. "recipe.palettize"
         self.settings = resolve_settings(config, overrides=overrides, modules=modules, key=key,
                                          **fields)
@@ -464,6 +474,16 @@ class Palettization:
             return model
 
         return build
+
+    def finish_training(self, default_export_dir: str | Path, **export_kwargs: Any
+                        ) -> ExportResult | None:
+        """End of training: leave training mode, then export on rank 0 (if any format is set)
+        to ``palettize.export.dir`` or ``default_export_dir``. Returns the result on rank 0."""
+        self.stop_training()
+        if not self.settings["export"]["formats"]:
+            return None
+        directory = self.settings["export"].get("dir") or default_export_dir
+        return self.export_on_main(directory, **export_kwargs)
 
     def export_on_main(self, directory: str | Path | None = None, **kwargs: Any) -> ExportResult | None:
         """``export`` on global rank 0 only; every rank waits at a barrier afterwards."""

@@ -104,13 +104,9 @@ class PalettizationTrainerCallback(TrainerCallback):
         strict_export: bool = False,
         **fields: Any,
     ) -> None:
-        export = dict(fields.pop("export", None) or {})
-        if export_dir is not None:
-            export["dir"] = str(export_dir)
-        if export_formats is not None:
-            export["formats"] = list(export_formats)
         self.engine = Palettization(config, overrides=overrides, modules=modules,
-                                    model_factory=model_factory, export=export, **fields)
+                                    model_factory=model_factory, export_dir=export_dir,
+                                    export_formats=export_formats, **fields)
         self.example_inputs = example_inputs
         self.example_inputs_fn = example_inputs_fn
         self.extra_export_files = extra_export_files
@@ -200,22 +196,14 @@ class PalettizationTrainerCallback(TrainerCallback):
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      model: nn.Module | None = None, processing_class: Any = None,
                      **kwargs: Any) -> None:
-        self.engine.stop_training()
-        formats = self.engine.settings["export"]["formats"]
-        if not formats:
-            return
-        directory = self.engine.settings["export"].get("dir") or (
-            Path(args.output_dir) / "palettized")
-        self.export_result = self.engine.export_on_main(
-            directory,
+        self.export_result = self.engine.finish_training(
+            Path(args.output_dir) / "palettized",
             extra_files=lambda tmp: self._write_hf_files(tmp, self.engine.model, processing_class),
             strict=self.strict_export,
         )
         if self.export_result is not None:
             self.report = self.export_result.report
-            extra = {f"palettize/{k}": float(v) for k, v in self.report.extra.items()
-                     if isinstance(v, (int, float))}
-            self._log({**self.report.metrics(), **extra})
+            self._log(self.report.metrics())
 
     def _write_hf_files(self, directory: Path, model: nn.Module, tokenizer: Any) -> None:
         """config.json (+ generation config, tokenizer): ``load_palettized(dir)`` needs no code."""

@@ -98,13 +98,9 @@ class PalettizationCallback(Callback):
         log_metrics: bool = True,
         **fields: Any,
     ) -> None:
-        export = dict(fields.pop("export", None) or {})
-        if export_dir is not None:
-            export["dir"] = str(export_dir)
-        if export_formats is not None:
-            export["formats"] = list(export_formats)
         self.engine = Palettization(config, overrides=overrides, modules=modules,
-                                    model_factory=model_factory, export=export, **fields)
+                                    model_factory=model_factory, export_dir=export_dir,
+                                    export_formats=export_formats, **fields)
         self.example_inputs = example_inputs
         self.example_inputs_fn = example_inputs_fn
         self.strict_export = strict_export
@@ -155,18 +151,11 @@ class PalettizationCallback(Callback):
         self.engine.sync_step(trainer.global_step)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.engine.stop_training()
-        formats = self.engine.settings["export"]["formats"]
-        if not formats:
-            return
-        directory = self.engine.settings["export"].get("dir") or (
-            Path(trainer.default_root_dir) / "palettized")
-        self.export_result = self.engine.export_on_main(directory, strict=self.strict_export)
+        self.export_result = self.engine.finish_training(
+            Path(trainer.default_root_dir) / "palettized", strict=self.strict_export)
         if self.export_result is not None:
             self.report = self.export_result.report
-            extra = {f"palettize/{k}": float(v) for k, v in self.report.extra.items()
-                     if isinstance(v, (int, float))}
-            self._log(trainer, {**self.report.metrics(), **extra})
+            self._log(trainer, self.report.metrics())
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                      exception: BaseException) -> None:

@@ -65,13 +65,15 @@ class CompressionReport:
         return [d for d in self.dense_layers if d.reason.startswith("skipped")]
 
     def metrics(self, prefix: str = "palettize/") -> dict[str, float]:
-        """Scalars for a trainer's logger."""
+        """Scalars for a trainer's logger (export sizes and checks too, once exported)."""
         return {
             f"{prefix}bits_per_weight": float(self.bits_per_weight),
             f"{prefix}compression_ratio": float(self.compression_ratio),
             f"{prefix}palettized_layers": float(len(self.layers)),
             f"{prefix}skipped_layers": float(len(self.skipped)),
             f"{prefix}dense_layers": float(len(self.dense_layers)),
+            **{f"{prefix}{k}": float(v) for k, v in self.extra.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)},
         }
 
     def to_dict(self) -> dict[str, Any]:
