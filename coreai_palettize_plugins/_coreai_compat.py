@@ -262,16 +262,26 @@ def nearest_centroids(centroids: torch.Tensor, vectors: torch.Tensor) -> torch.T
     """Index of the nearest centroid for each vector: ``(P, K, D)``, ``(P, N, D)`` -> ``(P, N)``.
 
     Scalar LUTs use a batched ``searchsorted`` on the sorted centroids' midpoints (no distance
-    matrix); vector LUTs use ``cdist``.
+    matrix; the sort is cached until the centroids change); vector LUTs use ``cdist``.
     """
-    centroids = centroids.detach().float().to(vectors.device)
-    vectors = vectors.detach().float()
     if centroids.shape[-1] == 1:
-        ordered, order = centroids[..., 0].sort(dim=1)
-        midpoints = ((ordered[:, 1:] + ordered[:, :-1]) / 2).contiguous()
-        position = torch.searchsorted(midpoints, vectors[..., 0].contiguous())
+        order, midpoints = _sorted_midpoints(centroids, vectors.device)
+        position = torch.searchsorted(midpoints, vectors[..., 0].detach().float().contiguous())
         return order.gather(1, position)
-    return torch.cdist(vectors, centroids).argmin(dim=-1)
+    return torch.cdist(vectors.detach().float(), centroids.detach().float().to(vectors.device)
+                       ).argmin(dim=-1)
+
+
+def _sorted_midpoints(centroids: torch.Tensor, device: torch.device):
+    """(sort order, midpoints) of each LUT, cached on the centroids tensor itself until it
+    changes in place (its ``_version``) or a new tensor replaces it."""
+    stamp = (centroids._version, device)
+    cached = getattr(centroids, "_plugin_midpoints", None)
+    if cached is None or cached[0] != stamp:
+        ordered, order = centroids.detach()[..., 0].float().to(device).sort(dim=1)
+        cached = (stamp, order, ((ordered[:, 1:] + ordered[:, :-1]) / 2).contiguous())
+        centroids._plugin_midpoints = cached
+    return cached[1], cached[2]
 
 
 def gather_centroids(centroids: torch.Tensor, assignment: torch.Tensor) -> torch.Tensor:
@@ -337,10 +347,11 @@ def store_assignment(fake: _KMeansFakePalettize, assignment: torch.Tensor, conte
     """
     if fake.cluster_dim != 1 or fake.enable_per_channel_scale:
         return False
-    groups = fake._from_cluster_vectors(assignment.unsqueeze(-1).float(), *context.block_shape)
+    groups = fake._from_cluster_vectors(assignment.to(torch.uint8).unsqueeze(-1),
+                                        *context.block_shape)
     grid = fake._merge_groups(groups, context.axis)
     layout = fake.reshape_strategy.reshape_to_original(grid, context.axis, context.weight_shape)
     # Kept on the compute device: a copy to the CPU here would sync the GPU every forward.
-    fake.indices = layout.round().to(torch.uint8)
+    fake.indices = layout
     fake._indices_stale = False
     return True

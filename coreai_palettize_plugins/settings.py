@@ -240,7 +240,9 @@ def resolve_settings(
                         f"got {type(source).__name__}")
         unknown = sorted(set(plain) - set(defaults))
         if unknown:
-            raise _fail(f"{key}.{unknown[0]}", f"unknown key; valid: {_choices(defaults)}")
+            hint = (" (a spec mapping goes under preset: {preset: {n_bits: ..., ...}})"
+                    if unknown[0] in _SPEC_KEYS else "")
+            raise _fail(f"{key}.{unknown[0]}", f"unknown key; valid: {_choices(defaults)}{hint}")
         for name, value in plain.items():
             if name in ("overrides", "schedule", "export") and value is not None:
                 merged = dict(settings[name])
