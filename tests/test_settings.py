@@ -204,3 +204,17 @@ def test_spec_builds_coreai_objects():
     spec: PalettizationSpec = config.global_config.op_state_spec["weight"]
     assert spec.n_bits == 6 and spec.lut_qspec.dtype == torch.int8
     assert config_from_yaml_text(config_to_yaml(config)).to_dict() == config.to_dict()
+
+
+def test_training_strategy_selectable_from_hydra(compose_config):
+    cfg = compose_config("palettize=w4", "palettize.training=ste")
+    spec = build_palettizer_config(cfg.palettize).global_config.op_state_spec["weight"]
+    assert spec.training_strategy_spec.model_dump() == {"lut_update_every": 0, "type": "ste"}
+    cfg = compose_config("palettize=w4", "palettize.training={type: ste, lut_update_every: 5}",
+                         "palettize.overrides.linear=w8")
+    config = build_palettizer_config(cfg.palettize)
+    linear = config.module_type_configs["torch.nn.modules.linear.Linear"]
+    assert linear.op_state_spec["weight"].training_strategy_spec.lut_update_every == 5
+    cfg = compose_config("palettize=w4", "palettize.training=lut")
+    assert build_palettizer_config(cfg.palettize).global_config.op_state_spec[
+        "weight"].training_strategy_spec.model_dump() == {"type": "lut"}
