@@ -19,6 +19,7 @@ from coreai_palettize_plugins import (
     build_palettizer_config,
     load_palettized,
 )
+from coreai_palettize_plugins._coreai_compat import fake_palettized_tensors
 from coreai_palettize_plugins.demo.digits import DigitsCNN, DigitsDataModule
 from coreai_palettize_plugins.export import PACKED_NAME
 from coreai_palettize_plugins.hf import PalettizationTrainerCallback
@@ -77,13 +78,10 @@ def test_strategy_trains_and_stays_palettized(tmp_path, training, preset):
     assert result.errors == {}
     loaded = load_palettized(tmp_path / "out", mixed_net, finalize=False)
     assert torch.equal(loaded(x), model(x))                     # the export is what was trained
-    for tensor in Palettization({"preset": preset}).tensors() or []:
-        del tensor
-    reloaded = {n: t for n, t in ((t.name, t) for t in engine.tensors())}
-    for name, module in loaded.named_modules():
-        if hasattr(module, "parametrizations"):
-            fake = module.parametrizations.weight[0]
-            assert fake.centroids.shape == reloaded[f"{name}.weight"].fake.centroids.shape
+    exported = fake_palettized_tensors(loaded)
+    assert [t.name for t in exported] == [t.name for t in engine.tensors()]
+    for tensor in exported:                                     # still palettized once exported
+        assert values_per_lut(tensor, tensor.original) <= 2 ** tensor.fake.n_bits
 
 
 def test_training_moves_what_each_strategy_should_move():
