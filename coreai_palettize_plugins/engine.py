@@ -323,6 +323,21 @@ class Palettization:
             strategies.after_cluster(pending)
         compat.finish_clustering(self.palettizer)
 
+    def ensure_clustered(self, resumed: bool = False) -> None:
+        """Before training: run k-means unless a checkpoint restored the palettized state.
+
+        A resumed run, or a model holding state for only some weights (a partial checkpoint
+        load such as HF's ``strict=False``), must have everything restored: otherwise this
+        raises, naming the weights, instead of silently re-clustering or re-deriving them.
+        """
+        self._require_attached()
+        restored = [t.initialized and t.has_indices for t in self.tensors()]
+        if resumed or any(restored):
+            if not all(restored):
+                self.verify_restored()
+            return
+        self.cluster()
+
     def prepare(
         self,
         model: nn.Module,

@@ -177,13 +177,8 @@ class PalettizationTrainerCallback(TrainerCallback):
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        **kwargs: Any) -> None:
-        done = [t.initialized and t.has_indices for t in self.engine.tensors()]
-        if state.global_step > 0 or any(done):
-            # Resumed (HF loaded the checkpoint with strict=False): everything must be restored.
-            if not all(done):
-                self.engine.verify_restored()
-        else:
-            self.engine.cluster()
+        # HF loaded any checkpoint with strict=False just before: verify, don't trust it.
+        self.engine.ensure_clustered(resumed=state.global_step > 0)
         self.engine.start_training(step=state.global_step)
         self.report = self.engine.report()
         self._log(self.report.metrics())

@@ -135,8 +135,7 @@ class PalettizationCallback(Callback):
             self.engine.verify_restored()
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.engine.clustered:
-            self.engine.cluster()
+        self.engine.ensure_clustered(resumed=self.engine.restored)
         self.report = self.engine.report()
         self._log(trainer, self.report.metrics())
 
