@@ -161,3 +161,15 @@ def test_hf_trainer_under_torchrun(tmp_path):
     resumed = torchrun(tmp_path / "resumed", "--resume", str(tmp_path / "run/checkpoint-2"))
     for facts in resumed:
         assert facts["kmeans_total"] == [] and facts["hash_at_end"] == expected
+
+
+@pytest.mark.slow
+def test_kmeans_worker_pool_matches_sequential():
+    def prepared(workers: int) -> str:
+        pl.seed_everything(0, verbose=False)
+        model = DigitsCNN()
+        Palettization("w4", overrides={"linear": "w8"}, num_workers=workers).prepare(
+            model, model.example_input_array)
+        return palettized_state_hash(model)
+
+    assert prepared(2) == prepared(1)

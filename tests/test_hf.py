@@ -71,6 +71,10 @@ def test_resume_is_byte_identical_without_kmeans(tmp_path, monkeypatch, tied, tr
         return callback, trainer
 
     _, full_trainer = run(tmp_path / "full")
+    if training == "lut":  # created in on_init_end, so the optimizer built in train() has them
+        optimized = {id(p) for g in full_trainer.optimizer.param_groups for p in g["params"]}
+        luts = [p for n, p in full_trainer.model.named_parameters() if n.endswith("trainable_lut")]
+        assert len(luts) == 15 and all(id(p) in optimized for p in luts)
     if tied:  # the tied lm_head/embedding is stored once in HF checkpoints
         keys = load_file(str(tmp_path / "full/checkpoint-3/model.safetensors"))
         assert not [k for k in keys if k.startswith("lm_head.")]

@@ -178,3 +178,24 @@ def test_example_inputs_from_first_batch_and_custom_fn(tmp_path):
     default = PalettizationCallback("w8", export_formats=())
     trainer(tmp_path, callbacks=[default], max_epochs=1).fit(NoExampleArray(), DigitsDataModule())
     assert default.engine.example_inputs[0].shape == (1, 1, 8, 8)
+
+
+def test_strategy_checks_before_training():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+
+    from coreai_palettize_plugins import Palettization, PalettizeConfigError
+    from coreai_palettize_plugins.lightning import _check_strategy
+
+    with pytest.raises(PalettizeConfigError, match=r"^palettize: the FSDPStrategy is not supported"):
+        _check_strategy(SimpleNamespace(strategy=FSDPStrategy()), Palettization("w4"))
+    warm_up = Palettization("w4", schedule={"start_step": 10})
+    ddp = DDPStrategy()
+    _check_strategy(SimpleNamespace(strategy=ddp), warm_up)
+    assert ddp._ddp_kwargs["find_unused_parameters"] is True     # set for the user
+    plain = DDPStrategy()
+    _check_strategy(SimpleNamespace(strategy=plain), Palettization("w4"))
+    assert "find_unused_parameters" not in plain._ddp_kwargs     # frozen weights: not needed
+    with pytest.raises(PalettizeConfigError, match="use strategy='ddp_find_unused_parameters_true'"):
+        _check_strategy(SimpleNamespace(strategy=DDPStrategy(find_unused_parameters=False)), warm_up)
