@@ -192,7 +192,7 @@ def timed_arm(arm: str, initial: nn.Module, x: torch.Tensor, rank: int,
 
         numels = {t.name: t.original.numel() for t in compat.fake_palettized_tensors(prepared)}
         record["stats"] = {"broadcast_bytes": stats.broadcast_bytes,
-                           "palettized_weights": stats.palettized_weights,
+                           "palettized_elements": stats.palettized_elements,
                            "bytes_per_weight": stats.bytes_per_weight,
                            "clustered_here": len(stats.clustered_here),
                            "clustered_elements": sum(numels[n] for n in stats.clustered_here),
@@ -351,11 +351,11 @@ def report(ranks: list[dict[str, Any]], spec: dict[str, int], rounds: int) -> No
         indices = state.get("indices", 0)
         lut = sum(v for k, v in state.items() if k != "indices")
         print(f"- {arm}: broadcast {stats['broadcast_bytes']:,} B for "
-              f"{stats['palettized_weights']:,} palettized weight elements in {stats['owners']} "
+              f"{stats['palettized_elements']:,} palettized weight elements in {stats['owners']} "
               f"tensors = {stats['bytes_per_weight']:.4f} B/weight (goal <= 1 B of indices + "
               f"LUT overhead); state by key: {state} -> indices "
-              f"{indices / stats['palettized_weights']:.4f} B/weight + rest "
-              f"{lut / stats['palettized_weights']:.4f} B/weight; tensors clustered per rank: "
+              f"{indices / stats['palettized_elements']:.4f} B/weight + rest "
+              f"{lut / stats['palettized_elements']:.4f} B/weight; tensors clustered per rank: "
               f"{per_rank}")
 
     print("\npalettized state (sha256 over *.centroids / *.indices):")

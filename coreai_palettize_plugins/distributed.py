@@ -58,11 +58,12 @@ class ClusterStats:
     clustered_here: list[str]
     owners: dict[str, int]
     broadcast_bytes: int = 0
-    palettized_weights: int = 0
+    palettized_elements: int = 0
 
     @property
     def bytes_per_weight(self) -> float:
-        return self.broadcast_bytes / max(self.palettized_weights, 1)
+        """Bytes broadcast per palettized weight element (indices + LUT share)."""
+        return self.broadcast_bytes / max(self.palettized_elements, 1)
 
 
 def plan_owners(sizes: Sequence[int], world: int, mode: str) -> list[int]:
@@ -152,7 +153,7 @@ def cluster(palettizer, tensors: list[compat.PalettizedTensor], mode: str) -> Cl
     mine = [t for t, owner in zip(tensors, owners) if owner == me]
     stats = ClusterStats(mode=mode, world_size=world, clustered_here=[t.name for t in mine],
                          owners={t.name: o for t, o in zip(tensors, owners)},
-                         palettized_weights=sum(t.original.numel() for t in tensors))
+                         palettized_elements=sum(t.original.numel() for t in tensors))
     with agree("k-means"), _progress_on_rank_zero():
         compat.cluster_tensors(palettizer, mine)
     if world > 1:
