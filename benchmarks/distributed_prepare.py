@@ -73,16 +73,6 @@ def build_case(spec: dict[str, int]) -> tuple[nn.Module, torch.Tensor]:
     return model, torch.randint(0, spec["vocab_size"], (1, 16))
 
 
-def palettized_hash(model: nn.Module) -> str:
-    """sha256 over every LUT and index tensor of a prepared model (names included)."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        if name.endswith((".centroids", ".indices")):
-            digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
 def weights_hash(model: nn.Module) -> str:
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
@@ -168,6 +158,8 @@ def busy_seconds() -> float:
 
 def timed_arm(arm: str, initial: nn.Module, x: torch.Tensor, rank: int,
               timers: Timers) -> dict[str, Any]:
+    from coreai_palettize_plugins import distributed
+
     model = copy.deepcopy(initial) if arm != "single" or rank == 0 else None
     gc.collect()
     timers.take()
@@ -186,7 +178,7 @@ def timed_arm(arm: str, initial: nn.Module, x: torch.Tensor, rank: int,
     # Cores' worth of CPU that other processes on the machine used while this arm ran.
     foreign = max(machine - float(ours), 0.0) / float(wall)
     record = {"wall": float(wall), "busy": busy, "foreign_cores": foreign, **timers.take(),
-              "hash": palettized_hash(prepared) if prepared is not None else None}
+              "hash": distributed.palettized_state_hash(prepared) if prepared is not None else None}
     if stats is not None:
         from coreai_palettize_plugins import _coreai_compat as compat
 

@@ -11,7 +11,6 @@ Upstream request: ``prepare(..., cluster=False)`` + ``cluster()`` and a public s
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +19,7 @@ import torch.nn as nn
 import torch.nn.utils.parametrize as P
 from coreai_opt.palettization import KMeansPalettizer
 from coreai_opt.palettization.kmeans.kmeans_fake_palettize import _KMeansFakePalettize
-from coreai_opt.palettization.spec.fake_palettize import _disable_fake_palett, _enable_fake_palett
+from coreai_opt.palettization.spec.fake_palettize import _enable_fake_palett
 
 __all__ = [
     "PalettizedTensor",
@@ -200,10 +199,6 @@ def finish_clustering(palettizer: KMeansPalettizer) -> None:
     model.apply(_enable_fake_palett)
 
 
-def disable_all(model: nn.Module) -> None:
-    model.apply(_disable_fake_palett)
-
-
 def set_step(palettizer: KMeansPalettizer, step: int) -> None:
     """Set the PAT step counter (private in coreai-opt) and apply the schedule if training."""
     palettizer._step_count = int(step)
@@ -239,11 +234,6 @@ def widen_for_coreai(model: nn.Module) -> list[str]:
 
 def get_step(palettizer: KMeansPalettizer) -> int:
     return int(palettizer._step_count)
-
-
-def iter_state_children(tensor: PalettizedTensor) -> Iterator[tuple[str, torch.Tensor]]:
-    """(key, tensor) of the fake-palettize module's persistent state, keys relative to it."""
-    yield from tensor.fake.state_dict().items()
 
 
 # --------------------------------------------------------------------------------------------

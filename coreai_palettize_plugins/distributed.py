@@ -26,8 +26,8 @@ import torch.distributed as dist
 
 from . import _coreai_compat as compat
 
-__all__ = ["ClusterStats", "agree", "barrier", "broadcast_object", "cluster", "plan_owners", "rank",
-           "world_size"]
+__all__ = ["ClusterStats", "agree", "barrier", "broadcast_object", "cluster",
+           "palettized_state_hash", "plan_owners", "rank", "world_size"]
 
 log = logging.getLogger("coreai_palettize_plugins")
 
@@ -64,6 +64,19 @@ class ClusterStats:
     def bytes_per_weight(self) -> float:
         """Bytes broadcast per palettized weight element (indices + LUT share)."""
         return self.broadcast_bytes / max(self.palettized_elements, 1)
+
+
+def palettized_state_hash(model: torch.nn.Module) -> str:
+    """sha256 over every LUT (``centroids``) and index tensor of a prepared model, names
+    included: equal on every rank (and to a single-process run) after ``cluster``."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if name.endswith((".centroids", ".indices")):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def plan_owners(sizes: Sequence[int], world: int, mode: str) -> list[int]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
@@ -11,6 +10,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from coreai_opt.palettization.kmeans.kmeans_fake_palettize import _KMeansFakePalettize
+
+from coreai_palettize_plugins.distributed import palettized_state_hash  # noqa: F401 (re-export)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,14 +56,6 @@ class KMeansCounter:
         monkeypatch.setattr(_KMeansFakePalettize, "_cluster_to_centroids", counting)
 
 
-def palettized_state_hash(model: nn.Module) -> str:
-    """sha256 over every LUT and index tensor of a prepared model (names included)."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        if name.endswith((".centroids", ".indices")):
-            digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 def run_python(*args: str, cwd: Path = REPO, timeout: int = 300,
