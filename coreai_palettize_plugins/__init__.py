@@ -1,21 +1,14 @@
-"""Palettization-aware training for PyTorch Lightning and Hugging Face, on coreai-opt."""
+"""Palettization-aware training for PyTorch Lightning and Hugging Face, on coreai-opt.
 
-from . import _quiet
+Importing the package registers the ``palettize/base`` schema in Hydra's ConfigStore (the YAML
+options of the ``palettize`` group extend it); it changes nothing else in the host process.
+"""
 
-_quiet.install()
-
-# ruff: noqa: E402
-
-from . import strategies  # registers the ste/lut coreai-opt training strategies
+from .coreai_config import build_palettizer_config
 from .engine import Palettization, PalettizationWarning
 from .export import ExportError, ExportResult, load_palettized
 from .report import CompressionReport
-from .settings import (
-    PalettizeConfigError,
-    PalettizeSettings,
-    build_palettizer_config,
-    register_configs,
-)
+from .settings import PalettizeConfigError, PalettizeSettings, register_configs
 
 __all__ = [
     "CompressionReport",
@@ -28,9 +21,7 @@ __all__ = [
     "build_palettizer_config",
     "load_palettized",
     "register_configs",
-    "strategies",
 ]
 __version__ = "0.1.0"
 
-# The YAML files of a `palettize` config group extend `palettize/base`: make it available.
 register_configs()

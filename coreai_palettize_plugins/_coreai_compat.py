@@ -11,6 +11,10 @@ Upstream request: ``prepare(..., cluster=False)`` + ``cluster()`` and a public s
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,13 +26,29 @@ from coreai_opt.palettization.kmeans.kmeans_fake_palettize import _KMeansFakePal
 from coreai_opt.palettization.spec.fake_palettize import _enable_fake_palett
 
 __all__ = [
+    "COREAI_INDEX_BITS",
+    "KMEANS_ENTRY",
     "PalettizedTensor",
-    "attach_structure",
+    "centroids_shape",
     "cluster_tensors",
+    "ensure_kmeans_extension",
     "fake_palettized_tensors",
     "finish_clustering",
+    "flat_lut_positions",
+    "get_step",
+    "insert_parametrizations",
+    "is_prepared",
+    "lut_groups",
     "set_step",
+    "store_assignment",
+    "tied_prefixes",
+    "widen_for_coreai",
 ]
+
+log = logging.getLogger(__name__)
+
+KMEANS_ENTRY = (_KMeansFakePalettize, "_cluster_to_centroids")
+"""``(class, method)`` coreai-opt calls once per weight it clusters (tests count the calls)."""
 
 
 @dataclass
@@ -69,20 +89,23 @@ class PalettizedTensor:
         return self.fake.indices is not None and not self.fake._indices_stale
 
 
-def fake_palettized_tensors(model: nn.Module) -> list[PalettizedTensor]:
-    """Every k-means palettized weight of ``model``, in module order, tied weights once."""
-    found: list[PalettizedTensor] = []
-    seen: set[int] = set()
-    for module_name, module in model.named_modules():
+def _walk(model: nn.Module, *, remove_duplicate: bool) -> Iterator[PalettizedTensor]:
+    """Every (module, attribute) whose parametrization list holds a k-means fake palettizer."""
+    for module_name, module in model.named_modules(remove_duplicate=remove_duplicate):
         if not P.is_parametrized(module):
             continue
         for attr, plist in module.parametrizations.items():
-            for fake in plist:
-                if isinstance(fake, _KMeansFakePalettize) and id(fake) not in seen:
-                    seen.add(id(fake))
-                    found.append(PalettizedTensor(module_name, module, attr, fake))
-                    break
-    return found
+            fake = next((f for f in plist if isinstance(f, _KMeansFakePalettize)), None)
+            if fake is not None:
+                yield PalettizedTensor(module_name, module, attr, fake)
+
+
+def fake_palettized_tensors(model: nn.Module) -> list[PalettizedTensor]:
+    """Every k-means palettized weight of ``model``, in module order, tied weights once."""
+    found: dict[int, PalettizedTensor] = {}
+    for tensor in _walk(model, remove_duplicate=True):
+        found.setdefault(id(tensor.fake), tensor)
+    return list(found.values())
 
 
 def tied_prefixes(model: nn.Module) -> dict[str, str]:
@@ -90,21 +113,14 @@ def tied_prefixes(model: nn.Module) -> dict[str, str]:
     under two modules (an ``lm_head`` tied to the input embedding)."""
     first: dict[int, str] = {}
     aliases: dict[str, str] = {}
-    for module_name, module in model.named_modules(remove_duplicate=False):
-        if not P.is_parametrized(module):
-            continue
-        for attr, plist in module.parametrizations.items():
-            if not any(isinstance(f, _KMeansFakePalettize) for f in plist):
-                continue
-            base = f"{module_name}." if module_name else ""
-            prefix = f"{base}parametrizations.{attr}."
-            source = first.setdefault(id(plist[0]), prefix)
-            if source != prefix:
-                aliases[prefix] = source
+    for tensor in _walk(model, remove_duplicate=False):
+        source = first.setdefault(id(tensor.fake), tensor.state_prefix)
+        if source != tensor.state_prefix:
+            aliases[tensor.state_prefix] = source
     return aliases
 
 
-def attach_structure(
+def insert_parametrizations(
     palettizer: KMeansPalettizer, example_inputs: tuple[Any, ...]
 ) -> dict[str, str]:
     """Insert the fake-palettize parametrizations without clustering.
@@ -125,6 +141,11 @@ def attach_structure(
     return skipped
 
 
+def is_prepared(model: nn.Module) -> bool:
+    """Whether coreai-opt already prepared ``model``."""
+    return bool(KMeansPalettizer._is_model_prepared(model))
+
+
 def _incompatibility(tensor: PalettizedTensor) -> str:
     fake, shape = tensor.fake, tuple(tensor.original.shape)
     group = getattr(fake.granularity, "group_size", None)
@@ -142,10 +163,6 @@ def ensure_kmeans_extension() -> None:
     torch < 2.14 waits forever on a ``lock`` file left by a killed build. A real build of this
     one-file extension takes about a second, so a lock older than ``STALE_LOCK_SECONDS`` is stale.
     """
-    import logging
-    import os
-    import time
-
     from coreai_opt.deps._kmeans1d import core
     from torch.utils.cpp_extension import _get_build_directory
 
@@ -155,7 +172,7 @@ def ensure_kmeans_extension() -> None:
     except OSError:
         age = None
     if age is not None and age > STALE_LOCK_SECONDS:
-        logging.getLogger("coreai_palettize_plugins").warning(
+        log.warning(
             "removing a stale torch extension build lock (%.0f s old): %s", age, lock)
         with contextlib.suppress(OSError):
             os.remove(lock)
@@ -241,58 +258,17 @@ def get_step(palettizer: KMeansPalettizer) -> int:
 # --------------------------------------------------------------------------------------------
 
 
+def lut_groups(fake: _KMeansFakePalettize, weight: torch.Tensor) -> list[torch.Tensor]:
+    """``weight`` split as ``fake`` clusters it: one ``(N, cluster_dim)`` tensor per LUT."""
+    blocks, _ = fake._reshape_and_block(weight)
+    return [fake._vectorize_block(block) for block in blocks]
+
+
 def centroids_shape(tensor: PalettizedTensor) -> tuple[int, int, int]:
     """Shape ``(num_luts, 2**n_bits, cluster_dim)`` k-means will give ``tensor``'s centroids."""
     fake = tensor.fake
     blocks, _ = fake._reshape_and_block(tensor.original.detach().to("meta"))
     return len(blocks), 2**fake.n_bits, fake.cluster_dim
-
-
-def nearest_centroids(centroids: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest centroid for each vector: ``(P, K, D)``, ``(P, N, D)`` -> ``(P, N)``.
-
-    Scalar LUTs use a batched ``searchsorted`` on the sorted centroids' midpoints (no distance
-    matrix; the sort is cached until the centroids change); vector LUTs use ``cdist``.
-    """
-    if centroids.shape[-1] == 1:
-        order, midpoints = _sorted_midpoints(centroids, vectors.device)
-        position = torch.searchsorted(midpoints, vectors[..., 0].detach().float().contiguous())
-        return order.gather(1, position)
-    return torch.cdist(vectors.detach().float(), centroids.detach().float().to(vectors.device)
-                       ).argmin(dim=-1)
-
-
-def _sorted_midpoints(centroids: torch.Tensor, device: torch.device):
-    """(sort order, midpoints) of each LUT, cached on the centroids tensor itself until it
-    changes in place (its ``_version``) or a new tensor replaces it."""
-    stamp = (centroids._version, device)
-    cached = getattr(centroids, "_plugin_midpoints", None)
-    if cached is None or cached[0] != stamp:
-        ordered, order = centroids.detach()[..., 0].float().to(device).sort(dim=1)
-        cached = (stamp, order, ((ordered[:, 1:] + ordered[:, :-1]) / 2).contiguous())
-        centroids._plugin_midpoints = cached
-    return cached[1], cached[2]
-
-
-def gather_centroids(centroids: torch.Tensor, assignment: torch.Tensor) -> torch.Tensor:
-    """``(P, K, D)`` centroids picked by a ``(P, N)`` assignment -> ``(P, N, D)`` vectors."""
-    centroids = centroids.to(assignment.device)
-    index = assignment.unsqueeze(-1).expand(-1, -1, centroids.shape[-1])
-    return centroids.gather(1, index)
-
-
-@torch.no_grad()
-def lloyd_step(centroids: torch.Tensor, vectors: torch.Tensor) -> None:
-    """Move each centroid (in place) to the mean of the vectors nearest to it."""
-    assignment = nearest_centroids(centroids, vectors)
-    dim = centroids.shape[-1]
-    sums = torch.zeros(centroids.shape, dtype=torch.float32, device=vectors.device)
-    sums.scatter_add_(1, assignment.unsqueeze(-1).expand(-1, -1, dim), vectors.float())
-    counts = torch.zeros(centroids.shape[:2], dtype=torch.float32, device=vectors.device)
-    counts.scatter_add_(1, assignment, torch.ones_like(assignment, dtype=torch.float32))
-    means = sums / counts.clamp(min=1).unsqueeze(-1)
-    updated = torch.where(counts.unsqueeze(-1) > 0, means, centroids.float().to(vectors.device))
-    centroids.copy_(updated.to(centroids.dtype))
 
 
 def flat_lut_positions(fake: _KMeansFakePalettize, weight: torch.Tensor):

@@ -3,6 +3,7 @@
 torchao warns that its CUDA kernels (``_C_mxfp8``, ``_C_cutlass_90a``) cannot load, and torch's
 pytree registry warns about torchao's Enum registrations. Neither affects palettization; on a
 user's terminal they bury the plugin's own messages (a one-line config error most of all).
+Installed by the applications (``coreai-palettize``, ``examples/train.py``), never on import.
 """
 
 from __future__ import annotations

@@ -38,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``coreai-palettize`` console script. Returns the exit status."""
+    from . import _quiet
+
+    _quiet.install()
     args = _parser().parse_args(argv)
     try:
         if args.command == "show":

@@ -16,20 +16,22 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
 
 from . import _coreai_compat as compat
+from ._utils import dtype_from_name, dtype_name, one_line
 
 __all__ = ["ClusterStats", "agree", "barrier", "broadcast_object", "cluster",
            "palettized_state_hash", "plan_owners", "rank", "world_size"]
 
-log = logging.getLogger("coreai_palettize_plugins")
+log = logging.getLogger(__name__)
 
 
 def _active() -> bool:
@@ -106,7 +108,7 @@ def agree(what: str) -> Iterator[None]:
     except Exception as e:
         error = e
     if _active():
-        message = None if error is None else _describe(error)
+        message = None if error is None else one_line(error, causes=True)
         messages: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(messages, message)
         failed = [(r, m) for r, m in enumerate(messages) if m is not None]
@@ -115,15 +117,6 @@ def agree(what: str) -> Iterator[None]:
             raise RuntimeError(f"palettize: {what} failed on rank {failed_rank}: {failed_message}")
     if error is not None:
         raise error
-
-
-def _describe(error: BaseException) -> str:
-    """``Type: message``, with the chain of causes (coreai-opt wraps k-means errors)."""
-    parts = []
-    while error is not None and len(parts) < 4:
-        parts.append(f"{type(error).__name__}: {error}")
-        error = error.__cause__
-    return " <- ".join(parts)
 
 
 def broadcast_object(value: Any, src: int = 0) -> Any:
@@ -160,9 +153,9 @@ def _comm_device() -> torch.device:
 
 def cluster(palettizer, tensors: list[compat.PalettizedTensor], mode: str) -> ClusterStats:
     """k-means for ``tensors`` (those without centroids), once across all ranks."""
-    world = world_size() if _active() else 1
+    world = world_size()
     owners = plan_owners([t.original.numel() for t in tensors], world, mode)
-    me = rank() if _active() else 0
+    me = rank()
     mine = [t for t, owner in zip(tensors, owners) if owner == me]
     stats = ClusterStats(mode=mode, world_size=world, clustered_here=[t.name for t in mine],
                          owners={t.name: o for t, o in zip(tensors, owners)},
@@ -174,55 +167,62 @@ def cluster(palettizer, tensors: list[compat.PalettizedTensor], mode: str) -> Cl
     return stats
 
 
+class _Shipment(NamedTuple):
+    """One owner's buffer in flight: which weights, each tensor's byte size, the async work."""
+
+    owner: int
+    names: list[str]
+    sizes: list[list[int]]
+    buffer: torch.Tensor
+    work: Any
+
+
 def _broadcast_results(tensors: list[compat.PalettizedTensor], owners: list[int]) -> int:
     """Every owner sends its tensors' fake-palettize state to every rank in one buffer."""
     me = rank()
     local_meta = {
-        t.name: [(key, tuple(v.shape), str(v.dtype)) for key, v in t.fake.state_dict().items()]
+        t.name: [(key, tuple(v.shape), dtype_name(v.dtype)) for key, v in t.fake.state_dict().items()]
         for t, owner in zip(tensors, owners) if owner == me
     }
     all_meta: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(all_meta, local_meta)
     device = _comm_device()
     by_name = {t.name: t for t in tensors}
-    pending = []
-    total = 0
+    shipments: list[_Shipment] = []
     for owner, meta in enumerate(all_meta):
         if not meta:
             continue
         names = list(meta)
         sizes = [[_nbytes(shape, dtype) for _, shape, dtype in meta[name]] for name in names]
-        nbytes = sum(map(sum, sizes))
-        total += nbytes
         if owner == me:
             parts = [v.detach().contiguous().reshape(-1).view(torch.uint8).cpu()
                      for name in names for v in by_name[name].fake.state_dict().values()]
             buffer = torch.cat(parts).to(device) if parts else torch.empty(0, dtype=torch.uint8)
         else:
-            buffer = torch.empty(nbytes, dtype=torch.uint8, device=device)
+            buffer = torch.empty(sum(map(sum, sizes)), dtype=torch.uint8, device=device)
         work = dist.broadcast(buffer, src=owner, async_op=True)
-        pending.append((owner, names, sizes, buffer, work))
-    for _, _, _, _, work in pending:
-        work.wait()
-    for owner, names, sizes, buffer, _ in pending:
-        if owner == me:
-            continue
-        data = buffer.cpu()
-        offset = 0
-        for name, name_sizes in zip(names, sizes):
-            state = {}
-            for (key, shape, dtype), nbytes in zip(all_meta[owner][name], name_sizes):
-                chunk = data[offset:offset + nbytes].clone()  # own, aligned storage per tensor
-                state[key] = chunk.view(getattr(torch, dtype.removeprefix("torch."))).reshape(shape)
-                offset += nbytes
-            # CPU tensors: coreai-opt moves LUTs to the module's device and keeps indices on CPU.
-            by_name[name].fake.load_state_dict(state)
-    return total
+        shipments.append(_Shipment(owner, names, sizes, buffer, work))
+    for shipment in shipments:
+        shipment.work.wait()
+    for shipment in shipments:
+        if shipment.owner != me:
+            _unpack(shipment, all_meta[shipment.owner], by_name)
+    return sum(s.buffer.numel() for s in shipments)
+
+
+def _unpack(shipment: _Shipment, meta: dict[str, Any],
+            by_name: dict[str, compat.PalettizedTensor]) -> None:
+    data = shipment.buffer.cpu()
+    offset = 0
+    for name, name_sizes in zip(shipment.names, shipment.sizes):
+        state = {}
+        for (key, shape, dtype), nbytes in zip(meta[name], name_sizes):
+            chunk = data[offset:offset + nbytes].clone()  # own, aligned storage per tensor
+            state[key] = chunk.view(dtype_from_name(dtype)).reshape(shape)
+            offset += nbytes
+        # CPU tensors: coreai-opt moves LUTs to the module's device and keeps indices on CPU.
+        by_name[name].fake.load_state_dict(state)
 
 
 def _nbytes(shape: tuple[int, ...], dtype: str) -> int:
-    element = torch.empty(0, dtype=getattr(torch, dtype.removeprefix("torch."))).element_size()
-    numel = 1
-    for dim in shape:
-        numel *= dim
-    return numel * element
+    return math.prod(shape) * dtype_from_name(dtype).itemsize

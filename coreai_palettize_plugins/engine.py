@@ -1,19 +1,18 @@
 """``Palettization``: the framework-agnostic lifecycle both callbacks sit on.
 
     engine = Palettization("w4", overrides={"linear": "w8"})
-    engine.attach(model, example_inputs)    # palettized structure, before wrap and optimizer
-    engine.cluster()                        # k-means, unless a checkpoint restored the state
-    engine.start_training(step)             # coreai-opt training mode + PAT schedule
-    engine.sync_step(optimizer_step)        # after each optimizer step
-    engine.stop_training()
-    engine.export_on_main("out/")           # .aimodel + packed artifact + report
+    engine.attach(model, example_inputs)       # palettized structure, before wrap and optimizer
+    engine.ensure_clustered()                  # k-means, unless a checkpoint restored the state
+    engine.start_training(step)                # coreai-opt training mode + PAT schedule
+    engine.after_optimizer_step(step)          # after each optimizer step
+    engine.finish_training("out/")             # leave training mode; export on rank 0
 
 ``prepare(model, example_inputs, state_dict=None)`` does attach + (load or cluster) in one call.
+The adapters only map framework hooks onto these methods; nothing here knows a framework.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import re
 import warnings
@@ -27,20 +26,18 @@ from coreai_opt.palettization import KMeansPalettizer
 
 from . import _coreai_compat as compat
 from . import distributed, strategies
-from .export import ExportResult, export_palettized, quiet_prepare
+from ._modelcopy import copy_for_export, materialize, meta_skeleton, model_device, tracing_forward
+from ._utils import to_device
+from .coreai_config import config_to_yaml, to_coreai_config
+from .export import ExportResult, export_palettized
 from .report import CompressionReport, build_report
-from .settings import (
-    ConfigSource,
-    PalettizeConfigError,
-    config_from_settings,
-    config_to_yaml,
-    resolve_settings,
-    training_name,
-)
+from .settings import ConfigSource, PalettizeConfigError, PalettizeSettings
 
 __all__ = ["Palettization", "PalettizationWarning", "as_example_inputs"]
 
-log = logging.getLogger("coreai_palettize_plugins")
+log = logging.getLogger(__name__)
+
+UNSUPPORTED_PARALLELISM = ("fsdp", "deepspeed", "model_parallel")
 
 
 class PalettizationWarning(UserWarning):
@@ -59,76 +56,26 @@ def as_example_inputs(value: Any) -> tuple[Any, ...]:
     raise TypeError(f"example inputs must be a tensor or a tuple, got {type(value).__name__}")
 
 
-def _to_device(x: Any, device: torch.device) -> Any:
-    return x.to(device) if isinstance(x, torch.Tensor) else x
-
-
-def _disable_kv_cache(model: nn.Module) -> None:
-    """transformers models return a KV-cache object torch.export cannot trace: export without."""
-    config = getattr(model, "config", None)
-    if getattr(config, "use_cache", None):
-        config.use_cache = False
-
-
-def _copy_for_export(model: nn.Module) -> nn.Module:
-    try:
-        return meta_skeleton(model)
-    except Exception as e:
-        raise RuntimeError(
-            f"cannot copy {type(model).__name__} for the end-of-training export "
-            f"({type(e).__name__}: {e}); pass model_factory= (a callable returning a new "
-            "instance of the model)") from e
-
-
-def meta_skeleton(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` whose parameters and persistent buffers live on the meta device.
-
-    Costs no memory; non-persistent buffers (rotary tables, masks) are copied for real because
-    no state dict restores them. ``materialize`` turns it into a usable model for export.
-    """
-    memo: dict[int, Any] = {}
-    for module in model.modules():
-        for p in module._parameters.values():
-            if p is not None and id(p) not in memo:
-                memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"),
-                                           requires_grad=p.requires_grad)
-        for name, b in module._buffers.items():
-            if b is not None and name not in module._non_persistent_buffers_set:
-                memo.setdefault(id(b), torch.empty_like(b, device="meta"))
-    return copy.deepcopy(model, memo)
-
-
-def materialize(skeleton: nn.Module) -> nn.Module:
-    """A new model from a ``meta_skeleton``: meta tensors become zeros on the CPU (ties kept)."""
-    model = copy.deepcopy(skeleton)
-    made: dict[int, torch.Tensor] = {}
-    for module in model.modules():
-        for store in (module._parameters, module._buffers):
-            for name, t in list(store.items()):
-                if t is None or not t.is_meta:
-                    continue
-                if id(t) not in made:
-                    data = torch.zeros(t.shape, dtype=t.dtype)
-                    made[id(t)] = (nn.Parameter(data, requires_grad=t.requires_grad)
-                                   if isinstance(t, nn.Parameter) else data)
-                store[name] = made[id(t)]
-    return model
+def _detached_cpu(inputs: Sequence[Any]) -> tuple[Any, ...]:
+    return tuple(x.detach().cpu().clone() if isinstance(x, torch.Tensor) else x for x in inputs)
 
 
 class Palettization:
     """Owns one model's coreai-opt ``KMeansPalettizer`` from prepare to export.
 
     Args:
-        config: anything ``build_palettizer_config`` accepts (a preset name, settings, a
-            coreai-opt YAML path, a ``KMeansPalettizerConfig``).
+        config: anything ``PalettizeSettings.resolve`` accepts (a preset name, settings, a
+            mapping or ``DictConfig``, a coreai-opt YAML path, a ``KMeansPalettizerConfig``).
         overrides: per module type, e.g. ``{"linear": "w8", "embedding": None}``.
         modules: per module name regex, e.g. ``{"lm_head": "w8"}``.
         model_factory: builds a new instance of the model for export. By default a
             zero-memory meta copy taken before prepare is used.
-        export_dir / export_formats: shortcuts for ``export={"dir": ..., "formats": ...}``.
-            key: how error messages name these settings (``recipe.palettize`` in recipes).
-        **fields: other ``palettize`` keys (``num_workers``, ``distributed``, ``schedule``,
-            ``training``, ``export``).
+        export_dir, export_formats: shortcuts for ``export={"dir": ..., "formats": ...}``.
+        **fields: other ``palettize`` keys (``schedule``, ``training``, ``num_workers``,
+            ``distributed``, ``export``).
+
+    Raises:
+        PalettizeConfigError: for a bad setting, naming its key (``palettize.<key>``).
     """
 
     def __init__(
@@ -140,7 +87,6 @@ class Palettization:
         model_factory: Callable[[], nn.Module] | None = None,
         export_dir: str | Path | None = None,
         export_formats: Sequence[str] | None = None,
-        key: str = "palettize",
         **fields: Any,
     ) -> None:
         export = dict(fields.pop("export", None) or {})
@@ -150,22 +96,22 @@ class Palettization:
             export["formats"] = list(export_formats)
         if export:
             fields["export"] = export
-        self.key = key  # how error messages name the settings, e.g. "recipe.palettize"
-        self.settings = resolve_settings(config, overrides=overrides, modules=modules, key=key,
-                                         **fields)
-        self.config = config_from_settings(self.settings, key=key)
+        self.settings = PalettizeSettings.resolve(config, overrides=overrides, modules=modules,
+                                                  **fields)
+        self.config = to_coreai_config(self.settings)
         self.model: nn.Module | None = None
         self.palettizer: KMeansPalettizer | None = None
         self.example_inputs: tuple[Any, ...] = ()
+        """Inputs of the export's tracing forward (those of ``attach`` unless replaced)."""
         self.skipped: dict[str, str] = {}
-        self.restored = False
-        self._model_factory = model_factory
-        self._skeleton: nn.Module | None = None
         self.tied: dict[str, str] = {}
         self.cluster_stats: distributed.ClusterStats | None = None
+        self._restored = False
+        self._model_factory = model_factory
+        self._skeleton: nn.Module | None = None
         self._training: Any = None
 
-    # ---------------------------------------------------------------- structure and clustering
+    # ---------------------------------------------------------------- structure
 
     @property
     def attached(self) -> bool:
@@ -175,23 +121,21 @@ class Palettization:
         """The palettized weights of the attached model."""
         return compat.fake_palettized_tensors(self.model) if self.model is not None else []
 
-    @property
-    def clustered(self) -> bool:
-        """True once every palettized weight has centroids (k-means ran or state was loaded)."""
-        tensors = self.tensors()
-        return bool(tensors) and all(t.initialized for t in tensors)
-
     def attach(self, model: nn.Module, example_inputs: Any) -> None:
         """Insert the palettized structure into ``model`` (in place) without running k-means.
 
-        Call before the model is wrapped (DDP/FSDP) and before the optimizer is built. Attaching
-        the same model again is a no-op.
+        Call before the model is wrapped (DDP) and before the optimizer is built. Attaching the
+        same model again is a no-op.
+
+        Raises:
+            PalettizeConfigError: a ``modules`` regex matches no module, or nothing is palettized.
+            RuntimeError: attached to another model already, or ``model`` is already prepared.
         """
         if self.model is not None:
             if model is self.model:
                 return
             raise RuntimeError("this Palettization is already attached to another model")
-        if KMeansPalettizer._is_model_prepared(model):
+        if compat.is_prepared(model):
             raise RuntimeError(f"{type(model).__name__} is already palettized (prepared by "
                                "coreai-opt); build a new model or reuse its Palettization")
         example_inputs = as_example_inputs(example_inputs)
@@ -199,25 +143,25 @@ class Palettization:
             self._use_settings_of_rank_zero()
             self._check_module_patterns(model)
             if self._model_factory is None:
-                self._skeleton = _copy_for_export(model)
-            self._insert_structure(model, example_inputs)
-            self._check_palettizes_something()
+                self._skeleton = copy_for_export(model)
+            self._insert(model, example_inputs)
+            if not self.tensors():
+                raise self._nothing_palettized(model, self.skipped)
             self._prepare_parameters()
         if distributed.rank() == 0:
             for name, reason in self.skipped.items():
                 warnings.warn(f"palettize: {name} left dense: {reason}", PalettizationWarning,
                               stacklevel=2)
 
-    def _insert_structure(self, model: nn.Module, example_inputs: tuple[Any, ...]) -> None:
+    def _insert(self, model: nn.Module, example_inputs: tuple[Any, ...]) -> None:
         palettizer = KMeansPalettizer(model, self.config)
-        palettizer._num_workers = int(self.settings["num_workers"])
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        with quiet_prepare(model):
-            self.skipped = compat.attach_structure(
-                palettizer, tuple(_to_device(x, device) for x in example_inputs))
+        palettizer._num_workers = self.settings.num_workers
+        device = model_device(model)
+        with tracing_forward(model):
+            self.skipped = compat.insert_parametrizations(
+                palettizer, tuple(to_device(x, device) for x in example_inputs))
         self.model, self.palettizer = model, palettizer
-        self.example_inputs = tuple(
-            x.detach().cpu().clone() if isinstance(x, torch.Tensor) else x for x in example_inputs)
+        self.example_inputs = _detached_cpu(example_inputs)
         self.tied = compat.tied_prefixes(model)
         if self.tied:
             model.register_load_state_dict_pre_hook(self._fill_tied_keys)
@@ -226,67 +170,56 @@ class Palettization:
         """Before the optimizer and DDP exist: the strategies' parameters, and dense weights that
         never get a gradient frozen, so plain DDP does not wait for them ("Expected to have
         finished reduction in the prior iteration")."""
-        strategies.prepare_parameters(self.tensors())
-        if self.frozen_weights:
-            for tensor in self.tensors():
-                tensor.original.requires_grad_(False)
-
-    def _check_palettizes_something(self) -> None:
-        if not self.tensors():
-            raise self._nothing_palettized(self.model, self.skipped)
-
-    def _nothing_palettized(self, model: nn.Module, skipped: Mapping[str, str]) -> Exception:
-        return PalettizeConfigError(
-            f"{self.key}: the config palettizes no weight of {type(model).__name__} "
-            f"({self._what_was_asked()}); check {self.key}.preset/overrides/modules"
-            + (f" (skipped: {', '.join(skipped)})" if skipped else ""))
-
-    @property
-    def schedule_start(self) -> int:
-        return int((self.settings.get("schedule") or {}).get("start_step") or 0)
-
-    @property
-    def training_strategy(self) -> str:
-        return training_name(self.settings["training"])
-
-    @property
-    def frozen_weights(self) -> bool:
-        """Dense weights never get a gradient: ``frozen`` or ``lut`` strategy, no warm-up."""
-        return self.training_strategy in ("frozen", "lut") and not self.schedule_start
-
-    @property
-    def needs_unused_parameter_detection(self) -> bool:
-        """Weights that train dense during a warm-up stop getting gradients when palettization
-        switches on: DDP must then run with ``find_unused_parameters=True``."""
-        return self.training_strategy in ("frozen", "lut") and self.schedule_start > 0
+        for t in self.tensors():
+            hooks = strategies.hooks(t)
+            hooks.prepare_parameters(t)
+            if not hooks.trains_dense_weight and not self.settings.start_step:
+                t.original.requires_grad_(False)
 
     def _use_settings_of_rank_zero(self) -> None:
         """One resolved config on every rank (lazily resolved interpolations such as ``${now:}``
         may differ per process): rank 0's settings win, with a warning naming what differed."""
-        ours = {k: v for k, v in self.settings.items() if k != "_config"}
+        ours = self.settings.to_dict()
         theirs = distributed.broadcast_object(ours)
         if theirs == ours:
             return
-        differing = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+        differing = sorted(k for k in ours if ours[k] != theirs.get(k))
         log.warning("palettize: rank %d had different settings (%s); using rank 0's",
                     distributed.rank(), ", ".join(differing))
-        self.settings = {**theirs, **({"_config": self.settings["_config"]}
-                                      if "_config" in self.settings else {})}
-        self.config = config_from_settings(self.settings, key=self.key)
+        self.settings = PalettizeSettings(**theirs, base_config=self.settings.base_config)
+        self.config = to_coreai_config(self.settings)
 
-    def check(self, model: nn.Module, example_inputs: Any) -> None:
+    def _check_module_patterns(self, model: nn.Module) -> None:
+        names = [n for n, _ in model.named_modules() if n]
+        for pattern in self.settings.modules:
+            if not any(re.fullmatch(pattern, n) for n in names):
+                sample = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+                raise PalettizeConfigError(
+                    f"modules.{pattern}", f"matches no module of {type(model).__name__} "
+                    f"(re.fullmatch); module names look like: {sample}")
+
+    def _nothing_palettized(self, model: nn.Module, skipped: Mapping[str, str]) -> Exception:
+        return PalettizeConfigError(
+            "", f"the config palettizes no weight of {type(model).__name__} "
+            f"({self.settings.describe()}); check palettize.preset/overrides/modules"
+            + (f" (skipped: {', '.join(skipped)})" if skipped else ""))
+
+    def validate_for(self, model: nn.Module, example_inputs: Any) -> None:
         """Validate the config against ``model`` without touching it (a dry run on a copy).
 
-        Raises ``PalettizeConfigError`` for a name regex that matches no module and for a config
-        that palettizes no weight. Use it to fail before any training starts.
+        Raises:
+            PalettizeConfigError: a ``modules`` regex matches no module, or the config
+                palettizes no weight. Use it to fail before any training starts.
         """
         self._check_module_patterns(model)
         copy_ = materialize(meta_skeleton(model))
         palettizer = KMeansPalettizer(copy_, self.config)
-        with quiet_prepare(copy_):
-            skipped = compat.attach_structure(palettizer, as_example_inputs(example_inputs))
+        with tracing_forward(copy_):
+            skipped = compat.insert_parametrizations(palettizer, as_example_inputs(example_inputs))
         if not compat.fake_palettized_tensors(copy_):
             raise self._nothing_palettized(model, skipped)
+
+    check = validate_for  # the 0.1 name
 
     def _fill_tied_keys(self, module, state_dict, prefix, *args) -> None:
         """Checkpoints may hold a tied weight's palettized state once (HF drops duplicates):
@@ -295,74 +228,108 @@ class Palettization:
             for key in [k for k in state_dict if k.startswith(prefix + source)]:
                 state_dict.setdefault(prefix + alias + key[len(prefix + source):], state_dict[key])
 
-    def _what_was_asked(self) -> str:
-        s = self.settings
-        parts = [f"preset={s['preset']}"] if s.get("preset") is not None else []
-        parts += [f"overrides.{k}={v}" for k, v in (s["overrides"] or {}).items()
-                  if v != "inherit"]
-        parts += [f"modules.{k}={v}" for k, v in (s["modules"] or {}).items()]
-        return ", ".join(parts) or "a coreai-opt config"
+    def check_parallelism(self, kind: str, *, what: str, find_unused: bool | None = None,
+                          fix: str = "") -> bool:
+        """The parallelism rules, for adapters that only detect the setup.
 
-    def _check_module_patterns(self, model: nn.Module) -> None:
-        names = [n for n, _ in model.named_modules() if n]
-        for pattern in self.settings["modules"] or {}:
-            if not any(re.fullmatch(pattern, n) for n in names):
-                sample = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
-                raise PalettizeConfigError(
-                    f"{self.key}.modules.{pattern}: matches no module of {type(model).__name__} "
-                    f"(re.fullmatch); module names look like: {sample}")
+        ``kind``: ``"single"``, ``"ddp"``, ``"fsdp"``, ``"deepspeed"`` or ``"model_parallel"``;
+        ``what`` names it in the message; ``find_unused`` is DDP's ``find_unused_parameters``
+        (None: not set); ``fix`` says how to set it. Returns True when DDP must run with
+        ``find_unused_parameters=True`` (a warm-up schedule turns weights' gradients off).
+
+        Raises:
+            PalettizeConfigError: a setup that cannot work, with the fix.
+        """
+        if kind in UNSUPPORTED_PARALLELISM:
+            raise PalettizeConfigError(
+                "", f"{what} is not supported (coreai-opt keeps palettization state in buffers "
+                "FSDP/DeepSpeed would shard or ignore); train with DDP, see README 'Distributed'")
+        needs = (kind == "ddp" and self.settings.start_step > 0
+                 and not strategies.trains_dense_weight(self.settings.training_strategy))
+        if needs and find_unused is False:
+            raise PalettizeConfigError(
+                "schedule.start_step", "palettized weights stop getting gradients when "
+                f"palettization switches on, which DDP rejects without find_unused_parameters; {fix}")
+        return needs
+
+    # ---------------------------------------------------------------- clustering and state
+
+    @property
+    def clustered(self) -> bool:
+        """True once every palettized weight has centroids (k-means ran or state was loaded)."""
+        tensors = self.tensors()
+        return bool(tensors) and all(t.initialized for t in tensors)
+
+    @property
+    def restored(self) -> bool:
+        """True when the palettized state came from a checkpoint (no k-means ran)."""
+        return self._restored
 
     def cluster(self) -> None:
         """Run k-means for every palettized weight that has no current centroids: once across
         all ranks (``palettize.distributed``), every rank ending with the identical result."""
         self._require_attached()
-        pending = [t for t in self.tensors() if not t.initialized]
-        if pending:
-            self.cluster_stats = distributed.cluster(
-                self.palettizer, pending, self.settings["distributed"])
-            strategies.after_cluster(pending)
+        self._cluster([t for t in self.tensors() if not t.initialized])
         compat.finish_clustering(self.palettizer)
 
-    def ensure_clustered(self, resumed: bool = False) -> None:
+    def _cluster(self, pending: list[compat.PalettizedTensor]) -> None:
+        if pending:
+            self.cluster_stats = distributed.cluster(self.palettizer, pending,
+                                                     self.settings.distributed)
+            for t in pending:
+                strategies.hooks(t).after_cluster(t)
+
+    def ensure_clustered(self, expect_restored: bool = False) -> None:
         """Before training: run k-means unless a checkpoint restored the palettized state.
 
-        A resumed run, or a model holding state for only some weights (a partial checkpoint
-        load such as HF's ``strict=False``), must have everything restored: otherwise this
-        raises, naming the weights, instead of silently re-clustering or re-deriving them.
+        When a restore is expected (``expect_restored``, or ``load_state_dict`` was called),
+        or some weights hold state (a partial load such as HF's ``strict=False``), every
+        palettized weight must have been restored.
+
+        Raises:
+            RuntimeError: naming the weights without restored centroids or indices, instead
+                of silently re-clustering or re-deriving them.
         """
         self._require_attached()
-        restored = [t.initialized and t.has_indices for t in self.tensors()]
-        if resumed or any(restored):
-            if not all(restored):
-                self.verify_restored()
-            return
-        self.cluster()
-
-    def prepare(
-        self,
-        model: nn.Module,
-        example_inputs: Any,
-        state_dict: Mapping[str, torch.Tensor] | None = None,
-    ) -> nn.Module:
-        """Attach, then load ``state_dict`` (skipping k-means) or cluster. Returns ``model``."""
-        self.attach(model, example_inputs)
-        if state_dict is not None:
-            model.load_state_dict(state_dict)
-            self.verify_restored()
-        else:
+        tensors = self.tensors()
+        restored = [t.initialized and t.has_indices for t in tensors]
+        if not (expect_restored or self._restored or any(restored)):
             self.cluster()
-        return model
-
-    def verify_restored(self) -> None:
-        """Raise unless every palettized weight got its centroids and indices from a loaded
-        state (a partial load, e.g. HF's ``strict=False``, must not pass silently)."""
-        missing = [t.name for t in self.tensors() if not (t.initialized and t.has_indices)]
+            return
+        missing = [t.name for t, ok in zip(tensors, restored) if not ok]
         if missing:
             raise RuntimeError(
                 f"the loaded checkpoint has no palettized state (centroids/indices) for "
                 f"{len(missing)} weight(s): {', '.join(missing[:5])}"
                 f"{' ...' if len(missing) > 5 else ''}; it does not come from this config")
-        self.restored = True
+        self._restored = True
+
+    def prepare(self, model: nn.Module, example_inputs: Any,
+                state_dict: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
+        """Attach, then load ``state_dict`` (no k-means) or cluster. Returns ``model``."""
+        self.attach(model, example_inputs)
+        if state_dict is not None:
+            model.load_state_dict(state_dict)
+        self.ensure_clustered(expect_restored=state_dict is not None)
+        return model
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint needs besides the model's own state: the PAT step and config."""
+        return {"version": 1, "step": self.step, "config": config_to_yaml(self.config)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore from ``state_dict()``. The model's tensors come from its own state dict.
+
+        Raises:
+            PalettizeConfigError: the checkpoint was palettized with another config.
+        """
+        saved = state.get("config")
+        if saved is not None and saved != config_to_yaml(self.config):
+            raise PalettizeConfigError("", "the checkpoint was palettized with a different config "
+                                       "than this run's; resume with the same palettize settings")
+        if self.palettizer is not None:
+            compat.set_step(self.palettizer, int(state.get("step", 0)))
+        self._restored = True
 
     def _require_attached(self) -> None:
         if self.palettizer is None:
@@ -372,6 +339,7 @@ class Palettization:
 
     @property
     def step(self) -> int:
+        """The PAT schedule's optimizer step."""
         return compat.get_step(self.palettizer) if self.palettizer is not None else 0
 
     def start_training(self, step: int = 0) -> None:
@@ -383,45 +351,29 @@ class Palettization:
         self._training = self.palettizer.training_mode()
         self._training.__enter__()
 
-    def sync_step(self, step: int) -> None:
-        """Advance the PAT schedule to optimizer step ``step``: call after optimizer steps.
+    def after_optimizer_step(self, step: int) -> None:
+        """Advance the PAT schedule to optimizer step ``step`` and run the strategies' hooks.
 
         When the schedule switches palettization on, coreai-opt would re-cluster inside the next
         forward on every rank; the engine clusters the switched weights here instead, once.
         """
-        if self.palettizer is not None and compat.get_step(self.palettizer) != step:
-            compat.set_step(self.palettizer, step)
-            tensors = self.tensors()
-            switched_on = [t for t in tensors if not t.initialized]
-            if switched_on:
-                self.cluster_stats = distributed.cluster(
-                    self.palettizer, switched_on, self.settings["distributed"])
-                strategies.after_cluster(switched_on)
-            strategies.after_optimizer_step(tensors, step)
+        if self.palettizer is None or compat.get_step(self.palettizer) == step:
+            return
+        compat.set_step(self.palettizer, step)
+        tensors = self.tensors()
+        self._cluster([t for t in tensors if not t.initialized])
+        for t in tensors:
+            strategies.hooks(t).after_optimizer_step(t, step)
+
+    sync_step = after_optimizer_step  # the 0.1 name
 
     def stop_training(self) -> None:
         """Leave training mode (restores the model's train/eval state)."""
         if self._training is not None:
-            strategies.training_finished(self.tensors())
+            for t in self.tensors():
+                strategies.hooks(t).finish(t)
             context, self._training = self._training, None
             context.__exit__(None, None, None)
-
-    # ---------------------------------------------------------------- state
-
-    def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint needs besides the model's own state: the PAT step and config."""
-        return {"version": 1, "step": self.step, "config": config_to_yaml(self.config)}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore from ``state_dict()``. The model's tensors come from its own state dict."""
-        saved = state.get("config")
-        if saved is not None and saved != config_to_yaml(self.config):
-            raise PalettizeConfigError(
-                f"{self.key}: the checkpoint was palettized with a different config than this "
-                "run's; resume with the same palettize settings")
-        if self.palettizer is not None:
-            compat.set_step(self.palettizer, int(state.get("step", 0)))
-        self.restored = True
 
     # ---------------------------------------------------------------- report and export
 
@@ -429,19 +381,22 @@ class Palettization:
         self._require_attached()
         return build_report(self.model, self.skipped)
 
-    def export_state_dict(self) -> dict[str, torch.Tensor]:
-        """The model's state as coreai-opt knows it (without the strategies' extra tensors)."""
-        extra = set(strategies.strategy_state_keys(self.model))
-        return {k: v for k, v in self.model.state_dict().items() if k not in extra}
+    def set_export_inputs(self, example_inputs: Any) -> None:
+        """Trace the export with these inputs (e.g. a real data sample) instead of attach's."""
+        self.example_inputs = _detached_cpu(as_example_inputs(example_inputs))
 
-    def new_model(self) -> nn.Module:
+    def _new_model(self, configure: Callable[[nn.Module], None] | None) -> nn.Module:
         """A new, unprepared instance of the model's architecture (for export)."""
         if self._model_factory is not None:
             with torch.random.fork_rng(devices=[]):
-                return self._model_factory()
-        if self._skeleton is None:
+                model = self._model_factory()
+        elif self._skeleton is not None:
+            model = materialize(self._skeleton)
+        else:
             raise RuntimeError("attach() a model first")
-        return materialize(self._skeleton)
+        if configure is not None:
+            configure(model)
+        return model
 
     def export(
         self,
@@ -457,21 +412,25 @@ class Palettization:
 
         ``configure_model(fresh)`` may adjust the rebuilt export copy (e.g. disable a KV cache);
         ``extra_files(tmp_dir)`` may add files (config, tokenizer) before the rename.
+
+        Raises:
+            ValueError: no ``directory`` and no ``palettize.export.dir``.
+            ExportError: with ``strict``, a format could not be written.
         """
         self._require_attached()
-        export_settings = self.settings["export"]
-        directory = directory or export_settings.get("dir")
+        directory = directory or self.settings.export.dir
         if directory is None:
             raise ValueError("no export directory: pass one or set palettize.export.dir")
+        extra = set(strategies.strategy_state_keys(self.model))
         result = export_palettized(
             self.model,
             config=self.config,
             example_inputs=self.example_inputs,
             directory=directory,
-            factory=self._export_factory(configure_model),
-            formats=formats if formats is not None else export_settings["formats"],
+            factory=lambda: self._new_model(configure_model),
+            formats=formats if formats is not None else self.settings.export.formats,
             report=self.report(),
-            state_dict=self.export_state_dict(),
+            state_dict={k: v for k, v in self.model.state_dict().items() if k not in extra},
             metadata=metadata,
             extra_files=extra_files,
             strict=strict,
@@ -480,27 +439,17 @@ class Palettization:
                  result.directory)
         return result
 
-    def _export_factory(self, configure: Callable[[nn.Module], None] | None):
-        def build() -> nn.Module:
-            model = self.new_model()
-            _disable_kv_cache(model)
-            if configure is not None:
-                configure(model)
-            return model
-
-        return build
-
     def finish_training(self, default_export_dir: str | Path, **export_kwargs: Any
                         ) -> ExportResult | None:
         """End of training: leave training mode, then export on rank 0 (if any format is set)
         to ``palettize.export.dir`` or ``default_export_dir``. Returns the result on rank 0."""
         self.stop_training()
-        if not self.settings["export"]["formats"]:
+        if not self.settings.export.formats:
             return None
-        directory = self.settings["export"].get("dir") or default_export_dir
-        return self.export_on_main(directory, **export_kwargs)
+        return self.export_on_main(self.settings.export.dir or default_export_dir, **export_kwargs)
 
-    def export_on_main(self, directory: str | Path | None = None, **kwargs: Any) -> ExportResult | None:
+    def export_on_main(self, directory: str | Path | None = None, **kwargs: Any
+                       ) -> ExportResult | None:
         """``export`` on global rank 0 only; every rank waits at a barrier afterwards."""
         result = None
         try:

@@ -29,8 +29,10 @@ from coreai_opt import ExportBackend
 from coreai_opt.palettization import KMeansPalettizer, KMeansPalettizerConfig
 
 from ._coreai_compat import fake_palettized_tensors, widen_for_coreai
+from ._modelcopy import max_abs_diff, model_outputs, tensor_leaves, tracing_forward
+from ._utils import dtype_from_name, dtype_name, one_line, unique_by_storage
+from .coreai_config import config_from_yaml_text, config_to_yaml
 from .report import CompressionReport
-from .settings import config_from_yaml_text, config_to_yaml
 
 __all__ = [
     "AIMODEL_NAME",
@@ -41,9 +43,7 @@ __all__ = [
     "atomic_directory",
     "export_palettized",
     "load_palettized",
-    "model_outputs",
     "pack_indices",
-    "quiet_prepare",
     "unpack_indices",
 ]
 
@@ -64,10 +64,44 @@ class ExportError(RuntimeError):
 
 @dataclass
 class ExportResult:
+    """What an export wrote: the formats written (``{format: path}``), the formats that failed
+    (``{format: one-line cause}``), the report, and the export's own checks and sizes."""
+
     directory: Path
     written: dict[str, Path] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
     report: CompressionReport | None = None
+    artifact_bytes: dict[str, int] = field(default_factory=dict)
+    rebuilt_max_abs_diff: float | None = None
+    """Max abs output difference between the trained model and the copy rebuilt for export."""
+    coreai_graph_max_abs_diff: float | None = None
+    """Max abs output difference between that copy and the graph handed to coreai-torch."""
+
+    def extra(self) -> dict[str, Any]:
+        """The export's checks and sizes as flat keys (``report.json``'s ``extra`` section)."""
+        out: dict[str, Any] = {}
+        if self.rebuilt_max_abs_diff is not None:
+            out["rebuilt_model_max_abs_diff"] = self.rebuilt_max_abs_diff
+        if self.coreai_graph_max_abs_diff is not None:
+            out["coreai_graph_max_abs_diff"] = self.coreai_graph_max_abs_diff
+        out.update({f"{fmt}_artifact_bytes": size for fmt, size in self.artifact_bytes.items()})
+        if "coreai" in self.artifact_bytes and self.report is not None:
+            out["coreai_vs_floor"] = round(self.artifact_bytes["coreai"]
+                                           / self.report.palettized_bytes, 4)
+        out.update({f"{fmt}_error": error for fmt, error in self.errors.items()})
+        return out
+
+    def metrics(self, prefix: str = "palettize/") -> dict[str, float]:
+        """The report's metrics plus the export's numeric checks and sizes."""
+        metrics = self.report.metrics(prefix) if self.report is not None else {}
+        metrics.update({f"{prefix}{k}": float(v) for k, v in self.extra().items()
+                        if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        return metrics
+
+    def report_dict(self) -> dict[str, Any]:
+        """``report.json``: the compression report plus ``extra``."""
+        return {**(self.report.to_dict() if self.report is not None else {}),
+                "extra": self.extra()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -104,47 +138,6 @@ def _apply_umask(root: Path) -> None:
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
-@contextlib.contextmanager
-def quiet_prepare(model: nn.Module) -> Iterator[None]:
-    """The tracing forward of ``prepare``: eval mode, no grad, the caller's RNG untouched."""
-    was_training = model.training
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices), torch.no_grad():
-        model.eval()
-        try:
-            yield
-        finally:
-            model.train(was_training)
-
-
-def model_outputs(model: nn.Module, example_inputs: Sequence[Any]) -> list[torch.Tensor]:
-    """Every tensor the model returns for ``example_inputs`` (eval, no grad), on the CPU."""
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    with quiet_prepare(model):
-        out = model(*[_to(x, device) for x in example_inputs])
-    return [t.detach().float().cpu() for t in _tensor_leaves(out)]
-
-
-def _to(x: Any, device: torch.device) -> Any:
-    return x.to(device) if isinstance(x, torch.Tensor) else x
-
-
-def _tensor_leaves(value: Any) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, Mapping):
-        return [t for v in value.values() for t in _tensor_leaves(v)]
-    if isinstance(value, (list, tuple)):
-        return [t for v in value for t in _tensor_leaves(v)]
-    return []
-
-
-def max_abs_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b)):
-        return float("inf")
-    return max((float((x - y).abs().max()) for x, y in zip(a, b) if x.numel()), default=0.0)
-
-
 def pack_indices(indices: torch.Tensor, n_bits: int) -> torch.Tensor:
     """Pack uint8 indices (< 2**n_bits) into an n-bit little-endian bit stream (uint8 bytes)."""
     flat = indices.detach().cpu().reshape(-1).numpy().astype(np.uint8, copy=False)
@@ -172,22 +165,6 @@ def unpack_indices(packed: torch.Tensor, n_bits: int, shape: Sequence[int]) -> t
     return torch.from_numpy(values).reshape(tuple(shape))
 
 
-def _dedupe(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Store tied tensors once: returns (unique tensors, {alias key: stored key})."""
-    unique: dict[str, torch.Tensor] = {}
-    aliases: dict[str, str] = {}
-    by_storage: dict[tuple, str] = {}
-    for key, t in state.items():
-        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape),
-                 tuple(t.stride()), t.dtype)
-        if t.numel() and ident in by_storage:
-            aliases[key] = by_storage[ident]
-            continue
-        by_storage[ident] = key
-        unique[key] = t.detach().cpu().contiguous()
-    return unique, aliases
-
-
 # --------------------------------------------------------------------------------------------
 # Fresh copy, packed artifact, Core AI
 # --------------------------------------------------------------------------------------------
@@ -206,7 +183,7 @@ def rebuild_prepared(
     """
     fresh = factory()
     palettizer = KMeansPalettizer(fresh, config)
-    with quiet_prepare(fresh):
+    with tracing_forward(fresh):
         palettizer.prepare(tuple(example_inputs), state_dict=dict(state_dict))
     fresh.eval()
     return fresh, palettizer
@@ -227,7 +204,8 @@ def write_packed(
         for t in tensors:  # settle stale indices (e.g. after straight-through training)
             t.fake.hard_assign(t.original)
     # Tied tensors (an lm_head sharing the embedding) are stored once, under an alias.
-    state, aliases = _dedupe(model.state_dict())
+    state, aliases = unique_by_storage(model.state_dict())
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     entries: dict[str, Any] = {}
     packed_state: dict[str, torch.Tensor] = {}
     for t in tensors:
@@ -237,7 +215,7 @@ def write_packed(
         entries[t.name] = {
             "prefix": t.state_prefix,
             "shape": list(original.shape),
-            "dtype": str(original.dtype).removeprefix("torch."),
+            "dtype": dtype_name(original.dtype),
             "n_bits": t.fake.n_bits,
             "cluster_dim": t.fake.cluster_dim,
             "indices_shape": list(indices.shape),
@@ -302,11 +280,11 @@ def write_aimodel(
             program = torch.export.export(finalized, tuple(example_inputs))
     except Exception as e:
         raise RuntimeError(f"torch.export could not trace {type(model).__name__}: "
-                           f"{_first_line(e)}") from e
+                           f"{one_line(e)}") from e
     program = program.run_decompositions(coreai_torch.get_decomp_table())
     with torch.no_grad():
         graph_outputs = [t.detach().float().cpu()
-                         for t in _tensor_leaves(program.module()(*example_inputs))]
+                         for t in tensor_leaves(program.module()(*example_inputs))]
     converter = coreai_torch.TorchConverter(mode=coreai_torch.TorchConverter.Mode.RELEASE)
     converter.add_exported_program(program, input_names=_input_names(model, len(example_inputs)))
     converter.to_coreai().save_asset(path)
@@ -321,11 +299,6 @@ def _input_names(model: nn.Module, count: int) -> list[str]:
     except (TypeError, ValueError):
         names = []
     return names if len(names) == count else [f"input_{i}" for i in range(count)]
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
 def export_palettized(
@@ -359,40 +332,31 @@ def export_palettized(
 
     with atomic_directory(directory) as tmp:
         fresh, palettizer = rebuild_prepared(factory, config, example_inputs, state)
-        diff = max_abs_diff(expected, model_outputs(fresh, example_inputs))
-        if report is not None:
-            report.extra["rebuilt_model_max_abs_diff"] = diff
-        if diff > 1e-4:
+        result.rebuilt_max_abs_diff = max_abs_diff(expected, model_outputs(fresh, example_inputs))
+        if result.rebuilt_max_abs_diff > 1e-4:
             log.warning("The model rebuilt for export differs from the trained one by %.3g "
-                        "(max abs output difference)", diff)
+                        "(max abs output difference)", result.rebuilt_max_abs_diff)
         if "torch" in formats:
             try:
                 write_packed(fresh, config, example_inputs, tmp, metadata)
                 result.written["torch"] = tmp / PACKED_NAME
             except Exception as e:
-                result.errors["torch"] = _first_line(e)
+                result.errors["torch"] = one_line(e)
         if extra_files is not None:
             extra_files(tmp)
         if "coreai" in formats:
             try:
-                graph_diff = write_aimodel(fresh, palettizer, example_inputs, tmp / AIMODEL_NAME)
+                result.coreai_graph_max_abs_diff = write_aimodel(
+                    fresh, palettizer, example_inputs, tmp / AIMODEL_NAME)
                 result.written["coreai"] = tmp / AIMODEL_NAME
-                if report is not None:
-                    report.extra["coreai_graph_max_abs_diff"] = graph_diff
             except Exception as e:
                 shutil.rmtree(tmp / AIMODEL_NAME, ignore_errors=True)
-                result.errors["coreai"] = _first_line(e)
+                result.errors["coreai"] = one_line(e)
         del fresh
+        result.artifact_bytes = {fmt: _disk_bytes(path) for fmt, path in result.written.items()}
         if report is not None:
-            for fmt, path in result.written.items():
-                report.extra[f"{fmt}_artifact_bytes"] = _disk_bytes(path)
-            if "coreai" in result.written:
-                report.extra["coreai_vs_floor"] = round(
-                    report.extra["coreai_artifact_bytes"] / report.palettized_bytes, 4)
-            for fmt, error in result.errors.items():
-                report.extra[f"{fmt}_error"] = error
-            (tmp / REPORT_JSON).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-            (tmp / REPORT_MD).write_text(report.to_markdown())
+            (tmp / REPORT_JSON).write_text(json.dumps(result.report_dict(), indent=2) + "\n")
+            (tmp / REPORT_MD).write_text(report.to_markdown(result.extra()))
     result.written = {fmt: directory / p.relative_to(tmp) for fmt, p in result.written.items()}
     for fmt, error in result.errors.items():
         log.error("palettize export: format %r could not be written: %s", fmt, error)
@@ -448,7 +412,7 @@ def load_palettized(
         prefix = entry["prefix"]
         state[f"{prefix}0.indices"] = unpack_indices(
             state[f"{prefix}0.indices"], entry["n_bits"], entry["indices_shape"])
-        state[f"{prefix}original"] = torch.zeros(entry["shape"], dtype=getattr(torch, entry["dtype"]))
+        state[f"{prefix}original"] = torch.zeros(entry["shape"], dtype=dtype_from_name(entry["dtype"]))
     for alias, target in manifest["aliases"].items():
         state[alias] = state[target]
 
@@ -457,7 +421,7 @@ def load_palettized(
     model = model_or_factory if isinstance(model_or_factory, nn.Module) else model_or_factory()
     config = config_from_yaml_text(manifest["palettizer_config"])
     palettizer = KMeansPalettizer(model, config)
-    with quiet_prepare(model):
+    with tracing_forward(model):
         palettizer.prepare(example_inputs, state_dict=state)
         for t in fake_palettized_tensors(model):
             t.original.copy_(t.fake.hard_assign(t.original))

@@ -1,17 +1,25 @@
 """Hugging Face adapter: ``PalettizationTrainerCallback`` maps ``Trainer`` events onto the engine.
 
 Order inside ``Trainer`` (transformers 5.x): ``__init__`` ends with ``on_init_end`` (the model is
-built, not wrapped, no optimizer) -> ``train()``: checkpoint ``load_state_dict(strict=False)`` ->
-optimizer -> wrap (DDP) -> ``on_train_begin``. So the palettized structure is built in
-``on_init_end`` (or ``attach_to_trainer`` for a callback added later); k-means runs in
-``on_train_begin`` only if the checkpoint load did not restore the state, which is verified.
+built, not wrapped, no optimizer; the callback gets ``model`` and ``processing_class`` but not the
+Trainer) -> ``train()``: checkpoint ``load_state_dict(strict=False)`` -> optimizer -> wrap (DDP)
+-> ``on_train_begin`` (with ``train_dataloader``). So:
+
+- ``on_init_end`` checks the parallel setup (``args`` + accelerate's state) and builds the
+  palettized structure from example inputs it can get without data: ``example_inputs=``, else a
+  tokenizer sample, else ``model.dummy_inputs``;
+- ``on_train_begin`` runs k-means unless the checkpoint load restored the state (verified), and
+  takes the export's example inputs from one sample of the train dataloader (no iteration, no RNG);
+- metrics go through ``Trainer.log`` once the callback knows the Trainer:
+  ``attach_to_trainer(trainer)`` (transformers' own ``set_trainer`` pattern); otherwise into
+  ``state.log_history``, with one warning.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import re
-import sys
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -26,8 +34,10 @@ from .export import ExportResult
 from .report import CompressionReport
 from .settings import ConfigSource, PalettizeConfigError
 
-__all__ = ["PalettizationTrainerCallback", "batch_to_example_inputs"]
+__all__ = ["PalettizationTrainerCallback", "batch_to_example_inputs", "disable_kv_cache"]
 
+log = logging.getLogger(__name__)
+_SAMPLE_TEXT = "Palettization keeps every weight as an index into a table."
 
 
 def batch_to_example_inputs(model: nn.Module, batch: Mapping[str, Any]) -> tuple[Any, ...]:
@@ -40,53 +50,57 @@ def batch_to_example_inputs(model: nn.Module, batch: Mapping[str, Any]) -> tuple
     return (torch.as_tensor(batch[name])[:1],)
 
 
-def _calling_trainer() -> Trainer | None:
-    """The ``Trainer`` whose ``__init__`` is running: ``on_init_end`` is not given it."""
-    frame = sys._getframe(1)
-    for _ in range(8):
-        if frame is None:
-            return None
-        candidate = frame.f_locals.get("self")
-        if isinstance(candidate, Trainer):
-            return candidate
-        frame = frame.f_back
-    return None
+def disable_kv_cache(model: nn.Module) -> None:
+    """Turn ``use_cache`` off on every config of ``model`` (sub-models keep their own copies) and
+    on its generation config: torch.export cannot trace the cache objects transformers returns."""
+    for module in model.modules():
+        for config in (getattr(module, "config", None), getattr(module, "generation_config", None)):
+            if getattr(config, "use_cache", None):
+                config.use_cache = False
 
 
-def _check_distributed_setup(trainer: Trainer, engine: Palettization) -> None:
-    """Fail before training for setups that cannot work, with the fix."""
-    if getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False):
-        raise PalettizeConfigError(
-            "palettize: FSDP and DeepSpeed are not supported (coreai-opt keeps palettization "
-            "state in buffers they would shard or ignore); train with DDP (torchrun / accelerate "
-            "multi-process without fsdp/deepspeed), see README 'Distributed'")
-    handler = getattr(trainer.accelerator, "ddp_handler", None)
-    find_unused = getattr(handler, "find_unused_parameters", None)
-    if (engine.needs_unused_parameter_detection and trainer.args.world_size > 1
-            and find_unused is False):
-        raise PalettizeConfigError(
-            "palettize.schedule.start_step: palettized weights stop getting gradients when "
-            "palettization switches on, which DDP rejects without find_unused_parameters; set "
-            "TrainingArguments(ddp_find_unused_parameters=True)")
+def _parallelism(args: TrainingArguments, model: nn.Module | None) -> tuple[str, str, bool | None]:
+    """``(kind, name, find_unused_parameters)`` of the setup, from ``args`` and accelerate."""
+    from accelerate.state import AcceleratorState
+
+    state = AcceleratorState() if AcceleratorState._shared_state else None
+    if args.fsdp or getattr(state, "fsdp_plugin", None) is not None:
+        return "fsdp", "FSDP", None
+    if args.deepspeed or getattr(state, "deepspeed_plugin", None) is not None:
+        return "deepspeed", "DeepSpeed", None
+    if args.world_size <= 1:
+        return "single", "a single process", None
+    find_unused = args.ddp_find_unused_parameters
+    if find_unused is None and (getattr(model, "is_activation_checkpointing", False)
+                                or getattr(args, "activation_checkpointing", False)):
+        find_unused = False  # what Trainer picks in that case
+    return "ddp", "DDP", find_unused
 
 
 class PalettizationTrainerCallback(TrainerCallback):
     """Palettization-aware training for a Hugging Face ``Trainer``, in one callback.
 
-        Trainer(model=model, args=args, train_dataset=ds,
-                callbacks=[PalettizationTrainerCallback("w4", overrides={"linear": "w8"},
-                                                        export_dir="out/")])
+        trainer = Trainer(model=model, args=args, train_dataset=ds,
+                          callbacks=[PalettizationTrainerCallback("w4", overrides={"linear": "w8"},
+                                                                  export_dir="out/")])
+        trainer.train()
 
     Args:
         config / overrides / modules / **fields: as ``Palettization`` (the same ``palettize``
             schema as the Hydra group and recipes).
         export_dir: where the compressed model goes at the end of ``train`` (default:
             ``<output_dir>/palettized``); ``export_formats=()`` disables the export.
-        example_inputs: positional inputs for coreai-opt's tracing forward. Default: one sample
-            of ``example_inputs_fn(collated batch)`` from the train dataset and data collator.
+        example_inputs: positional inputs for coreai-opt's tracing forward (structure and
+            export). Default: a tokenizer sample or ``model.dummy_inputs`` for the structure, one
+            sample of the train dataloader for the export, each through ``example_inputs_fn``.
+        example_inputs_fn: ``fn(model, collated batch) -> inputs``.
         model_factory: builds a new instance of the model for export (default: a zero-memory
             copy taken before prepare).
         extra_export_files: ``fn(tmp_dir)`` adding files to the export directory.
+        strict_export: raise if a format cannot be written (default: log the error).
+
+    Raises:
+        PalettizeConfigError: a bad setting, FSDP/DeepSpeed, or a DDP setup that cannot work.
     """
 
     def __init__(
@@ -114,91 +128,121 @@ class PalettizationTrainerCallback(TrainerCallback):
         self.report: CompressionReport | None = None
         self.export_result: ExportResult | None = None
         self._trainer: weakref.ref | None = None
-
-    # ------------------------------------------------------------------ structure
+        self._warned_no_trainer = False
 
     @property
     def trainer(self) -> Trainer | None:
         return self._trainer() if self._trainer is not None else None
 
+    # ------------------------------------------------------------------ structure
+
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                    model: nn.Module | None = None, **kwargs: Any) -> None:
-        trainer = _calling_trainer()
-        if trainer is not None:
-            self.attach_to_trainer(trainer)
-        elif model is not None and not self.engine.attached:
-            self._attach(model, self._inputs_without_data(model, kwargs.get("processing_class")))
+                    model: nn.Module | None = None, processing_class: Any = None,
+                    **kwargs: Any) -> None:
+        self._check_parallelism(args, model)
+        if model is None or self.engine.attached:
+            return
+        inputs = self._inputs_without_data(model, processing_class)
+        if inputs is None:
+            log.warning("palettize: no example inputs for %s yet (no example_inputs=, tokenizer "
+                        "or dummy_inputs); call callback.attach_to_trainer(trainer) before "
+                        "train() to build the palettized structure from the train dataset",
+                        type(model).__name__)
+            return
+        self._attach(model, inputs)
 
     def attach_to_trainer(self, trainer: Trainer) -> PalettizationTrainerCallback:
-        """Build the palettized structure for ``trainer.model`` now (before ``train()``), taking
-        example inputs from its train dataset and data collator. For a callback that was not
-        passed to ``Trainer(callbacks=...)``: this also registers it."""
+        """Give the callback its Trainer: metrics then go through ``Trainer.log``. Registers the
+        callback if it was not passed to ``Trainer(callbacks=...)``, and builds the palettized
+        structure now (from one train-dataset sample) if ``on_init_end`` could not."""
         self._trainer = weakref.ref(trainer)
         if self not in trainer.callback_handler.callbacks:
             trainer.add_callback(self)
-        _check_distributed_setup(trainer, self.engine)
+        self._check_parallelism(trainer.args, trainer.model)
         if not self.engine.attached:
-            self._attach(trainer.model, self._inputs_from_trainer(trainer))
+            inputs = self._inputs_from_dataset(trainer.model, trainer.train_dataset,
+                                               trainer.data_collator)
+            if inputs is None:
+                inputs = self._inputs_without_data(trainer.model, trainer.processing_class)
+            if inputs is None:
+                raise TypeError("no example inputs: pass example_inputs= to "
+                                "PalettizationTrainerCallback")
+            self._attach(trainer.model, inputs)
         return self
+
+    set_trainer = attach_to_trainer  # the name transformers' own callbacks use
+
+    def _check_parallelism(self, args: TrainingArguments, model: nn.Module | None) -> None:
+        kind, what, find_unused = _parallelism(args, model)
+        self.engine.check_parallelism(kind, what=what, find_unused=find_unused,
+                                      fix="set TrainingArguments(ddp_find_unused_parameters=True)")
 
     def _attach(self, model: nn.Module, example_inputs: Any) -> None:
         self.engine.attach(model, example_inputs)
         if self.engine.tied and hasattr(model, "_tied_weights_keys"):
-            # save_pretrained refuses shared tensors it was not told about: declare the tied
-            # parametrization keys so it stores them once (the engine restores them on load).
-            # Keys are regexes (re.search): one covers every tensor under the alias, those of the
-            # training strategies (trainable LUTs) included.
-            tied = dict(model._tied_weights_keys or {})
-            tied.update({re.escape(alias) + ".+": source for alias, source in self.engine.tied.items()})
-            model._tied_weights_keys = tied
+            _declare_tied(model, self.engine.tied)
 
-    def _inputs_from_trainer(self, trainer: Trainer) -> tuple[Any, ...]:
+    def _inputs_without_data(self, model: nn.Module, tokenizer: Any) -> tuple[Any, ...] | None:
         if self.example_inputs is not None:
             return as_example_inputs(self.example_inputs)
-        dataset = trainer.train_dataset
-        if dataset is None:
-            return self._inputs_without_data(trainer.model, trainer.processing_class)
-        batch = trainer.data_collator([dataset[0]])
-        return as_example_inputs(self.example_inputs_fn(trainer.model, batch))
-
-    def _inputs_without_data(self, model: nn.Module, tokenizer: Any) -> tuple[Any, ...]:
-        if self.example_inputs is not None:
-            return as_example_inputs(self.example_inputs)
-        if tokenizer is not None and callable(tokenizer):
-            batch = tokenizer(["Palettization keeps every weight as an index into a table."],
-                              return_tensors="pt")
-            return as_example_inputs(self.example_inputs_fn(model, batch))
+        main = getattr(model, "main_input_name", "input_ids")
+        if main == "input_ids" and tokenizer is not None and callable(tokenizer):
+            try:
+                batch = tokenizer([_SAMPLE_TEXT], return_tensors="pt")
+            except Exception as e:  # a processor that takes no text
+                log.debug("palettize: no tokenizer sample (%s)", e)
+            else:
+                return as_example_inputs(self.example_inputs_fn(model, batch))
         dummy = getattr(model, "dummy_inputs", None)
-        if isinstance(dummy, Mapping):
+        if isinstance(dummy, Mapping) and main in dummy:
             return as_example_inputs(self.example_inputs_fn(model, dummy))
-        raise TypeError("no example inputs: pass example_inputs= to PalettizationTrainerCallback")
+        return None
+
+    def _inputs_from_dataset(self, model: nn.Module, dataset: Any,
+                             collate: Callable[[list[Any]], Any] | None) -> tuple[Any, ...] | None:
+        """One collated sample (``dataset[0]``: no iteration, so no RNG is drawn)."""
+        if self.example_inputs is not None:
+            return as_example_inputs(self.example_inputs)
+        if dataset is None or collate is None or not hasattr(dataset, "__getitem__"):
+            return None
+        return as_example_inputs(self.example_inputs_fn(model, collate([dataset[0]])))
 
     # ------------------------------------------------------------------ training
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       model: nn.Module | None = None, train_dataloader: Any = None,
                        **kwargs: Any) -> None:
+        if not self.engine.attached:
+            raise PalettizeConfigError(
+                "", "the palettized structure was not built: pass example_inputs= to "
+                "PalettizationTrainerCallback, or call callback.attach_to_trainer(trainer) "
+                "before train()")
         # HF loaded any checkpoint with strict=False just before: verify, don't trust it.
-        self.engine.ensure_clustered(resumed=state.global_step > 0)
+        self.engine.ensure_clustered(expect_restored=state.global_step > 0)
+        sample = self._inputs_from_dataset(self.engine.model, getattr(train_dataloader, "dataset", None),
+                                           getattr(train_dataloader, "collate_fn", None))
+        if sample is not None:
+            self.engine.set_export_inputs(sample)
         self.engine.start_training(step=state.global_step)
         self.report = self.engine.report()
-        self._log(self.report.metrics())
+        self._log(state, self.report.metrics())
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                     **kwargs: Any) -> None:
         # Called once per optimizer step (micro-batches of gradient accumulation are substeps).
-        self.engine.sync_step(state.global_step)
+        self.engine.after_optimizer_step(state.global_step)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                     model: nn.Module | None = None, processing_class: Any = None,
-                     **kwargs: Any) -> None:
+                     processing_class: Any = None, **kwargs: Any) -> None:
         self.export_result = self.engine.finish_training(
             Path(args.output_dir) / "palettized",
             extra_files=lambda tmp: self._write_hf_files(tmp, self.engine.model, processing_class),
+            configure_model=disable_kv_cache,
             strict=self.strict_export,
         )
         if self.export_result is not None:
             self.report = self.export_result.report
-            self._log(self.report.metrics())
+            self._log(state, self.export_result.metrics())
 
     def _write_hf_files(self, directory: Path, model: nn.Module, tokenizer: Any) -> None:
         """config.json (+ generation config, tokenizer): ``load_palettized(dir)`` needs no code."""
@@ -215,9 +259,26 @@ class PalettizationTrainerCallback(TrainerCallback):
         if self.extra_export_files is not None:
             self.extra_export_files(directory)
 
-    def _log(self, metrics: dict[str, float]) -> None:
-        """Through ``Trainer.log``: ``report_to`` backends and ``state.log_history`` get them."""
+    def _log(self, state: TrainerState, metrics: dict[str, float]) -> None:
+        """Through ``Trainer.log`` (every ``report_to`` backend and ``state.log_history``) when
+        the callback knows the Trainer; else into ``state.log_history`` only."""
         trainer = self.trainer
         if trainer is not None and trainer.state is not None:
             trainer.log(dict(metrics))
+            return
+        if not self._warned_no_trainer and state.is_world_process_zero:
+            log.warning("palettize: metrics go to trainer.state.log_history only; call "
+                        "callback.attach_to_trainer(trainer) to send them through Trainer.log "
+                        "(report_to backends)")
+            self._warned_no_trainer = True
+        state.log_history.append({**metrics, "step": state.global_step})
 
+
+def _declare_tied(model: nn.Module, tied: Mapping[str, str]) -> None:
+    """save_pretrained refuses shared tensors it was not told about: declare the tied
+    parametrization keys so it stores them once (the engine restores them on load). The keys are
+    regexes (``re.search``, transformers 5's ``_tied_weights_keys`` format): one covers every
+    tensor under the alias, those of the training strategies (trainable LUTs) included."""
+    keys = dict(model._tied_weights_keys or {})
+    keys.update({re.escape(alias) + ".+": source for alias, source in tied.items()})
+    model._tied_weights_keys = keys

@@ -16,34 +16,48 @@ import lightning.pytorch as pl
 import torch
 import torch.nn as nn
 from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
 
 from .engine import Palettization, as_example_inputs
 from .export import ExportResult
 from .report import CompressionReport
-from .settings import ConfigSource, PalettizeConfigError
+from .settings import ConfigSource
 
 __all__ = ["PalettizationCallback", "default_example_inputs"]
 
 
 def _check_strategy(trainer: pl.Trainer, engine: Palettization) -> None:
-    """Fail before training for strategies that cannot work; configure DDP where needed."""
-    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy
+    """Fail before training for strategies that cannot work; switch DDP to
+    ``find_unused_parameters=True`` where the schedule needs it."""
+    from lightning.pytorch.strategies import (
+        DDPStrategy,
+        DeepSpeedStrategy,
+        FSDPStrategy,
+        ModelParallelStrategy,
+    )
 
     strategy = trainer.strategy
-    if isinstance(strategy, (FSDPStrategy, DeepSpeedStrategy)) or (
-            type(strategy).__name__ == "ModelParallelStrategy"):
-        raise PalettizeConfigError(
-            f"palettize: the {type(strategy).__name__} is not supported (coreai-opt keeps "
-            "palettization state in buffers FSDP/DeepSpeed would shard or ignore); use "
-            "strategy='ddp' (see README, 'Distributed')")
-    if isinstance(strategy, DDPStrategy) and engine.needs_unused_parameter_detection:
-        kwargs = strategy._ddp_kwargs
-        if kwargs.get("find_unused_parameters") is False:
-            raise PalettizeConfigError(
-                "palettize.schedule.start_step: palettized weights stop getting gradients when "
-                "palettization switches on, which DDP rejects with find_unused_parameters=False; "
-                "use strategy='ddp_find_unused_parameters_true'")
-        kwargs["find_unused_parameters"] = True
+    kind = ("fsdp" if isinstance(strategy, FSDPStrategy)
+            else "deepspeed" if isinstance(strategy, DeepSpeedStrategy)
+            else "model_parallel" if isinstance(strategy, ModelParallelStrategy)
+            else "ddp" if isinstance(strategy, DDPStrategy) else "single")
+    ddp_kwargs = _ddp_kwargs(strategy) if kind == "ddp" else {}
+    if engine.check_parallelism(kind, what=f"the {type(strategy).__name__}",
+                                find_unused=ddp_kwargs.get("find_unused_parameters"),
+                                fix="use strategy='ddp_find_unused_parameters_true'"):
+        ddp_kwargs["find_unused_parameters"] = True
+
+
+def _ddp_kwargs(strategy: Any) -> dict[str, Any]:
+    """The keyword arguments DDPStrategy passes to ``DistributedDataParallel`` (Lightning-private,
+    the only way to change them after the strategy was built; tested against lightning 2.x)."""
+    return strategy._ddp_kwargs
+
+
+def _first_training_batch(trainer: pl.Trainer) -> Any:
+    """The first batch of the fit loop's train dataloader (Lightning-private ``_data_source``,
+    the only way to reach it from ``setup``; tested against lightning 2.x)."""
+    return next(iter(trainer.fit_loop._data_source.dataloader()))
 
 
 def default_example_inputs(batch: Any) -> tuple[Any, ...]:
@@ -110,6 +124,7 @@ class PalettizationCallback(Callback):
 
     # ------------------------------------------------------------------ structure
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit" or self.engine.attached:
             return
@@ -124,38 +139,37 @@ class PalettizationCallback(Callback):
             return as_example_inputs(array)
         # Iterating a shuffled loader draws from the global RNG: keep the user's stream intact.
         with torch.random.fork_rng(devices=[]):
-            loader = trainer.fit_loop._data_source.dataloader()
-            batch = next(iter(loader))
+            batch = _first_training_batch(trainer)
         return as_example_inputs(self.example_inputs_fn(batch))
 
-    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                           checkpoint: dict[str, Any]) -> None:
-        # Model weights (with centroids and indices) were restored just before this hook.
-        if self.engine.attached:
-            self.engine.verify_restored()
-
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.engine.ensure_clustered(resumed=self.engine.restored)
+        # A restored checkpoint (model weights, then this callback's state) must hold the state.
+        self.engine.ensure_clustered()
         self.report = self.engine.report()
         self._log(trainer, self.report.metrics())
 
     # ------------------------------------------------------------------ training
 
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.engine.start_training(step=trainer.global_step)
 
+    @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
         # global_step counts optimizer steps, so gradient accumulation is handled.
-        self.engine.sync_step(trainer.global_step)
+        self.engine.after_optimizer_step(trainer.global_step)
 
+    @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.export_result = self.engine.finish_training(
             Path(trainer.default_root_dir) / "palettized", strict=self.strict_export)
         if self.export_result is not None:
             self.report = self.export_result.report
-            self._log(trainer, self.report.metrics())
+            self._log(trainer, self.export_result.metrics())
 
+    @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                      exception: BaseException) -> None:
         self.engine.stop_training()
@@ -167,8 +181,10 @@ class PalettizationCallback(Callback):
 
     # ------------------------------------------------------------------ checkpoint state
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return self.engine.state_dict()
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.engine.load_state_dict(state_dict)

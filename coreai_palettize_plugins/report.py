@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -11,14 +11,13 @@ import torch.nn as nn
 import torch.nn.utils.parametrize as parametrize
 
 from ._coreai_compat import PalettizedTensor, fake_palettized_tensors
+from ._utils import unique_by_storage
+from .settings import MODULE_TYPE_ALIASES, resolve_module_type
 
 __all__ = ["CompressionReport", "DenseLayer", "LayerReport", "build_report", "palettized_bytes"]
 
 # Module types whose weights coreai-opt can palettize; anything else with a weight is expected dense.
-_PALETTIZABLE_TYPES = (
-    nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
-    nn.ConvTranspose3d, nn.Embedding, nn.MultiheadAttention,
-)
+_PALETTIZABLE_TYPES = tuple(resolve_module_type(alias, alias) for alias in MODULE_TYPE_ALIASES)
 
 
 @dataclass
@@ -53,7 +52,6 @@ class CompressionReport:
     dense_bytes: int
     dense_fp16_bytes: int
     palettized_bytes: int
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def compression_ratio(self) -> float:
@@ -65,15 +63,13 @@ class CompressionReport:
         return [d for d in self.dense_layers if d.reason.startswith("skipped")]
 
     def metrics(self, prefix: str = "palettize/") -> dict[str, float]:
-        """Scalars for a trainer's logger (export sizes and checks too, once exported)."""
+        """Scalars for a trainer's logger (``ExportResult.metrics`` adds the export's)."""
         return {
             f"{prefix}bits_per_weight": float(self.bits_per_weight),
             f"{prefix}compression_ratio": float(self.compression_ratio),
             f"{prefix}palettized_layers": float(len(self.layers)),
             f"{prefix}skipped_layers": float(len(self.skipped)),
             f"{prefix}dense_layers": float(len(self.dense_layers)),
-            **{f"{prefix}{k}": float(v) for k, v in self.extra.items()
-               if isinstance(v, (int, float)) and not isinstance(v, bool)},
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -81,7 +77,8 @@ class CompressionReport:
         out["compression_ratio"] = self.compression_ratio
         return out
 
-    def to_markdown(self) -> str:
+    def to_markdown(self, extra: dict[str, Any] | None = None) -> str:
+        """The report as Markdown; ``extra`` adds ``- key: value`` lines (the export's checks)."""
         mib = 1024**2
         lines = [
             "# Palettization report",
@@ -92,7 +89,7 @@ class CompressionReport:
             f"- palettized size (n-bit indices + LUTs + dense rest): "
             f"{self.palettized_bytes / mib:.3f} MiB, ratio {self.compression_ratio:.2f}x",
         ]
-        for key, value in self.extra.items():
+        for key, value in (extra or {}).items():
             lines.append(f"- {key}: {value}")
         lines += [
             "",
@@ -153,19 +150,6 @@ def _sqnr_db(weight: torch.Tensor, palettized: torch.Tensor) -> float:
     return 10 * math.log10(max(signal, 1e-300) / noise)
 
 
-def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Persistent state, each storage once (tied tensors counted once)."""
-    seen: set[tuple] = set()
-    out: dict[str, torch.Tensor] = {}
-    for name, t in model.state_dict(keep_vars=True).items():
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
-        if t.numel() and key in seen:
-            continue
-        seen.add(key)
-        out[name] = t
-    return out
-
-
 @torch.no_grad()
 def build_report(model: nn.Module, skipped: dict[str, str] | None = None) -> CompressionReport:
     """Report on a prepared model. ``skipped``: weights coreai-opt left dense, with the reason."""
@@ -194,7 +178,8 @@ def build_report(model: nn.Module, skipped: dict[str, str] | None = None) -> Com
         ))
 
     rest_bytes = rest_fp16 = 0
-    for name, t in _unique_state(model).items():
+    state, _ = unique_by_storage(model.state_dict(keep_vars=True))
+    for name, t in state.items():
         if name.startswith(palettized_prefixes) or "parametrizations." in name:
             continue
         rest_bytes += t.numel() * t.element_size()

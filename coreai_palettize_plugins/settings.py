@@ -1,6 +1,4 @@
-"""The ``palettize`` config group and its translation to coreai-opt's ``KMeansPalettizerConfig``.
-
-One schema serves the Hydra app, the recipes and the callbacks' arguments:
+"""The ``palettize`` schema: typed, self-validating settings shared by Hydra, recipes and callbacks.
 
 ========================  =====================================================================
 key                       meaning
@@ -22,48 +20,76 @@ key                       meaning
 A spec mapping has the keys ``preset`` (base), ``n_bits``, ``granularity`` (``per_tensor`` or
 ``per_grouped_channel``), ``group_size``, ``axis``, ``cluster_dim``, ``lut_dtype`` and
 ``enable_per_channel_scale``.
+
+Every check lives here and runs when a ``PalettizeSettings`` is built (``__post_init__``); a bad
+value raises ``PalettizeConfigError`` whose one-line message names the dotted key and the valid
+choices. ``coreai_config.py`` translates valid settings into coreai-opt objects.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import enum
 import importlib
-import io
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.nn as nn
-from coreai_opt.palettization import (
-    KMeansPalettizerConfig,
-    ModuleKMeansPalettizerConfig,
-    PalettizationSpec,
-)
-from coreai_opt.palettization.config import OpKMeansPalettizerConfig, PATSchedule
-from coreai_opt.palettization.spec import PerGroupedChannelGranularity, PerTensorGranularity
+from coreai_opt.palettization import KMeansPalettizerConfig
+
+from ._utils import is_int
 
 __all__ = [
+    "DISTRIBUTED_MODES",
+    "EXPORT_FORMATS",
     "INHERIT",
     "MODULE_TYPE_ALIASES",
     "PRESETS",
+    "TRAINING_STRATEGY_KEYS",
+    "VALID_N_BITS",
     "ConfigSource",
     "ExportSettings",
     "PalettizeConfigError",
     "PalettizeSettings",
     "ScheduleSettings",
-    "build_palettizer_config",
+    "check_export_formats",
+    "normalize_spec",
     "register_configs",
+    "resolve_module_type",
     "resolve_settings",
+    "training_name",
 ]
 
 
 class PalettizeConfigError(ValueError):
-    """A bad palettization setting. The message is one line naming the key and the valid choices."""
+    """A bad palettization setting: ``<root>.<key>: <message>``, one line naming the valid choices.
+
+    ``key`` is the dotted path inside the settings (``overrides.linear.n_bits``); ``root`` is how
+    the caller names the settings (``palettize``, or ``recipe.palettize`` in recipes).
+    """
+
+    def __init__(self, key: str, message: str, *, root: str = "palettize") -> None:
+        self.key, self.message, self.root = key, message, root
+        super().__init__(f"{root}.{key}: {message}" if key else f"{root}: {message}")
+
+    def within(self, parent: str) -> PalettizeConfigError:
+        """The same error one level deeper: ``key`` becomes ``<parent>.<key>``."""
+        return PalettizeConfigError(f"{parent}.{self.key}" if self.key else parent, self.message,
+                                    root=self.root)
+
+    def with_root(self, root: str) -> PalettizeConfigError:
+        """The same error under another name for the settings (``recipe.palettize``)."""
+        return PalettizeConfigError(self.key, self.message, root=root)
+
+    def __reduce__(self):
+        return _rebuild_error, (self.key, self.message, self.root)
+
+
+def _rebuild_error(key: str, message: str, root: str) -> PalettizeConfigError:
+    return PalettizeConfigError(key, message, root=root)
 
 
 INHERIT = "inherit"
@@ -82,30 +108,17 @@ MODULE_TYPE_ALIASES: dict[str, str] = {
 }
 """Short names accepted under ``overrides``. Any dotted class path works too."""
 
-# Module types that coreai-opt reaches through ``module_state_spec`` because no supported op
-# consumes their weight (an embedding lookup is not a palettizable op).
-_STATE_SPEC_TYPES: tuple[type, ...] = (nn.Embedding,)
-
 VALID_N_BITS = (1, 2, 3, 4, 6, 8)
 DISTRIBUTED_MODES = ("sharded", "rank0")
 EXPORT_FORMATS = ("coreai", "torch")
-TRAINING_STRATEGIES: dict[str, str] = {"frozen": "default"}
-"""``palettize.training`` name -> coreai-opt ``TrainingStrategySpec`` registry key.
+TRAINING_STRATEGY_KEYS: dict[str, str] = {"frozen": "default", "ste": "ste", "lut": "lut"}
+"""``palettize.training`` name -> coreai-opt ``TrainingStrategySpec`` registry key
+(``strategies.py`` registers ``ste`` and ``lut``)."""
 
-``strategies.py`` adds its own entries when imported."""
-
-_SPEC_KEYS = (
-    "preset",
-    "n_bits",
-    "granularity",
-    "group_size",
-    "axis",
-    "cluster_dim",
-    "lut_dtype",
-    "enable_per_channel_scale",
-)
-_GRANULARITIES = ("per_tensor", "per_grouped_channel")
-_LUT_DTYPES = ("int8", "uint8", "float8_e4m3fn", "float8_e5m2")
+SPEC_KEYS = ("preset", "n_bits", "granularity", "group_size", "axis", "cluster_dim", "lut_dtype",
+             "enable_per_channel_scale")
+GRANULARITIES = ("per_tensor", "per_grouped_channel")
+LUT_DTYPES = ("int8", "uint8", "float8_e4m3fn", "float8_e5m2")
 
 
 def _grouped(n_bits: int) -> dict[str, Any]:
@@ -121,71 +134,20 @@ PRESETS: dict[str, dict[str, Any] | None] = {
     "none": None,
 }
 """Preset name -> spec mapping. ``w4``/``w6``/``w8`` are built with coreai-opt's own presets."""
-_COREAI_PRESETS = ("w4", "w6", "w8")
 
 
-@dataclass
-class ScheduleSettings:
-    """When palettization turns on. ``start_step`` null or 0: palettized from the first step."""
-
-    start_step: int | None = None
-
-
-@dataclass
-class ExportSettings:
-    """What is written at the end of training."""
-
-    formats: list[str] = field(default_factory=lambda: list(EXPORT_FORMATS))
-    dir: str | None = None
-
-
-@dataclass
-class PalettizeSettings:
-    """Typed schema of the Hydra group ``palettize`` (registered as ``palettize/base``)."""
-
-    preset: Any = "w4"
-    overrides: dict[str, Any] = field(
-        default_factory=lambda: dict.fromkeys(MODULE_TYPE_ALIASES, INHERIT)
-    )
-    modules: dict[str, Any] = field(default_factory=dict)
-    config_file: str | None = None
-    schedule: ScheduleSettings = field(default_factory=ScheduleSettings)
-    training: Any = "frozen"
-    num_workers: int = 1
-    distributed: str = "sharded"
-    export: ExportSettings = field(default_factory=ExportSettings)
-
-
-ConfigSource = PalettizeSettings | Mapping[str, Any] | str | os.PathLike | KMeansPalettizerConfig
-"""Anything ``build_palettizer_config`` accepts."""
-
-
-def register_configs() -> None:
-    """Register the ``palettize`` schema as ``palettize/base`` in Hydra's ConfigStore.
-
-    The YAML options of the group (``conf/palettize/w4.yaml`` ...) extend it with
-    ``defaults: [base]``, which makes them typed: ``--cfg job`` lists every overridable module
-    type, and ``palettize.overrides.linear=w8`` needs no ``+``. Importing the package calls this.
-    """
-    from hydra.core.config_store import ConfigStore
-
-    ConfigStore.instance().store(group="palettize", name="base", node=PalettizeSettings)
-
-
-# --------------------------------------------------------------------------------------------
-# Normalisation: every accepted input becomes one validated plain dict.
-# --------------------------------------------------------------------------------------------
+def _choices(values: Iterable[Any]) -> str:
+    return ", ".join(str(v) for v in values)
 
 
 def _to_plain(source: Any) -> Any:
     """DictConfig / dataclass / mapping -> plain python containers, interpolations resolved."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
+    from omegaconf import DictConfig, ListConfig, OmegaConf
 
-        if isinstance(source, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(source, resolve=True)
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        pass
+    if isinstance(source, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(source, resolve=True)
+    if isinstance(source, PalettizeSettings):
+        return source.to_dict()
     if dataclasses.is_dataclass(source) and not isinstance(source, type):
         return dataclasses.asdict(source)
     if isinstance(source, Mapping):
@@ -195,143 +157,99 @@ def _to_plain(source: Any) -> Any:
     return source
 
 
-def _fail(key: str, message: str) -> PalettizeConfigError:
-    return PalettizeConfigError(f"{key}: {message}")
-
-
-def _choices(values: Iterable[Any]) -> str:
-    return ", ".join(str(v) for v in values)
-
-
-def resolve_settings(
-    source: ConfigSource | None = "w4",
-    *,
-    overrides: Mapping[str, Any] | None = None,
-    modules: Mapping[str, Any] | None = None,
-    key: str = "palettize",
-    **fields: Any,
-) -> dict[str, Any]:
-    """Normalise any accepted input (plus keyword overrides) to a validated settings dict.
-
-    ``source`` may be a ``PalettizeSettings``, a ``DictConfig``/mapping, a preset name, a path to a
-    coreai-opt YAML file, or a ``KMeansPalettizerConfig`` (kept under ``"_config"``).
-    """
-    defaults = _to_plain(PalettizeSettings())
-    settings: dict[str, Any] = dict(defaults)
-    if source is None:
-        pass
-    elif isinstance(source, KMeansPalettizerConfig):
-        settings["_config"] = source
-        settings["preset"] = None
-    elif isinstance(source, (str, os.PathLike)):
-        text = os.fspath(source)
-        if text in PRESETS:
-            settings["preset"] = text
-        elif text.endswith((".yaml", ".yml")) or os.sep in text:
-            settings["config_file"] = text
-            settings["preset"] = None
-        else:
-            raise _fail(f"{key}", f"unknown preset {text!r}; valid: {_choices(PRESETS)}, "
-                        "or a path to a coreai-opt YAML file")
-    else:
-        plain = _to_plain(source)
-        if not isinstance(plain, Mapping):
-            raise _fail(key, f"expected a preset name, a mapping or a KMeansPalettizerConfig, "
-                        f"got {type(source).__name__}")
-        unknown = sorted(set(plain) - set(defaults))
-        if unknown:
-            hint = (" (a spec mapping goes under preset: {preset: {n_bits: ..., ...}})"
-                    if unknown[0] in _SPEC_KEYS else "")
-            raise _fail(f"{key}.{unknown[0]}", f"unknown key; valid: {_choices(defaults)}{hint}")
-        for name, value in plain.items():
-            if name in ("overrides", "schedule", "export") and value is not None:
-                merged = dict(settings[name])
-                merged.update(value)
-                settings[name] = merged
-            else:
-                settings[name] = value
-        if plain.get("config_file") and "preset" not in plain:
-            settings["preset"] = None
-    if overrides:
-        settings["overrides"] = {**settings["overrides"], **_to_plain(overrides)}
-    if modules:
-        settings["modules"] = {**(settings["modules"] or {}), **_to_plain(modules)}
-    for name, value in fields.items():
-        if name not in defaults:
-            raise _fail(f"{key}.{name}", f"unknown key; valid: {_choices(defaults)}")
-        if name in ("schedule", "export") and isinstance(value, Mapping):
-            settings[name] = {**settings[name], **_to_plain(value)}
-        else:
-            settings[name] = _to_plain(value)
-    _validate_settings(settings, key)
-    return settings
-
-
-def _validate_settings(s: dict[str, Any], key: str) -> None:
-    if s["preset"] is not None:
-        _validate_value(s["preset"], f"{key}.preset", allow_inherit=False)
-    for type_key, value in (s["overrides"] or {}).items():
-        _resolve_module_type(type_key, f"{key}.overrides.{type_key}")
-        _validate_value(value, f"{key}.overrides.{type_key}", allow_inherit=True)
-    for pattern, value in (s["modules"] or {}).items():
-        try:
-            re.compile(pattern)
-        except re.error as e:
-            raise _fail(f"{key}.modules.{pattern}", f"invalid regular expression ({e})") from None
-        _validate_value(value, f"{key}.modules.{pattern}", allow_inherit=False)
-    if s["config_file"] is not None and not Path(s["config_file"]).is_file():
-        raise _fail(f"{key}.config_file", f"no such file: {s['config_file']}")
-    start = (s["schedule"] or {}).get("start_step")
-    if start is not None and (not isinstance(start, int) or isinstance(start, bool) or start < 0):
-        raise _fail(f"{key}.schedule.start_step", f"must be a non-negative integer, got {start!r}")
-    unknown = sorted(set(s["schedule"] or {}) - {"start_step"})
+def _build(cls: type, value: Any, key: str) -> Any:
+    """A nested section (``schedule``, ``export``) from its dataclass or a mapping."""
+    if isinstance(value, cls):
+        return value
+    plain = _to_plain(value) if value is not None else {}
+    if not isinstance(plain, Mapping):
+        raise PalettizeConfigError(key, f"must be a mapping, got {value!r}")
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(plain) - set(names))
     if unknown:
-        raise _fail(f"{key}.schedule.{unknown[0]}", "unknown key; valid: start_step")
-    _training_spec(s.get("training", "frozen"), f"{key}.training")
-    workers = s["num_workers"]
-    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
-        raise _fail(f"{key}.num_workers", f"must be an integer >= 1, got {workers!r}")
-    if s["distributed"] not in DISTRIBUTED_MODES:
-        raise _fail(f"{key}.distributed",
-                    f"unknown mode {s['distributed']!r}; valid: {_choices(DISTRIBUTED_MODES)}")
-    export = s["export"] or {}
-    unknown = sorted(set(export) - {"formats", "dir"})
+        raise PalettizeConfigError(f"{key}.{unknown[0]}", f"unknown key; valid: {_choices(names)}")
+    try:
+        return cls(**plain)
+    except PalettizeConfigError as e:
+        raise e.within(key) from None
+
+
+# --------------------------------------------------------------------------------------------
+# Value checks (pure: no coreai-opt object is built here)
+# --------------------------------------------------------------------------------------------
+
+
+def normalize_spec(mapping: Mapping[str, Any], key: str) -> dict[str, Any]:
+    """Check a spec mapping and return it complete: ``n_bits``, ``granularity``, ``group_size``
+    and ``axis`` (grouped only), ``cluster_dim``, ``lut_dtype``, ``enable_per_channel_scale``."""
+    unknown = sorted(set(mapping) - set(SPEC_KEYS))
     if unknown:
-        raise _fail(f"{key}.export.{unknown[0]}", "unknown key; valid: formats, dir")
-    formats = export.get("formats") or []
-    if isinstance(formats, str):
-        formats = [formats]
-        export["formats"] = formats
-    for fmt in formats:
-        if fmt not in EXPORT_FORMATS:
-            raise _fail(f"{key}.export.formats",
-                        f"unknown format {fmt!r}; valid: {_choices(EXPORT_FORMATS)}")
-    has_global = s["preset"] not in (None, "none") or s["config_file"] or "_config" in s
-    has_any = has_global or any(
-        v not in (INHERIT, None, "none")
-        for v in [*(s["overrides"] or {}).values(), *(s["modules"] or {}).values()]
-    )
-    if not has_any:
-        raise _fail(f"{key}.preset", "preset 'none' with no overrides or modules palettizes "
-                    f"nothing; choose a preset ({_choices(p for p in PRESETS if p != 'none')}) "
-                    "or add palettize.overrides.<type>=<preset>")
+        raise PalettizeConfigError(f"{key}.{unknown[0]}", f"unknown key; valid: {_choices(SPEC_KEYS)}")
+    base: dict[str, Any] = {}
+    if "preset" in mapping:
+        preset = mapping["preset"]
+        if preset not in PRESETS or PRESETS[preset] is None:
+            valid = [p for p, v in PRESETS.items() if v is not None]
+            raise PalettizeConfigError(f"{key}.preset",
+                                       f"unknown preset {preset!r}; valid: {_choices(valid)}")
+        base = dict(PRESETS[preset])
+    own = {k: v for k, v in mapping.items() if k != "preset"}
+    if "group_size" in own and "granularity" not in own:
+        own["granularity"] = "per_grouped_channel"
+    if own.get("granularity") == "per_tensor":
+        base.pop("group_size", None)
+        base.pop("axis", None)
+    spec = {**base, **own}
+
+    n_bits = spec.get("n_bits", 4)
+    if not is_int(n_bits) or n_bits not in VALID_N_BITS:
+        raise PalettizeConfigError(f"{key}.n_bits",
+                                   f"{n_bits!r} is not supported; valid: {_choices(VALID_N_BITS)}")
+    granularity = spec.get("granularity", "per_tensor")
+    if granularity not in GRANULARITIES:
+        raise PalettizeConfigError(f"{key}.granularity", f"unknown granularity {granularity!r}; "
+                                   f"valid: {_choices(GRANULARITIES)}")
+    out: dict[str, Any] = {"n_bits": n_bits, "granularity": granularity}
+    if granularity == "per_grouped_channel":
+        group_size, axis = spec.get("group_size", 16), spec.get("axis", 0)
+        if not is_int(group_size) or group_size <= 0:
+            raise PalettizeConfigError(f"{key}.group_size",
+                                       f"must be a positive integer, got {group_size!r}")
+        if axis not in (0, 1) or not is_int(axis):
+            raise PalettizeConfigError(f"{key}.axis", f"must be 0 or 1, got {axis!r}")
+        out.update(group_size=group_size, axis=axis)
+    elif "group_size" in own:
+        raise PalettizeConfigError(f"{key}.group_size",
+                                   "is only valid with granularity per_grouped_channel")
+    cluster_dim = spec.get("cluster_dim", 1)
+    if not is_int(cluster_dim) or cluster_dim < 1:
+        raise PalettizeConfigError(f"{key}.cluster_dim",
+                                   f"must be a positive integer, got {cluster_dim!r}")
+    lut_dtype = spec.get("lut_dtype")
+    if lut_dtype is not None and lut_dtype not in LUT_DTYPES:
+        raise PalettizeConfigError(f"{key}.lut_dtype",
+                                   f"unknown dtype {lut_dtype!r}; valid: {_choices(LUT_DTYPES)}")
+    out.update(cluster_dim=cluster_dim, lut_dtype=lut_dtype,
+               enable_per_channel_scale=bool(spec.get("enable_per_channel_scale", False)))
+    return out
 
 
-def _validate_value(value: Any, key: str, *, allow_inherit: bool) -> None:
+def _check_value(value: Any, key: str, *, allow_inherit: bool) -> None:
+    """A preset name, ``null``, a spec mapping (or ``inherit`` under ``overrides``)."""
     if value is None:
         return
     if isinstance(value, str):
         valid = [*PRESETS, *([INHERIT] if allow_inherit else [])]
         if value not in valid:
-            raise _fail(key, f"unknown preset {value!r}; valid: {_choices(valid)}, null "
-                        "or a spec mapping")
+            raise PalettizeConfigError(key, f"unknown preset {value!r}; valid: {_choices(valid)}, "
+                                       "null or a spec mapping")
         return
     if not isinstance(value, Mapping):
-        raise _fail(key, f"expected a preset name, null or a spec mapping, got {value!r}")
-    _spec_from_mapping(value, key)
+        raise PalettizeConfigError(key, f"expected a preset name, null or a spec mapping, got {value!r}")
+    normalize_spec(value, key)
 
 
-def _resolve_module_type(type_key: str, key: str) -> type[nn.Module]:
+def resolve_module_type(type_key: str, key: str) -> type[nn.Module]:
     """Alias or dotted class path -> the module class (coreai-opt derives its FQN key).
 
     A class, not a string: coreai-opt 0.4 silently never matches a type key that is not the
@@ -340,8 +258,8 @@ def _resolve_module_type(type_key: str, key: str) -> type[nn.Module]:
     """
     path = MODULE_TYPE_ALIASES.get(type_key)
     if path is None and "." not in type_key:
-        raise _fail(key, f"unknown module type alias {type_key!r}; valid: "
-                    f"{_choices(MODULE_TYPE_ALIASES)}, or a dotted class path")
+        raise PalettizeConfigError(key, f"unknown module type alias {type_key!r}; valid: "
+                                   f"{_choices(MODULE_TYPE_ALIASES)}, or a dotted class path")
     module_name, _, cls_name = (path or type_key).rpartition(".")
     try:
         cls = getattr(importlib.import_module(module_name), cls_name)
@@ -349,243 +267,276 @@ def _resolve_module_type(type_key: str, key: str) -> type[nn.Module]:
         cls = None
     if isinstance(cls, type) and issubclass(cls, nn.Module):
         return cls
-    raise _fail(key, f"{type_key!r} is not an importable torch.nn.Module class")
-
-
-# --------------------------------------------------------------------------------------------
-# Translation to coreai-opt objects.
-# --------------------------------------------------------------------------------------------
-
-
-def _spec_from_mapping(mapping: Mapping[str, Any], key: str) -> PalettizationSpec:
-    unknown = sorted(set(mapping) - set(_SPEC_KEYS))
-    if unknown:
-        raise _fail(f"{key}.{unknown[0]}", f"unknown key; valid: {_choices(_SPEC_KEYS)}")
-    base: dict[str, Any] = {}
-    if "preset" in mapping:
-        preset = mapping["preset"]
-        if preset not in PRESETS or PRESETS[preset] is None:
-            valid = [p for p, v in PRESETS.items() if v is not None]
-            raise _fail(f"{key}.preset", f"unknown preset {preset!r}; valid: {_choices(valid)}")
-        base = dict(PRESETS[preset])
-    fields_ = {k: v for k, v in mapping.items() if k != "preset"}
-    if "group_size" in fields_ and "granularity" not in fields_:
-        fields_["granularity"] = "per_grouped_channel"
-    if fields_.get("granularity") == "per_tensor":
-        base.pop("group_size", None)
-        base.pop("axis", None)
-    spec = {**base, **fields_}
-
-    n_bits = spec.get("n_bits", 4)
-    if n_bits not in VALID_N_BITS or isinstance(n_bits, bool):
-        raise _fail(f"{key}.n_bits", f"{n_bits!r} is not supported; valid: {_choices(VALID_N_BITS)}")
-    granularity_name = spec.get("granularity", "per_tensor")
-    if granularity_name not in _GRANULARITIES:
-        raise _fail(f"{key}.granularity",
-                    f"unknown granularity {granularity_name!r}; valid: {_choices(_GRANULARITIES)}")
-    if granularity_name == "per_grouped_channel":
-        group_size = spec.get("group_size", 16)
-        if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size <= 0:
-            raise _fail(f"{key}.group_size", f"must be a positive integer, got {group_size!r}")
-        axis = spec.get("axis", 0)
-        if axis not in (0, 1):
-            raise _fail(f"{key}.axis", f"must be 0 or 1, got {axis!r}")
-        granularity = PerGroupedChannelGranularity(axis=axis, group_size=group_size)
-    else:
-        if "group_size" in fields_:
-            raise _fail(f"{key}.group_size", "is only valid with granularity per_grouped_channel")
-        granularity = PerTensorGranularity()
-    cluster_dim = spec.get("cluster_dim", 1)
-    if not isinstance(cluster_dim, int) or isinstance(cluster_dim, bool) or cluster_dim < 1:
-        raise _fail(f"{key}.cluster_dim", f"must be a positive integer, got {cluster_dim!r}")
-    lut_qspec = None
-    if spec.get("lut_dtype") is not None:
-        lut_dtype = spec["lut_dtype"]
-        if lut_dtype not in _LUT_DTYPES:
-            raise _fail(f"{key}.lut_dtype",
-                        f"unknown dtype {lut_dtype!r}; valid: {_choices(_LUT_DTYPES)}")
-        from coreai_opt.quantization import QuantizationSpec
-
-        lut_qspec = QuantizationSpec(dtype=getattr(torch, lut_dtype), qscheme="symmetric")
-    return PalettizationSpec(
-        n_bits=n_bits,
-        granularity=granularity,
-        cluster_dim=cluster_dim,
-        lut_qspec=lut_qspec,
-        enable_per_channel_scale=bool(spec.get("enable_per_channel_scale", False)),
-    )
-
-
-def _module_config(value: Any, key: str, module_type: type | None = None):
-    """A preset name / null / spec mapping -> ModuleKMeansPalettizerConfig (or None = dense)."""
-    if value is None or value == "none":
-        return None
-    if module_type is not None and issubclass(module_type, _STATE_SPEC_TYPES):
-        # Embedding lookups are not palettizable ops: coreai-opt needs module_state_spec.
-        spec = _spec_from_mapping(PRESETS[value] if isinstance(value, str) else value, key)
-        return ModuleKMeansPalettizerConfig(
-            op_input_spec=None, op_output_spec=None, op_state_spec=None,
-            module_state_spec={"weight": spec}, enable_fast_kmeans_mode=spec.cluster_dim == 1,
-        )
-    if isinstance(value, str) and value in _COREAI_PRESETS:
-        return getattr(ModuleKMeansPalettizerConfig.presets, value)()
-    spec = _spec_from_mapping(PRESETS[value] if isinstance(value, str) else value, key)
-    return ModuleKMeansPalettizerConfig(
-        op_input_spec=None,
-        op_output_spec=None,
-        op_state_spec=dict.fromkeys(OpKMeansPalettizerConfig.get_default_state_spec(), spec),
-        # coreai-opt's fast (fp16-rounded) k-means is scalar-only.
-        enable_fast_kmeans_mode=spec.cluster_dim == 1,
-    )
-
-
-def _global_config(settings: dict[str, Any], key: str) -> KMeansPalettizerConfig:
-    if "_config" in settings:
-        return settings["_config"].model_copy(deep=True)
-    if settings.get("config_file"):
-        # A coreai-opt YAML file is the whole base config: ``preset`` does not apply.
-        return KMeansPalettizerConfig.from_yaml(settings["config_file"])
-    preset = settings["preset"]
-    if isinstance(preset, str) and preset in _COREAI_PRESETS:
-        return getattr(KMeansPalettizerConfig.presets, preset)()
-    # coreai-opt inserts a default 4-bit global config when none is given: pass None explicitly.
-    return KMeansPalettizerConfig(global_config=_module_config(preset, f"{key}.preset"))
-
-
-def build_palettizer_config(
-    source: ConfigSource | None = "w4",
-    *,
-    overrides: Mapping[str, Any] | None = None,
-    modules: Mapping[str, Any] | None = None,
-    key: str = "palettize",
-    **fields: Any,
-) -> KMeansPalettizerConfig:
-    """Translate palettize settings (or a preset name, a coreai-opt YAML path, a ready config)
-    into a ``KMeansPalettizerConfig``.
-
-    ``build_palettizer_config("w4", overrides={"linear": "w8"})`` equals
-    ``KMeansPalettizerConfig.presets.w4().set_module_type(nn.Linear,
-    ModuleKMeansPalettizerConfig.presets.w8())``. A ``KMeansPalettizerConfig`` with no other
-    arguments is returned unchanged.
-    """
-    if isinstance(source, KMeansPalettizerConfig) and not (overrides or modules or fields):
-        return source
-    settings = resolve_settings(source, overrides=overrides, modules=modules, key=key, **fields)
-    return config_from_settings(settings, key=key)
-
-
-def config_from_settings(settings: dict[str, Any], *, key: str = "palettize"):
-    """A validated settings dict (see ``resolve_settings``) -> ``KMeansPalettizerConfig``."""
-    config = _global_config(settings, key)
-    for type_key, value in (settings["overrides"] or {}).items():
-        if value == INHERIT:
-            continue
-        module_type = _resolve_module_type(type_key, f"{key}.overrides.{type_key}")
-        config.set_module_type(module_type, _module_config(
-            value, f"{key}.overrides.{type_key}", module_type))
-    for pattern, value in (settings["modules"] or {}).items():
-        config.set_module_name(pattern, _module_config(value, f"{key}.modules.{pattern}"))
-    return _apply_training_and_schedule(config, settings)
-
-
-def _module_configs(config: KMeansPalettizerConfig) -> Iterable[tuple[Callable, Any]]:
-    """(setter, module config) for every enabled module config in ``config``."""
-    if config.global_config is not None:
-        yield (lambda c: setattr(config, "global_config", c)), config.global_config
-    for name, cfg in list(config.module_type_configs.items()):
-        if cfg is not None:
-            yield (lambda c, n=name: config.module_type_configs.__setitem__(n, c)), cfg
-    for name, cfg in list(config.module_name_configs.items()):
-        if cfg is not None:
-            yield (lambda c, n=name: config.module_name_configs.__setitem__(n, c)), cfg
-
-
-def _apply_training_and_schedule(config: KMeansPalettizerConfig, settings: dict[str, Any]):
-    start = (settings.get("schedule") or {}).get("start_step")
-    strategy_spec = _training_spec(settings.get("training", "frozen"), "palettize.training")
-    if not start and strategy_spec is None:
-        return config
-    for setter, module_cfg in _module_configs(config):
-        update: dict[str, Any] = {}
-        if start:
-            update["pat_schedule"] = PATSchedule(enable_fake_palettize=start)
-        if strategy_spec is not None:
-            for spec_field in ("op_state_spec", "module_state_spec"):
-                specs = getattr(module_cfg, spec_field)
-                update[spec_field] = {
-                    name: (spec.model_copy(update={"training_strategy_spec": strategy_spec})
-                           if spec is not None else None)
-                    for name, spec in specs.items()
-                }
-        setter(module_cfg.model_copy(update=update))
-    return config
+    raise PalettizeConfigError(key, f"{type_key!r} is not an importable torch.nn.Module class")
 
 
 def training_name(value: Any) -> str:
     """``palettize.training`` (a name or ``{type: name, ...options}``) -> the strategy name."""
-    return value.get("type", "") if isinstance(value, Mapping) else str(value)
+    return str(value.get("type", "")) if isinstance(value, Mapping) else str(value)
 
 
-def _training_spec(value: Any, key: str):
-    """``palettize.training`` -> a coreai-opt ``TrainingStrategySpec`` (None for ``frozen``)."""
-    from coreai_opt.palettization.spec import TrainingStrategySpec
+def training_options(value: Any) -> dict[str, Any]:
+    """The options of ``palettize.training`` (``{}`` for a bare name)."""
+    return {k: v for k, v in value.items() if k != "type"} if isinstance(value, Mapping) else {}
 
-    name = training_name(value)
-    if name not in TRAINING_STRATEGIES:
-        raise _fail(key, f"unknown strategy {name!r}; valid: {_choices(TRAINING_STRATEGIES)}")
-    if name == "frozen":
-        if isinstance(value, Mapping) and len(value) > 1:
-            raise _fail(key, "'frozen' takes no options")
-        return None
-    options = {k: v for k, v in value.items() if k != "type"} if isinstance(value, Mapping) else {}
-    spec_cls = TrainingStrategySpec.REGISTRY[TRAINING_STRATEGIES[name]]
-    unknown = sorted(set(options) - set(spec_cls.model_fields))
+
+def _check_training(value: Any) -> None:
+    from pydantic import ValidationError
+
+    from . import strategies  # registers the coreai-opt specs of ste/lut
+
+    name, options = training_name(value), training_options(value)
+    if name not in TRAINING_STRATEGY_KEYS:
+        raise PalettizeConfigError("training", f"unknown strategy {name!r}; "
+                                   f"valid: {_choices(TRAINING_STRATEGY_KEYS)}")
+    spec_cls = strategies.spec_class(name)
+    if spec_cls is None and options:
+        raise PalettizeConfigError("training", f"{name!r} takes no options")
+    fields = [] if spec_cls is None else [f for f in spec_cls.model_fields if f != "type"]
+    unknown = sorted(set(options) - set(fields))
     if unknown:
-        raise _fail(f"{key}.{unknown[0]}",
-                    f"unknown option; valid: {_choices(spec_cls.model_fields) or 'none'}")
-    try:
-        return spec_cls(**options)
-    except ValueError as e:
-        errors = getattr(e, "errors", lambda: [])()
-        if errors:
-            where = ".".join(str(p) for p in errors[0].get("loc", ()))
-            raise _fail(f"{key}.{where}" if where else key, errors[0]["msg"]) from None
-        raise _fail(key, str(e)) from None
+        raise PalettizeConfigError(f"training.{unknown[0]}",
+                                   f"unknown option; valid: {_choices(fields) or 'none'}")
+    if spec_cls is not None:
+        try:
+            spec_cls(**options)
+        except ValidationError as e:
+            error = e.errors()[0]
+            where = ".".join(str(p) for p in error.get("loc", ()))
+            raise PalettizeConfigError(f"training.{where}" if where else "training",
+                                       error["msg"]) from None
 
 
-def config_to_yaml(config: KMeansPalettizerConfig) -> str:
-    """Dump a config in coreai-opt's YAML format (``from_yaml`` reads it back)."""
-    import yaml
+def check_export_formats(formats: Any, key: str) -> list[str]:
+    """``formats`` as a list (a single name or null accepted), each one of ``EXPORT_FORMATS``."""
+    formats = [] if formats is None else [formats] if isinstance(formats, str) else formats
+    if not isinstance(formats, (list, tuple)):
+        raise PalettizeConfigError(key, f"must be a list, got {formats!r}")
+    for fmt in formats:
+        if fmt not in EXPORT_FORMATS:
+            raise PalettizeConfigError(key,
+                                       f"unknown format {fmt!r}; valid: {_choices(EXPORT_FORMATS)}")
+    return list(formats)
 
-    return yaml.safe_dump(_jsonable(config.to_dict()), sort_keys=False)
+
+# --------------------------------------------------------------------------------------------
+# The schema
+# --------------------------------------------------------------------------------------------
 
 
-def config_from_yaml_text(text: str) -> KMeansPalettizerConfig:
-    """Inverse of ``config_to_yaml`` (``from_yaml`` treats a str as a path: use a stream)."""
-    return KMeansPalettizerConfig.from_yaml(io.StringIO(text))
+@dataclass
+class ScheduleSettings:
+    """When palettization turns on. ``start_step`` null or 0: palettized from the first step."""
+
+    start_step: int | None = None
+
+    def __post_init__(self) -> None:
+        start = self.start_step
+        if start is not None and (not is_int(start) or start < 0):
+            raise PalettizeConfigError("start_step", f"must be a non-negative integer, got {start!r}")
 
 
-def _jsonable(value: Any) -> Any:
+@dataclass
+class ExportSettings:
+    """What is written at the end of training."""
+
+    formats: list[str] = field(default_factory=lambda: list(EXPORT_FORMATS))
+    dir: str | None = None
+
+    def __post_init__(self) -> None:
+        self.formats = check_export_formats(self.formats, "formats")
+        if self.dir is not None:
+            self.dir = os.fspath(self.dir)
+
+
+def _default_overrides() -> dict[str, Any]:
+    return dict.fromkeys(MODULE_TYPE_ALIASES, INHERIT)
+
+
+@dataclass
+class PalettizeSettings:
+    """Typed schema of the ``palettize`` group (Hydra ``palettize/base``); validates itself.
+
+    ``base_config`` (not a Hydra key) holds a ready ``KMeansPalettizerConfig`` given instead of a
+    preset; overrides and modules then apply on top of a copy of it.
+
+    Raises:
+        PalettizeConfigError: for any bad value, naming its dotted key and the valid choices.
+    """
+
+    preset: Any = "w4"
+    overrides: dict[str, Any] = field(default_factory=_default_overrides)
+    modules: dict[str, Any] = field(default_factory=dict)
+    config_file: str | None = None
+    schedule: ScheduleSettings = field(default_factory=ScheduleSettings)
+    training: Any = "frozen"
+    num_workers: int = 1
+    distributed: str = "sharded"
+    export: ExportSettings = field(default_factory=ExportSettings)
+    base_config: KMeansPalettizerConfig | None = field(
+        default=None, repr=False, compare=False, metadata={"omegaconf_ignore": True})
+
+    def __post_init__(self) -> None:
+        self.overrides = dict(_to_plain(self.overrides) or {})
+        self.modules = dict(_to_plain(self.modules) or {})
+        self.training = _to_plain(self.training)
+        self.preset = _to_plain(self.preset)
+        self.schedule = _build(ScheduleSettings, self.schedule, "schedule")
+        self.export = _build(ExportSettings, self.export, "export")
+        if self.preset is not None:
+            _check_value(self.preset, "preset", allow_inherit=False)
+        for type_key, value in self.overrides.items():
+            resolve_module_type(type_key, f"overrides.{type_key}")
+            _check_value(value, f"overrides.{type_key}", allow_inherit=True)
+        for pattern, value in self.modules.items():
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise PalettizeConfigError(f"modules.{pattern}",
+                                           f"invalid regular expression ({e})") from None
+            _check_value(value, f"modules.{pattern}", allow_inherit=False)
+        if self.config_file is not None:
+            self.config_file = os.fspath(self.config_file)
+            if not Path(self.config_file).is_file():
+                raise PalettizeConfigError("config_file", f"no such file: {self.config_file}")
+        _check_training(self.training)
+        if not is_int(self.num_workers) or self.num_workers < 1:
+            raise PalettizeConfigError("num_workers",
+                                       f"must be an integer >= 1, got {self.num_workers!r}")
+        if self.distributed not in DISTRIBUTED_MODES:
+            raise PalettizeConfigError("distributed", f"unknown mode {self.distributed!r}; "
+                                       f"valid: {_choices(DISTRIBUTED_MODES)}")
+        if not self._palettizes_anything():
+            raise PalettizeConfigError(
+                "preset", "preset 'none' with no overrides or modules palettizes nothing; choose "
+                f"a preset ({_choices(p for p in PRESETS if p != 'none')}) or add "
+                "palettize.overrides.<type>=<preset>")
+
+    def _palettizes_anything(self) -> bool:
+        if self.preset not in (None, "none") or self.config_file or self.base_config is not None:
+            return True
+        chosen = [*self.overrides.values(), *self.modules.values()]
+        return any(v not in (INHERIT, None, "none") for v in chosen)
+
+    # ------------------------------------------------------------------ derived views
+
+    @property
+    def training_strategy(self) -> str:
+        """The name of the training strategy (``frozen``, ``ste``, ``lut``)."""
+        return training_name(self.training)
+
+    @property
+    def start_step(self) -> int:
+        """The optimizer step at which palettization turns on (0: from the start)."""
+        return self.schedule.start_step or 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain containers (YAML/JSON-able); ``base_config`` is left out."""
+        return {f.name: _plain_copy(getattr(self, f.name)) for f in dataclasses.fields(self)
+                if f.name != "base_config"}
+
+    def describe(self) -> str:
+        """What was asked for, in one line: ``preset=w4, overrides.linear=w8, ...``."""
+        parts = [f"preset={self.preset}"] if self.preset is not None else []
+        parts += [f"overrides.{k}={v}" for k, v in self.overrides.items() if v != INHERIT]
+        parts += [f"modules.{k}={v}" for k, v in self.modules.items()]
+        return ", ".join(parts) or "a coreai-opt config"
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def resolve(
+        cls,
+        source: ConfigSource | None = "w4",
+        *,
+        overrides: Mapping[str, Any] | None = None,
+        modules: Mapping[str, Any] | None = None,
+        **fields: Any,
+    ) -> PalettizeSettings:
+        """Settings from any accepted input plus keyword overrides.
+
+        ``source`` may be a ``PalettizeSettings``, a ``DictConfig`` or mapping (partial: the rest
+        are defaults), a preset name, a path to a coreai-opt YAML file, or a
+        ``KMeansPalettizerConfig`` (kept as ``base_config``). ``overrides``, ``modules``,
+        ``schedule`` and ``export`` merge into the source's; other fields replace it.
+
+        Raises:
+            PalettizeConfigError: an unknown key or preset, or any bad value.
+        """
+        values = cls().to_dict()
+        base = None
+        if isinstance(source, PalettizeSettings):
+            values, base = source.to_dict(), source.base_config
+        elif isinstance(source, KMeansPalettizerConfig):
+            values["preset"], base = None, source
+        elif isinstance(source, (str, os.PathLike)):
+            text = os.fspath(source)
+            if text in PRESETS:
+                values["preset"] = text
+            elif text.endswith((".yaml", ".yml")) or os.sep in text:
+                values["config_file"], values["preset"] = text, None
+            else:
+                raise PalettizeConfigError("", f"unknown preset {text!r}; valid: "
+                                           f"{_choices(PRESETS)}, or a path to a coreai-opt YAML file")
+        elif source is not None:
+            plain = _to_plain(source)
+            if not isinstance(plain, Mapping):
+                raise PalettizeConfigError("", "expected a preset name, a mapping or a "
+                                           f"KMeansPalettizerConfig, got {type(source).__name__}")
+            if plain.get("config_file") and "preset" not in plain:
+                values["preset"] = None
+            _merge(values, plain, hint=True)
+        _merge(values, {"overrides": overrides, "modules": modules, **fields})
+        return cls(**values, base_config=base)
+
+
+def _plain_copy(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return {f.name: _plain_copy(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {k: _plain_copy(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, torch.dtype):
-        return str(value).removeprefix("torch.")
-    if isinstance(value, enum.Enum):
-        return value.value
-    if isinstance(value, type):
-        return _registry_key(value)
+        return [_plain_copy(v) for v in value]
     return value
 
 
-def _registry_key(cls: type) -> str:
-    """coreai-opt dumps classes (``lut_qspec.fake_quantize_cls`` ...) as objects but parses them
-    back by registry key: find the key under which ``cls`` is registered."""
-    for base in cls.__mro__:
-        registry = base.__dict__.get("REGISTRY")
-        if isinstance(registry, Mapping):
-            for key, registered in registry.items():
-                if registered is cls:
-                    return key
-    return f"{cls.__module__}.{cls.__qualname__}"
+_MERGED = ("overrides", "modules", "schedule", "export")
+
+
+def _merge(values: dict[str, Any], update: Mapping[str, Any], *, hint: bool = False) -> None:
+    """Apply ``update`` to plain settings ``values``: nested sections merge, the rest replace."""
+    for name, value in update.items():
+        if name not in values:
+            extra = (" (a spec mapping goes under preset: {preset: {n_bits: ..., ...}})"
+                     if hint and name in SPEC_KEYS else "")
+            raise PalettizeConfigError(str(name), f"unknown key; valid: {_choices(values)}{extra}")
+        if name in _MERGED:
+            if value is None:
+                continue
+            plain = _to_plain(value)
+            values[name] = ({**(values[name] or {}), **plain} if isinstance(plain, Mapping)
+                            else plain)
+        else:
+            values[name] = _to_plain(value)
+
+
+ConfigSource = PalettizeSettings | Mapping[str, Any] | str | os.PathLike | KMeansPalettizerConfig
+"""Anything ``PalettizeSettings.resolve`` and ``build_palettizer_config`` accept."""
+
+
+def resolve_settings(source: ConfigSource | None = "w4", **kwargs: Any) -> PalettizeSettings:
+    """Alias of ``PalettizeSettings.resolve`` (kept for code written against 0.1)."""
+    return PalettizeSettings.resolve(source, **kwargs)
+
+
+def register_configs() -> None:
+    """Register the ``palettize`` schema as ``palettize/base`` in Hydra's ConfigStore.
+
+    The YAML options of the group (``conf/palettize/w4.yaml`` ...) extend it with
+    ``defaults: [base]``, which makes them typed: ``--cfg job`` lists every overridable module
+    type, and ``palettize.overrides.linear=w8`` needs no ``+``. Importing the package calls this
+    (its one intended import side effect).
+    """
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(group="palettize", name="base", node=PalettizeSettings)

@@ -1,9 +1,10 @@
-"""Training strategies for palettized weights, registered with coreai-opt's ``TrainingStrategySpec``.
+"""Training strategies for palettized weights: coreai-opt ``TrainingStrategy`` classes that also
+carry the plugin's lifecycle hooks.
 
 ``palettize.training`` selects one (Hydra, recipes, callback arguments):
 
 - ``frozen``: coreai-opt's default. The weight is rebuilt from fixed centroids and indices; no
-  gradient reaches it, only unpalettized parameters adapt.
+  gradient reaches it, only unpalettized parameters adapt. Its hooks are the no-op base.
 - ``ste``: straight-through estimator. The forward uses the palettized weight, the backward
   updates the dense weight as if it were not palettized. Each forward re-assigns every weight to
   its nearest centroid (a batched ``searchsorted`` on centroid midpoints), and every
@@ -15,35 +16,130 @@
   in a ``trainable_lut`` parameter created before the optimizer and copied into coreai-opt's
   ``centroids`` buffer after every optimizer step.
 
+The engine calls, for each palettized weight, ``hooks(t).prepare_parameters(t)`` (before the
+optimizer and DDP), ``after_cluster(t)``, ``after_optimizer_step(t, step)`` and ``finish(t)``
+(torchtitan's converter / ``post_optimizer_hook`` shape). A new strategy is one class.
 Every strategy keeps the exported model truly palettized: at most ``2**n_bits`` values per LUT.
 """
 
 from __future__ import annotations
 
-import logging
-from typing import Literal
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
 from coreai_opt.palettization.spec import TrainingStrategy, TrainingStrategySpec
 
 from . import _coreai_compat as compat
-from .settings import TRAINING_STRATEGIES
+from .settings import TRAINING_STRATEGY_KEYS, PalettizeConfigError
 
 __all__ = [
+    "TRAINABLE_LUT",
     "StraightThroughSpec",
     "StraightThroughStrategy",
+    "StrategyHooks",
     "TrainableLUTSpec",
     "TrainableLUTStrategy",
-    "after_cluster",
-    "after_optimizer_step",
-    "prepare_parameters",
+    "hooks",
+    "lloyd_step",
+    "nearest_centroids",
+    "spec_class",
     "strategy_state_keys",
-    "training_finished",
+    "trains_dense_weight",
 ]
 
-log = logging.getLogger("coreai_palettize_plugins")
 TRAINABLE_LUT = "trainable_lut"
+
+
+# --------------------------------------------------------------------------------------------
+# LUT math (plain torch)
+# --------------------------------------------------------------------------------------------
+
+
+def nearest_centroids(centroids: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest centroid for each vector: ``(P, K, D)``, ``(P, N, D)`` -> ``(P, N)``.
+
+    Scalar LUTs use a batched ``searchsorted`` on the sorted centroids' midpoints (no distance
+    matrix; the sort is cached until the centroids change); vector LUTs use ``cdist``.
+    """
+    if centroids.shape[-1] == 1:
+        order, midpoints = _sorted_midpoints(centroids, vectors.device)
+        position = torch.searchsorted(midpoints, vectors[..., 0].detach().float().contiguous())
+        return order.gather(1, position)
+    return torch.cdist(vectors.detach().float(), centroids.detach().float().to(vectors.device)
+                       ).argmin(dim=-1)
+
+
+def _sorted_midpoints(centroids: torch.Tensor, device: torch.device):
+    """(sort order, midpoints) of each LUT, cached on the centroids tensor itself until it
+    changes in place (its ``_version``) or a new tensor replaces it."""
+    stamp = (centroids._version, device)
+    cached = getattr(centroids, "_plugin_midpoints", None)
+    if cached is None or cached[0] != stamp:
+        ordered, order = centroids.detach()[..., 0].float().to(device).sort(dim=1)
+        cached = (stamp, order, ((ordered[:, 1:] + ordered[:, :-1]) / 2).contiguous())
+        centroids._plugin_midpoints = cached
+    return cached[1], cached[2]
+
+
+def gather_centroids(centroids: torch.Tensor, assignment: torch.Tensor) -> torch.Tensor:
+    """``(P, K, D)`` centroids picked by a ``(P, N)`` assignment -> ``(P, N, D)`` vectors."""
+    centroids = centroids.to(assignment.device)
+    index = assignment.unsqueeze(-1).expand(-1, -1, centroids.shape[-1])
+    return centroids.gather(1, index)
+
+
+@torch.no_grad()
+def lloyd_step(centroids: torch.Tensor, vectors: torch.Tensor) -> None:
+    """Move each centroid (in place) to the mean of the vectors nearest to it."""
+    assignment = nearest_centroids(centroids, vectors)
+    dim = centroids.shape[-1]
+    sums = torch.zeros(centroids.shape, dtype=torch.float32, device=vectors.device)
+    sums.scatter_add_(1, assignment.unsqueeze(-1).expand(-1, -1, dim), vectors.float())
+    counts = torch.zeros(centroids.shape[:2], dtype=torch.float32, device=vectors.device)
+    counts.scatter_add_(1, assignment, torch.ones_like(assignment, dtype=torch.float32))
+    means = sums / counts.clamp(min=1).unsqueeze(-1)
+    updated = torch.where(counts.unsqueeze(-1) > 0, means, centroids.float().to(vectors.device))
+    centroids.copy_(updated.to(centroids.dtype))
+
+
+# --------------------------------------------------------------------------------------------
+# Strategies
+# --------------------------------------------------------------------------------------------
+
+
+class StrategyHooks:
+    """The plugin's lifecycle hooks of a strategy; the base (``frozen``) does nothing."""
+
+    trains_dense_weight = False
+    """Whether the dense weight gets a gradient (else it is frozen before DDP)."""
+
+    def prepare_parameters(self, t: compat.PalettizedTensor) -> None:
+        """Before the optimizer exists: create the strategy's parameters, check support."""
+
+    def after_cluster(self, t: compat.PalettizedTensor) -> None:
+        """k-means (re)set ``t``'s centroids."""
+
+    def after_optimizer_step(self, t: compat.PalettizedTensor, step: int) -> None:
+        """After optimizer step ``step``."""
+
+    def finish(self, t: compat.PalettizedTensor) -> None:
+        """After the last optimizer step: leave indices and LUTs as the export should see them."""
+
+
+FROZEN = StrategyHooks()
+
+
+def hooks(t: compat.PalettizedTensor) -> StrategyHooks:
+    """The hooks of the strategy ``t`` trains with (``frozen``'s for coreai-opt's own)."""
+    strategy = t.fake._training_strategy
+    return strategy if isinstance(strategy, StrategyHooks) else FROZEN
+
+
+def _check_supported(t: compat.PalettizedTensor, name: str) -> None:
+    if t.fake.lut_qspec is not None or t.fake.sparsity_detection_threshold is not None:
+        raise PalettizeConfigError("training", f"{name!r} does not support lut_dtype or sparsity "
+                                   f"({t.name}); use training=frozen for those layers")
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -59,10 +155,23 @@ class _StraightThrough(torch.autograd.Function):
         return grad, None
 
 
-class StraightThroughStrategy(TrainingStrategy):
+@torch.no_grad()
+def assign_nearest(module, weight: torch.Tensor) -> torch.Tensor:
+    """Re-assign every weight to its nearest centroid; return the palettized weight. The exact
+    assignment becomes the module's indices, so eval and export use the same one."""
+    vectors, context = module.vectorize(weight.detach())
+    assignment = nearest_centroids(module.centroids, vectors)
+    palettized = module.devectorize(gather_centroids(module.centroids, assignment), context)
+    if not compat.store_assignment(module, assignment, context):
+        module._indices_stale = True  # coreai-opt re-derives them from the current weight
+    return palettized
+
+
+class StraightThroughStrategy(StrategyHooks, TrainingStrategy):
     """Forward: nearest-centroid palettized weight. Backward: identity to the dense weight."""
 
     derives_indices = True  # indices are re-derived from the dense weight, never restored
+    trains_dense_weight = True
 
     def __init__(self, lut_update_every: int = 0) -> None:
         self.lut_update_every = lut_update_every
@@ -70,20 +179,23 @@ class StraightThroughStrategy(TrainingStrategy):
     def train_forward(self, module, weight: torch.Tensor) -> torch.Tensor:
         return _StraightThrough.apply(weight, assign_nearest(module, weight))
 
+    def prepare_parameters(self, t: compat.PalettizedTensor) -> None:
+        _check_supported(t, "ste")
 
-@torch.no_grad()
-def assign_nearest(module, weight: torch.Tensor) -> torch.Tensor:
-    """Re-assign every weight to its nearest centroid; return the palettized weight. The exact
-    assignment becomes the module's indices, so eval and export use the same one."""
-    vectors, context = module.vectorize(weight.detach())
-    assignment = compat.nearest_centroids(module.centroids, vectors)
-    palettized = module.devectorize(compat.gather_centroids(module.centroids, assignment), context)
-    if not compat.store_assignment(module, assignment, context):
-        module._indices_stale = True  # coreai-opt re-derives them from the current weight
-    return palettized
+    @torch.no_grad()
+    def after_optimizer_step(self, t: compat.PalettizedTensor, step: int) -> None:
+        fake = t.fake
+        if (self.lut_update_every and step > 0 and step % self.lut_update_every == 0
+                and fake.centroids is not None and bool(fake.fake_palett_enabled[0])):
+            vectors, _ = fake.vectorize(t.original.detach())
+            lloyd_step(fake.centroids, vectors)
+
+    def finish(self, t: compat.PalettizedTensor) -> None:
+        if t.fake.centroids is not None:
+            assign_nearest(t.fake, t.original)
 
 
-class TrainableLUTStrategy(TrainingStrategy):
+class TrainableLUTStrategy(StrategyHooks, TrainingStrategy):
     """Forward: the weight gathered from the trainable centroids through fixed indices."""
 
     derives_indices = False
@@ -94,19 +206,50 @@ class TrainableLUTStrategy(TrainingStrategy):
         vectors = lut.reshape(-1).index_select(0, flat).reshape(lut.shape[0], -1, lut.shape[2])
         return module.devectorize(vectors.to(weight.dtype), context)
 
+    def prepare_parameters(self, t: compat.PalettizedTensor) -> None:
+        _check_supported(t, "lut")
+        if not hasattr(t.fake, TRAINABLE_LUT):
+            t.fake.register_parameter(TRAINABLE_LUT, nn.Parameter(torch.zeros(
+                compat.centroids_shape(t), dtype=t.original.dtype, device=t.original.device)))
 
-def _register(key: str, spec_cls: type[TrainingStrategySpec]) -> type[TrainingStrategySpec]:
-    """Register once: a module re-import must not silently replace (and break) the entry."""
-    existing = TrainingStrategySpec.REGISTRY.get(key)
-    if existing is None:
-        TrainingStrategySpec.register(key)(spec_cls)
-        return spec_cls
-    if (existing.__module__, existing.__qualname__) != (spec_cls.__module__, spec_cls.__qualname__):
-        raise RuntimeError(f"coreai-opt training strategy {key!r} is already registered by "
-                           f"{existing.__module__}.{existing.__qualname__}")
-    return existing
+    @torch.no_grad()
+    def after_cluster(self, t: compat.PalettizedTensor) -> None:
+        if t.fake.centroids is not None:
+            getattr(t.fake, TRAINABLE_LUT).copy_(t.fake.centroids)
+
+    @torch.no_grad()
+    def after_optimizer_step(self, t: compat.PalettizedTensor, step: int) -> None:
+        if t.fake.centroids is not None:
+            t.fake.centroids.copy_(getattr(t.fake, TRAINABLE_LUT))
+
+    def finish(self, t: compat.PalettizedTensor) -> None:
+        self.after_optimizer_step(t, step=0)
 
 
+# --------------------------------------------------------------------------------------------
+# Registration with coreai-opt
+# --------------------------------------------------------------------------------------------
+
+
+def _register(key: str) -> Callable[[type[TrainingStrategySpec]], type[TrainingStrategySpec]]:
+    """Register a spec class once: a module re-import must not silently replace (and break)
+    the entry; a different class under the same key is an error."""
+
+    def register(spec_cls: type[TrainingStrategySpec]) -> type[TrainingStrategySpec]:
+        existing = TrainingStrategySpec.REGISTRY.get(key)
+        if existing is None:
+            TrainingStrategySpec.register(key)(spec_cls)
+            return spec_cls
+        if (existing.__module__, existing.__qualname__) != (spec_cls.__module__,
+                                                            spec_cls.__qualname__):
+            raise RuntimeError(f"coreai-opt training strategy {key!r} is already registered by "
+                               f"{existing.__module__}.{existing.__qualname__}")
+        return existing
+
+    return register
+
+
+@_register("ste")
 class StraightThroughSpec(TrainingStrategySpec):
     """``training_strategy_spec: {type: ste, lut_update_every: N}``."""
 
@@ -114,77 +257,22 @@ class StraightThroughSpec(TrainingStrategySpec):
     _strategy_cls = StraightThroughStrategy
 
 
+@_register("lut")
 class TrainableLUTSpec(TrainingStrategySpec):
     """``training_strategy_spec: {type: lut}``."""
 
     _strategy_cls = TrainableLUTStrategy
 
 
-StraightThroughSpec = _register("ste", StraightThroughSpec)  # type: ignore[misc]
-TrainableLUTSpec = _register("lut", TrainableLUTSpec)  # type: ignore[misc]
-TRAINING_STRATEGIES.update({"ste": "ste", "lut": "lut"})
-
-Kind = Literal["frozen", "ste", "lut"]
+def spec_class(name: str) -> type[TrainingStrategySpec] | None:
+    """The coreai-opt spec class of ``palettize.training`` name ``name`` (None for ``frozen``)."""
+    return None if name == "frozen" else TrainingStrategySpec.REGISTRY[TRAINING_STRATEGY_KEYS[name]]
 
 
-def _strategy(tensor: compat.PalettizedTensor) -> TrainingStrategy:
-    return tensor.fake._training_strategy
-
-
-def prepare_parameters(tensors: list[compat.PalettizedTensor]) -> None:
-    """Before the optimizer exists: trainable LUT parameters for ``lut`` weights, and dense
-    weights that get no gradient frozen (so DDP's reducer does not wait for them)."""
-    for t in tensors:
-        strategy = _strategy(t)
-        if isinstance(strategy, TrainableLUTStrategy):
-            _check_supported(t, "lut")
-            if not hasattr(t.fake, TRAINABLE_LUT):
-                shape = compat.centroids_shape(t)
-                t.fake.register_parameter(TRAINABLE_LUT, nn.Parameter(
-                    torch.zeros(shape, dtype=t.original.dtype, device=t.original.device)))
-        elif isinstance(strategy, StraightThroughStrategy):
-            _check_supported(t, "ste")
-
-
-def _check_supported(t: compat.PalettizedTensor, name: str) -> None:
-    from .settings import PalettizeConfigError
-
-    if t.fake.lut_qspec is not None or t.fake.sparsity_detection_threshold is not None:
-        raise PalettizeConfigError(
-            f"palettize.training: {name!r} does not support lut_dtype or sparsity "
-            f"({t.name}); use training=frozen for those layers")
-
-
-@torch.no_grad()
-def after_cluster(tensors: list[compat.PalettizedTensor]) -> None:
-    """k-means (re)set the centroids: start the trainable LUT from them."""
-    for t in tensors:
-        lut = getattr(t.fake, TRAINABLE_LUT, None)
-        if lut is not None and t.fake.centroids is not None:
-            lut.copy_(t.fake.centroids)
-
-
-@torch.no_grad()
-def after_optimizer_step(tensors: list[compat.PalettizedTensor], step: int) -> None:
-    """Trainable LUT -> coreai-opt centroids; scheduled Lloyd updates of STE LUTs."""
-    for t in tensors:
-        strategy = _strategy(t)
-        lut = getattr(t.fake, TRAINABLE_LUT, None)
-        if lut is not None and t.fake.centroids is not None:
-            t.fake.centroids.copy_(lut)
-        elif (isinstance(strategy, StraightThroughStrategy) and strategy.lut_update_every
-              and step > 0 and step % strategy.lut_update_every == 0
-              and t.fake.centroids is not None and bool(t.fake.fake_palett_enabled[0])):
-            vectors, _ = t.fake.vectorize(t.original.detach())
-            compat.lloyd_step(t.fake.centroids, vectors)
-
-
-def training_finished(tensors: list[compat.PalettizedTensor]) -> None:
-    """After the last optimizer step: final LUT sync; STE indices follow the final weights."""
-    after_optimizer_step(tensors, step=0)
-    for t in tensors:
-        if isinstance(_strategy(t), StraightThroughStrategy) and t.fake.centroids is not None:
-            assign_nearest(t.fake, t.original)
+def trains_dense_weight(name: str) -> bool:
+    """Whether palettized weights of ``palettize.training`` name ``name`` get a dense gradient."""
+    return {"ste": StraightThroughStrategy, "lut": TrainableLUTStrategy}.get(
+        name, StrategyHooks).trains_dense_weight
 
 
 def strategy_state_keys(model: nn.Module) -> list[str]:

@@ -21,6 +21,7 @@ from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig
 
 from coreai_palettize_plugins import PalettizeConfigError
+from coreai_palettize_plugins._quiet import install as quiet_known_import_noise
 from coreai_palettize_plugins.demo.digits import accuracy
 from coreai_palettize_plugins.lightning import PalettizationCallback
 
@@ -42,7 +43,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     try:
         palettize = PalettizationCallback(cfg.palettize, export_dir=export_dir)
         model = instantiate(cfg.model)
-        palettize.engine.check(model, model.example_input_array)
+        palettize.engine.validate_for(model, model.example_input_array)
     except PalettizeConfigError as error:
         _remove_if_only_bookkeeping(output_dir)
         sys.exit(f"error: {error}")
@@ -84,6 +85,7 @@ def _remove_if_only_bookkeeping(run_dir: Path) -> None:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
+    quiet_known_import_noise()
     run(cfg)
 
 

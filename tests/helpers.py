@@ -5,13 +5,17 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-from coreai_opt.palettization.kmeans.kmeans_fake_palettize import _KMeansFakePalettize
 
-from coreai_palettize_plugins.distributed import palettized_state_hash  # noqa: F401 (re-export)
+from coreai_palettize_plugins._coreai_compat import KMEANS_ENTRY
+from coreai_palettize_plugins.distributed import palettized_state_hash
+
+__all__ = ["KMeansCounter", "MixedNet", "TokenDataset", "count_kmeans", "example_image",
+           "mixed_net", "palettized_state_hash", "run_python", "tiny_llama"]
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,21 +45,26 @@ def example_image(batch: int = 2) -> torch.Tensor:
     return torch.randn(batch, 1, 8, 8, generator=torch.Generator().manual_seed(1))
 
 
+def count_kmeans(record: Callable[[object], None], patch: Callable[[object, str, object], None]
+                 ) -> None:
+    """Call ``record(fake)`` before each coreai-opt k-means run (one per palettized weight);
+    ``patch(owner, name, value)`` installs the wrapper (``monkeypatch.setattr`` or ``setattr``)."""
+    owner, name = KMEANS_ENTRY
+    original = getattr(owner, name)
+
+    def counting(fake, *args, **kwargs):
+        record(fake)
+        return original(fake, *args, **kwargs)
+
+    patch(owner, name, counting)
+
+
 class KMeansCounter:
     """Counts coreai-opt k-means runs (one per palettized weight) via monkeypatch."""
 
     def __init__(self, monkeypatch) -> None:
         self.calls: list[str] = []
-        original = _KMeansFakePalettize._cluster_to_centroids
-        counter = self
-
-        def counting(fake, *args, **kwargs):
-            counter.calls.append(fake.tensor_fqn)
-            return original(fake, *args, **kwargs)
-
-        monkeypatch.setattr(_KMeansFakePalettize, "_cluster_to_centroids", counting)
-
-
+        count_kmeans(lambda fake: self.calls.append(fake.tensor_fqn), monkeypatch.setattr)
 
 
 def run_python(*args: str, cwd: Path = REPO, timeout: int = 300,

@@ -87,8 +87,9 @@ def test_report_sizes_and_aimodel_near_floor(tmp_path):
     report = result.report
     floor = report.palettized_bytes
     assert report.dense_bytes == sum(p.numel() * 4 for p in model.parameters())
-    assert report.extra["coreai_artifact_bytes"] <= 1.05 * floor
-    assert report.extra["coreai_artifact_bytes"] < report.dense_fp16_bytes
+    assert result.artifact_bytes["coreai"] <= 1.05 * floor
+    assert result.artifact_bytes["coreai"] < report.dense_fp16_bytes
+    assert result.extra()["coreai_artifact_bytes"] == result.artifact_bytes["coreai"]
     assert 4.0 < report.bits_per_weight < 8.5
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from helpers import KMeansCounter, TokenDataset, palettized_state_hash, tiny_llama
@@ -40,9 +42,10 @@ def test_train_export_reload_and_metrics(tmp_path, monkeypatch):
     trainer = Trainer(model=model, args=arguments(tmp_path), train_dataset=data,
                       callbacks=[callback, backend])
     assert len(callback.engine.tensors()) == 15 and counter.calls == []   # structure only
-    # Example inputs come from the train dataset through the data collator.
-    assert torch.equal(callback.engine.example_inputs[0], data[0]["input_ids"][None])
+    callback.attach_to_trainer(trainer)                  # metrics through Trainer.log
     trainer.train()
+    # The export traced one train-dataset sample (through the data collator).
+    assert torch.equal(callback.engine.example_inputs[0], data[0]["input_ids"][None])
 
     assert len(counter.calls) == 15
     assert callback.engine.step == trainer.state.global_step == 6
@@ -133,6 +136,31 @@ def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
     assert callback.engine.step == 5
     assert [step for step, _ in record.seen] == [1, 2, 3, 4, 5]      # 20 micro-batches
     assert [enabled for _, enabled in record.seen] == [False, False, True, True, True]
+
+
+def test_without_the_trainer_metrics_reach_log_history(tmp_path, caplog):
+    callback = PalettizationTrainerCallback("w8", export_formats=())
+    trainer = Trainer(model=tiny_llama(), args=arguments(tmp_path, max_steps=2, save_strategy="no"),
+                      train_dataset=TokenDataset(), callbacks=[callback])
+    with caplog.at_level("WARNING", logger="coreai_palettize_plugins.hf"):
+        trainer.train()
+    assert any("palettize/bits_per_weight" in h for h in trainer.state.log_history)
+    assert sum("attach_to_trainer" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_fsdp_is_refused_from_the_arguments_before_training(tmp_path):
+    from coreai_palettize_plugins import PalettizeConfigError
+
+    callback = PalettizationTrainerCallback("w4")
+    args = SimpleNamespace(fsdp="full_shard", deepspeed=None, world_size=2,
+                           ddp_find_unused_parameters=None)
+    with pytest.raises(PalettizeConfigError, match=r"^palettize: FSDP is not supported"):
+        callback.on_init_end(args, None, None, model=tiny_llama())
+    assert not callback.engine.attached
+    warm_up = PalettizationTrainerCallback("w4", schedule={"start_step": 3})
+    args = SimpleNamespace(fsdp=None, deepspeed=None, world_size=2, ddp_find_unused_parameters=False)
+    with pytest.raises(PalettizeConfigError, match="ddp_find_unused_parameters=True"):
+        warm_up.on_init_end(args, None, None, model=tiny_llama())
 
 
 def test_callback_added_after_init_via_attach_to_trainer(tmp_path):

@@ -168,16 +168,27 @@ def test_example_inputs_from_first_batch_and_custom_fn(tmp_path):
         return (batch[0][:2],)
 
     callback = PalettizationCallback("w8", example_inputs_fn=inputs_fn, export_formats=())
-    torch.manual_seed(0)
-    rng_before = torch.get_rng_state()
     trainer(tmp_path, callbacks=[callback], max_epochs=1).fit(NoExampleArray(), DigitsDataModule())
     assert seen == [torch.Size([64, 1, 8, 8])]
     assert callback.engine.example_inputs[0].shape == (2, 1, 8, 8)
-    assert rng_before.shape == torch.get_rng_state().shape
 
     default = PalettizationCallback("w8", export_formats=())
     trainer(tmp_path, callbacks=[default], max_epochs=1).fit(NoExampleArray(), DigitsDataModule())
     assert default.engine.example_inputs[0].shape == (1, 1, 8, 8)
+
+
+def test_first_batch_for_example_inputs_leaves_the_rng_stream_alone(tmp_path):
+    """Drawing the first batch of a shuffled loader must not consume the user's RNG stream."""
+    t = trainer(tmp_path, max_epochs=1)
+    module, data = NoExampleArray(), DigitsDataModule()
+    t._data_connector.attach_data(module, datamodule=data)   # what fit() does first
+    data.setup("fit")
+    callback = PalettizationCallback("w8")
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    inputs = callback._resolve_example_inputs(t, module)
+    assert torch.equal(before, torch.get_rng_state())
+    assert inputs[0].shape == (1, 1, 8, 8)
 
 
 def test_strategy_checks_before_training():

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import torch
-from _probe import KMEANS_CALLS, record, state_hash
+from _probe import KMEANS_CALLS, palettized_state_hash, record
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -22,12 +22,12 @@ class Probe(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         stats = self.callback.engine.cluster_stats
-        record(self.out, args.process_index, hash_after_prepare=state_hash(model),
+        record(self.out, args.process_index, hash_after_prepare=palettized_state_hash(model),
                kmeans_at_prepare=list(KMEANS_CALLS),
                bytes_per_weight=stats.bytes_per_weight if stats else None)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        record(self.out, args.process_index, hash_at_end=state_hash(model),
+        record(self.out, args.process_index, hash_at_end=palettized_state_hash(model),
                kmeans_total=list(KMEANS_CALLS), global_step=state.global_step,
                engine_step=self.callback.engine.step)
 

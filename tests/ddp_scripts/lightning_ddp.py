@@ -8,7 +8,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from _probe import KMEANS_CALLS, record, state_hash
+from _probe import KMEANS_CALLS, palettized_state_hash, record
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from coreai_palettize_plugins.demo.digits import DigitsCNN, DigitsDataModule
@@ -21,7 +21,7 @@ class Probe(Callback):
 
     def on_fit_start(self, trainer, pl_module):
         stats = self.callback.engine.cluster_stats
-        record(self.out, trainer.global_rank, hash_after_prepare=state_hash(pl_module),
+        record(self.out, trainer.global_rank, hash_after_prepare=palettized_state_hash(pl_module),
                kmeans_at_prepare=list(KMEANS_CALLS),
                owners=stats.owners if stats else None,
                bytes_per_weight=stats.bytes_per_weight if stats else None)
@@ -38,7 +38,7 @@ class Probe(Callback):
         return json.loads(path.read_text()).get("params_without_grad", []) if path.exists() else []
 
     def on_train_end(self, trainer, pl_module):
-        record(self.out, trainer.global_rank, hash_at_end=state_hash(pl_module),
+        record(self.out, trainer.global_rank, hash_at_end=palettized_state_hash(pl_module),
                kmeans_total=list(KMEANS_CALLS), global_step=trainer.global_step,
                engine_step=self.callback.engine.step)
 
@@ -74,7 +74,7 @@ def main() -> None:
         record(args.out, trainer.global_rank, error=f"{type(error).__name__}: {error}")
         raise
     record(args.out, trainer.global_rank, exported=callback.export_result is not None,
-           settings_preset=callback.engine.settings["preset"])
+           settings_preset=callback.engine.settings.preset)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,51 @@
+"""The engine's guards: each protects a user-facing promise and fails in one clear line."""
+
+from __future__ import annotations
+
+import pytest
+from helpers import example_image, mixed_net
+
+from coreai_palettize_plugins import Palettization, PalettizeConfigError
+
+
+def test_resume_with_a_different_config_is_refused():
+    saved = Palettization("w4")
+    saved.prepare(mixed_net(), example_image())
+    other = Palettization("w8")
+    other.attach(mixed_net(), example_image())
+    with pytest.raises(PalettizeConfigError,
+                       match=r"^palettize: the checkpoint was palettized with a different config"):
+        other.load_state_dict(saved.state_dict())
+
+
+def test_attach_to_a_second_model_is_refused_and_the_same_model_is_a_no_op():
+    engine = Palettization("w4")
+    model = mixed_net()
+    engine.attach(model, example_image())
+    engine.attach(model, example_image())                       # the same model: no-op
+    with pytest.raises(RuntimeError, match="already attached to another model"):
+        engine.attach(mixed_net(), example_image())
+
+
+def test_a_model_prepared_already_is_refused():
+    model = mixed_net()
+    Palettization("w4").prepare(model, example_image())
+    with pytest.raises(RuntimeError, match=r"MixedNet is already palettized \(prepared by coreai-opt\)"):
+        Palettization("w4").attach(model, example_image())
+
+
+def test_export_without_a_directory_is_refused(tmp_path):
+    engine = Palettization("w4")
+    engine.prepare(mixed_net(), example_image())
+    with pytest.raises(ValueError, match=r"no export directory: pass one or set palettize\.export\.dir"):
+        engine.export()
+    assert not any(tmp_path.iterdir())
+
+
+def test_errors_carry_their_key_and_can_be_renamed_for_recipes():
+    with pytest.raises(PalettizeConfigError) as info:
+        Palettization({"overrides": {"linear": {"n_bits": 5}}})
+    error = info.value
+    assert error.key == "overrides.linear.n_bits"
+    assert str(error.with_root("recipe.palettize")).startswith(
+        "recipe.palettize.overrides.linear.n_bits: 5 is not supported")
