@@ -24,16 +24,15 @@ from coreai_opt.palettization.spec import (
 )
 
 from ._utils import dtype_name
-from .settings import (
+from .checks import (
     INHERIT,
     PRESETS,
     TRAINING_STRATEGY_KEYS,
-    ConfigSource,
-    PalettizeSettings,
     normalize_spec,
     resolve_module_type,
     training_options,
 )
+from .settings import ConfigSource, PalettizeSettings
 
 __all__ = ["build_palettizer_config", "config_from_settings", "config_from_yaml_text",
            "config_to_yaml", "to_coreai_config"]

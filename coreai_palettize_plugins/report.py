@@ -12,7 +12,7 @@ import torch.nn.utils.parametrize as parametrize
 
 from ._coreai_compat import PalettizedTensor, fake_palettized_tensors
 from ._utils import unique_by_storage
-from .settings import MODULE_TYPE_ALIASES, resolve_module_type
+from .checks import MODULE_TYPE_ALIASES, resolve_module_type
 
 __all__ = ["CompressionReport", "DenseLayer", "LayerReport", "build_report", "palettized_bytes"]
 

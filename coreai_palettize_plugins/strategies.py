@@ -31,7 +31,7 @@ import torch.nn as nn
 from coreai_opt.palettization.spec import TrainingStrategy, TrainingStrategySpec
 
 from . import _coreai_compat as compat
-from .settings import TRAINING_STRATEGY_KEYS, PalettizeConfigError
+from .checks import TRAINING_STRATEGY_KEYS, PalettizeConfigError
 
 __all__ = [
     "TRAINABLE_LUT",

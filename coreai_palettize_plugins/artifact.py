@@ -1,0 +1,204 @@
+"""The packed PyTorch artifact: n-bit indices, LUTs in their own dtype and the dense rest, written
+from a prepared model and loaded back into a model whose outputs equal the palettized model's.
+
+Files: ``palettized.safetensors`` (tensors; tied tensors stored once), ``palettized.json`` (the
+manifest: shapes, bit widths, aliases, the coreai-opt config) and ``example_inputs.safetensors``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+from coreai_opt import ExportBackend
+from coreai_opt.palettization import KMeansPalettizer, KMeansPalettizerConfig
+
+from ._coreai_compat import fake_palettized_tensors
+from ._modelcopy import tracing_forward
+from ._utils import dtype_from_name, dtype_name, unique_by_storage
+from .coreai_config import config_from_yaml_text, config_to_yaml
+
+__all__ = ["EXAMPLE_INPUTS_NAME", "FORMAT_ID", "MANIFEST_NAME", "PACKED_NAME", "load_palettized",
+           "pack_indices", "unpack_indices", "write_packed"]
+
+PACKED_NAME = "palettized.safetensors"
+MANIFEST_NAME = "palettized.json"
+EXAMPLE_INPUTS_NAME = "example_inputs.safetensors"
+FORMAT_ID = "coreai-palettize-plugins/packed-v1"
+
+
+def pack_indices(indices: torch.Tensor, n_bits: int) -> torch.Tensor:
+    """Pack uint8 indices (< 2**n_bits) into an n-bit little-endian bit stream (uint8 bytes)."""
+    flat = indices.detach().cpu().reshape(-1).numpy().astype(np.uint8, copy=False)
+    if n_bits == 8:
+        return torch.from_numpy(flat.copy())
+    chunk = 8 * (1 << 20)  # a multiple of 8 values ends on a byte boundary for any n_bits
+    parts = []
+    for start in range(0, flat.size, chunk):
+        block = flat[start:start + chunk]
+        bits = np.unpackbits(block[:, None], axis=1, bitorder="little")[:, :n_bits]
+        parts.append(np.packbits(bits.reshape(-1), bitorder="little"))
+    return torch.from_numpy(np.concatenate(parts) if parts else np.zeros(0, np.uint8))
+
+
+def unpack_indices(packed: torch.Tensor, n_bits: int, shape: Sequence[int]) -> torch.Tensor:
+    """Inverse of ``pack_indices``."""
+    numel = math.prod(shape)
+    data = packed.cpu().numpy().astype(np.uint8, copy=False)
+    if n_bits == 8:
+        return torch.from_numpy(data[:numel].copy()).reshape(tuple(shape))
+    bits = np.unpackbits(data, bitorder="little")[: numel * n_bits].reshape(numel, n_bits)
+    padded = np.zeros((numel, 8), dtype=np.uint8)
+    padded[:, :n_bits] = bits
+    values = np.packbits(padded, axis=1, bitorder="little").reshape(-1)
+    return torch.from_numpy(values).reshape(tuple(shape))
+
+
+def write_packed(
+    model: nn.Module,
+    config: KMeansPalettizerConfig,
+    example_inputs: Sequence[Any],
+    directory: Path,
+    metadata: Mapping[str, Any] | None = None,
+) -> list[Path]:
+    """Write the packed artifact of a prepared model: n-bit indices, LUTs, the dense rest."""
+    from safetensors.torch import save_file
+
+    tensors = fake_palettized_tensors(model)
+    with torch.no_grad():
+        for t in tensors:  # settle stale indices (e.g. after straight-through training)
+            t.fake.hard_assign(t.original)
+    # Tied tensors (an lm_head sharing the embedding) are stored once, under an alias.
+    state, aliases = unique_by_storage(model.state_dict())
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    entries: dict[str, Any] = {}
+    packed_state: dict[str, torch.Tensor] = {}
+    for t in tensors:
+        original = t.original
+        indices_key = f"{t.state_prefix}0.indices"
+        indices = state[indices_key]
+        entries[t.name] = {
+            "prefix": t.state_prefix,
+            "shape": list(original.shape),
+            "dtype": dtype_name(original.dtype),
+            "n_bits": t.fake.n_bits,
+            "cluster_dim": t.fake.cluster_dim,
+            "indices_shape": list(indices.shape),
+        }
+        packed_state[indices_key] = pack_indices(indices, t.fake.n_bits)
+    prefixes = tuple(e["prefix"] for e in entries.values())
+    for key, value in state.items():
+        if key.startswith(prefixes) and key.endswith((".original", ".0.indices")):
+            continue  # dense master weights are not exported; indices are stored packed
+        packed_state[key] = value
+    manifest = {
+        "format": FORMAT_ID,
+        "palettized": entries,
+        "aliases": aliases,
+        "palettizer_config": config_to_yaml(config),
+        "num_example_inputs": len(example_inputs),
+        "versions": _versions(),
+        **(metadata or {}),
+    }
+    packed_path = directory / PACKED_NAME
+    save_file(packed_state, str(packed_path), metadata={"format": FORMAT_ID})
+    inputs_path = directory / EXAMPLE_INPUTS_NAME
+    save_file({f"input_{i}": x.detach().cpu().contiguous()
+               for i, x in enumerate(example_inputs)}, str(inputs_path))
+    manifest_path = directory / MANIFEST_NAME
+    manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return [packed_path, manifest_path, inputs_path]
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for dist in ("coreai-palettize-plugins", "coreai-opt", "torch"):
+        with contextlib.suppress(PackageNotFoundError):
+            out[dist] = version(dist)
+    return out
+
+
+
+def load_palettized(
+    path: str | os.PathLike,
+    model_or_factory: nn.Module | Callable[[], nn.Module] | None = None,
+    *,
+    finalize: bool = True,
+) -> nn.Module:
+    """Rebuild a model from a packed artifact; its outputs equal the palettized model's.
+
+    ``model_or_factory`` is an unprepared instance of the architecture (or a callable building
+    one); its weights are replaced. It may be omitted for a Hugging Face export (a directory with
+    ``config.json``): the ``transformers`` class named there is built. With ``finalize``
+    (default) the result is a plain model whose weights hold the palettized values; without it,
+    the model stays prepared (coreai-opt parametrizations, dense master weights set to the
+    palettized values) so training can go on.
+    """
+    from safetensors.torch import load_file
+
+    directory = Path(path)
+    if directory.is_file():
+        directory = directory.parent
+    manifest_path = directory / MANIFEST_NAME
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{manifest_path} not found: not a palettized export directory")
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("format") != FORMAT_ID:
+        raise ValueError(f"{manifest_path}: unsupported format {manifest.get('format')!r}; "
+                         f"this version reads {FORMAT_ID}")
+    stored = load_file(str(directory / PACKED_NAME))
+    inputs = load_file(str(directory / EXAMPLE_INPUTS_NAME))
+    example_inputs = tuple(inputs[f"input_{i}"] for i in range(manifest["num_example_inputs"]))
+
+    state: dict[str, torch.Tensor] = dict(stored)
+    for entry in manifest["palettized"].values():
+        prefix = entry["prefix"]
+        state[f"{prefix}0.indices"] = unpack_indices(
+            state[f"{prefix}0.indices"], entry["n_bits"], entry["indices_shape"])
+        state[f"{prefix}original"] = torch.zeros(entry["shape"], dtype=dtype_from_name(entry["dtype"]))
+    for alias, target in manifest["aliases"].items():
+        state[alias] = state[target]
+
+    if model_or_factory is None:
+        model_or_factory = _transformers_factory(directory)
+    model = model_or_factory if isinstance(model_or_factory, nn.Module) else model_or_factory()
+    config = config_from_yaml_text(manifest["palettizer_config"])
+    palettizer = KMeansPalettizer(model, config)
+    with tracing_forward(model):
+        palettizer.prepare(example_inputs, state_dict=state)
+        for t in fake_palettized_tensors(model):
+            t.original.copy_(t.fake.hard_assign(t.original))
+    model.eval()
+    if finalize:
+        model = palettizer.finalize(model, backend=ExportBackend.Torch)
+    return model
+
+
+def _transformers_factory(directory: Path) -> Callable[[], nn.Module]:
+    if not (directory / "config.json").is_file():
+        raise ValueError(f"{directory} has no config.json: pass the model (or a factory) to "
+                         "load_palettized")
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(directory)
+    names = getattr(config, "architectures", None) or []
+    cls = getattr(transformers, names[0], None) if names else None
+    if cls is None:
+        raise ValueError(f"{directory}/config.json names no transformers architecture "
+                         f"({names}): pass the model (or a factory) to load_palettized")
+
+    def build() -> nn.Module:
+        with torch.random.fork_rng(devices=[]):
+            return cls(config)
+
+    return build
