@@ -1,14 +1,15 @@
 """Palettization-aware training for PyTorch Lightning and Hugging Face, on coreai-opt.
 
-Importing the package registers the ``palettize/base`` schema in Hydra's ConfigStore (the YAML
-options of the ``palettize`` group extend it); it changes nothing else in the host process.
+The public names below load on first use (importing the package itself imports nothing heavy).
+Importing ``coreai_palettize_plugins.settings`` (every adapter does) registers the
+``palettize/base`` schema in Hydra's ConfigStore, which the YAML options of the ``palettize``
+group extend; nothing else in the host process is changed.
 """
 
-from .coreai_config import build_palettizer_config
-from .engine import Palettization, PalettizationWarning
-from .export import ExportError, ExportResult, load_palettized
-from .report import CompressionReport
-from .settings import PalettizeConfigError, PalettizeSettings, register_configs
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __all__ = [
     "CompressionReport",
@@ -24,4 +25,35 @@ __all__ = [
 ]
 __version__ = "0.1.0"
 
-register_configs()
+_HOMES = {
+    "CompressionReport": "report",
+    "ExportError": "export",
+    "ExportResult": "export",
+    "Palettization": "engine",
+    "PalettizationWarning": "engine",
+    "PalettizeConfigError": "settings",
+    "PalettizeSettings": "settings",
+    "build_palettizer_config": "coreai_config",
+    "load_palettized": "artifact",
+    "register_configs": "settings",
+}
+
+if TYPE_CHECKING:
+    from .artifact import load_palettized
+    from .coreai_config import build_palettizer_config
+    from .engine import Palettization, PalettizationWarning
+    from .export import ExportError, ExportResult
+    from .report import CompressionReport
+    from .settings import PalettizeConfigError, PalettizeSettings, register_configs
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

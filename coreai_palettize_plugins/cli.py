@@ -12,9 +12,6 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from .recipes import RecipeError, finetune, format_summary, load_recipe
-from .settings import PalettizeConfigError
-
 __all__ = ["main"]
 
 
@@ -40,8 +37,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``coreai-palettize`` console script. Returns the exit status."""
     from . import _quiet
 
-    _quiet.install()
+    _quiet.install()  # before coreai-opt (torchao) is imported below
     args = _parser().parse_args(argv)
+    from .recipes import RecipeError, finetune, format_summary, load_recipe
+    from .settings import PalettizeConfigError
+
     try:
         if args.command == "show":
             print(load_recipe(args.recipe, args.overrides).to_yaml(), end="")

@@ -330,9 +330,12 @@ def register_configs() -> None:
 
     The YAML options of the group (``conf/palettize/w4.yaml`` ...) extend it with
     ``defaults: [base]``, which makes them typed: ``--cfg job`` lists every overridable module
-    type, and ``palettize.overrides.linear=w8`` needs no ``+``. Importing the package calls this
-    (its one intended import side effect).
+    type, and ``palettize.overrides.linear=w8`` needs no ``+``. Importing this module calls it
+    (the package's one intended import side effect).
     """
     from hydra.core.config_store import ConfigStore
 
     ConfigStore.instance().store(group="palettize", name="base", node=PalettizeSettings)
+
+
+register_configs()  # the ``palettize`` YAML options extend ``palettize/base``

@@ -20,10 +20,13 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig
 
-from coreai_palettize_plugins import PalettizeConfigError
-from coreai_palettize_plugins._quiet import install as quiet_known_import_noise
-from coreai_palettize_plugins.demo.digits import accuracy
-from coreai_palettize_plugins.lightning import PalettizationCallback
+from coreai_palettize_plugins import _quiet
+
+_quiet.install()  # before coreai-opt (torchao) is imported: drop two known harmless log lines
+
+from coreai_palettize_plugins import PalettizeConfigError  # noqa: E402
+from coreai_palettize_plugins.demo.digits import accuracy  # noqa: E402
+from coreai_palettize_plugins.lightning import PalettizationCallback  # noqa: E402
 
 
 class AccuracyAfterPalettization(Callback):
@@ -85,7 +88,6 @@ def _remove_if_only_bookkeeping(run_dir: Path) -> None:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    quiet_known_import_noise()
     run(cfg)
 
 

@@ -16,7 +16,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 import torch
 
-import coreai_palettize_plugins  # noqa: F401  (registers the palettize/base schema)
+import coreai_palettize_plugins.settings  # noqa: F401  (registers the palettize/base schema)
 
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf"

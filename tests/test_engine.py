@@ -49,3 +49,19 @@ def test_errors_carry_their_key_and_can_be_renamed_for_recipes():
     assert error.key == "overrides.linear.n_bits"
     assert str(error.with_root("recipe.palettize")).startswith(
         "recipe.palettize.overrides.linear.n_bits: 5 is not supported")
+
+
+def test_framework_private_access_still_exists():
+    """Each Lightning/transformers private the adapters reach has one helper; this pins that the
+    installed versions still have it, so a bump fails here, by name, rather than mid-training."""
+    import lightning.pytorch as pl
+    from helpers import tiny_llama
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from coreai_palettize_plugins.lightning import _ddp_kwargs
+
+    assert isinstance(_ddp_kwargs(DDPStrategy()), dict)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    assert hasattr(trainer.fit_loop._data_source, "dataloader")
+    keys = tiny_llama(tied=True)._tied_weights_keys
+    assert isinstance(keys, dict) and keys                    # transformers 5: {alias regex: source}
