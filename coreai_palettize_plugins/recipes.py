@@ -74,7 +74,7 @@ __all__ = [
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 DATA_DIR = PACKAGE_DIR / "data"
-RECIPES_DIR = PACKAGE_DIR / "recipes"
+RECIPES_DIR = PACKAGE_DIR / "recipes" / "packaged"
 BUILTIN_PREFIX = "builtin:"
 RECIPE_FILE = "recipe.yaml"
 RESULTS_FILE = "finetune_results.json"

@@ -70,7 +70,7 @@ def test_shipped_corpus_tokenizer_and_recipes():
     assert tokenizer.decode(tokenizer(sample)["input_ids"]) == sample  # byte-level: lossless
     assert set(packaged_recipes()) == {TINY, *HUB_RECIPES}
     link = Path(__file__).resolve().parents[1] / "recipes"   # `finetune recipes/<name>.yaml`
-    assert link.is_symlink() and os.readlink(link) == "coreai_palettize_plugins/recipes"
+    assert link.is_symlink() and os.readlink(link) == "coreai_palettize_plugins/recipes/packaged"
     assert sorted(p.name for p in link.iterdir()) == sorted(p.name for p in RECIPES_DIR.iterdir())
 
 
