@@ -19,6 +19,7 @@ from coreai_palettize_plugins.cli import main
 from coreai_palettize_plugins.recipes import (
     DATA_DIR,
     RECIPES_DIR,
+    FinetuneResult,
     RecipeError,
     finetune,
     format_summary,
@@ -48,9 +49,9 @@ def small_run(output_dir: Path, *extra: str) -> list[str]:
 
 def eval_blocks_of(recipe_overrides: list[str]) -> torch.Tensor:
     recipe = load_recipe(TINY, recipe_overrides)
-    tokenizer = load_tokenizer(recipe.model["tokenizer"])
-    blocks = tokenize_blocks(read_texts(recipe.data), tokenizer, recipe.data["seq_len"])
-    return split_blocks(blocks, recipe.data["eval_fraction"])[1]
+    tokenizer = load_tokenizer(recipe.model.tokenizer)
+    blocks = tokenize_blocks(read_texts(recipe.data), tokenizer, recipe.data.seq_len)
+    return split_blocks(blocks, recipe.data.eval_fraction)[1]
 
 
 # ------------------------------------------------------------------------------------ shipped files
@@ -123,8 +124,8 @@ def test_packaged_recipes_validate(name):
     assert recipe.palettize["overrides"]["embedding"] is None
     assert recipe.palettize["training"] == "ste"
     if name in HUB_RECIPES:
-        assert recipe.model["name_or_path"] == HUB_RECIPES[name]
-        assert (recipe.data["dataset"], recipe.data["dataset_config"], recipe.data["text_field"]) == (
+        assert recipe.model.name_or_path == HUB_RECIPES[name]
+        assert (recipe.data.dataset, recipe.data.dataset_config, recipe.data.text_field) == (
             "Salesforce/wikitext", "wikitext-2-raw-v1", "text")
         assert "tie_word_embeddings: true" in (RECIPES_DIR / f"{name}.yaml").read_text()
 
@@ -132,7 +133,7 @@ def test_packaged_recipes_validate(name):
 def test_overrides_and_interpolation(tmp_path):
     recipe = load_recipe(TINY, [f"train.output_dir={tmp_path}/run", "palettize.preset=w6",
                                 "train.learning_rate=3e-4", "+palettize.modules.lm_head=w6"])
-    assert recipe.export["dir"] == f"{tmp_path}/run/palettized"   # ${train.output_dir}/palettized
+    assert recipe.export.dir == f"{tmp_path}/run/palettized"   # ${train.output_dir}/palettized
     assert recipe.palettize["preset"] == "w6"
     assert recipe.palettize["modules"] == {"lm_head": "w6"}
     assert recipe.train["learning_rate"] == pytest.approx(3e-4)
@@ -295,12 +296,12 @@ def tiny_run(tmp_path_factory):
 def test_finetune_writes_export_checkpoints_and_results(tiny_run):
     out, overrides, results = tiny_run
     export_dir = out / "palettized"
-    assert results["export_dir"] == str(export_dir)
+    assert results.export_dir == str(export_dir)
     for name in ("model.aimodel", "palettized.safetensors", "palettized.json", "config.json",
                  "tokenizer.json", "report.json", "recipe.yaml", "finetune_results.json"):
         assert (export_dir / name).exists(), name
-    assert results["export_errors"] == {}
-    assert set(results["artifacts"]) == {"coreai", "torch"}
+    assert results.export_errors == {}
+    assert set(results.artifacts) == {"coreai", "torch"}
     # The resolved recipe beside the export and every checkpoint, and it reproduces the recipe.
     recipe_text = (export_dir / "recipe.yaml").read_text()
     assert "${" not in recipe_text
@@ -309,43 +310,44 @@ def test_finetune_writes_export_checkpoints_and_results(tiny_run):
     assert load_recipe(export_dir / "recipe.yaml").to_dict() == load_recipe(TINY, overrides).to_dict()
 
     saved = json.loads((export_dir / "finetune_results.json").read_text())
-    assert saved["perplexity"] == results["perplexity"]
-    assert saved["global_step"] == results["global_step"] == 4
-    p = results["perplexity"]
-    assert all(math.isfinite(p[k]) and p[k] > 1 for k in ("dense", "palettized", "finetuned"))
-    assert p["palettized"] != p["dense"]            # k-means changed the model before training
-    assert p["finetuned"] < p["palettized"]         # and 4 straight-through steps trained it
-    assert results["prepare_seconds"] > 0
-    assert 4.5 < results["bits_per_weight"] < 5     # 4-bit body, one 8-bit tied head/embedding
-    assert results["palettized_layers"] == 29       # 28 projections + the tied embedding/head
-    assert results["artifact_bytes"]["torch"] < results["dense_bytes"] / 4
+    assert saved == results.to_json()                       # the file is the JSON view ...
+    assert saved["results_file"] == results.results_file == str(export_dir / "finetune_results.json")
+    assert FinetuneResult.from_json(saved) == results       # ... and reads back (report/trainer aside)
+    assert results.global_step == 4
+    p = results.perplexity
+    assert all(math.isfinite(v) and v > 1 for v in (p.dense, p.palettized, p.finetuned))
+    assert p.palettized != p.dense                  # k-means changed the model before training
+    assert p.finetuned < p.palettized               # and 4 straight-through steps trained it
+    assert results.prepare_seconds > 0
+    assert 4.5 < results.bits_per_weight < 5        # 4-bit body, one 8-bit tied head/embedding
+    assert results.palettized_layers == 29          # 28 projections + the tied embedding/head
+    assert results.artifact_bytes["torch"] < results.dense_bytes / 4
     summary = format_summary(results)
     assert "held-out perplexity dense" in summary and str(export_dir) in summary
+    assert summary == results.summary() == format_summary(saved)
 
 
 def test_export_reloads_to_identical_logits_and_perplexity(tiny_run):
     out, overrides, results = tiny_run
-    trained = results["trainer"].model.eval()
+    trained = results.trainer.model.eval()
     loaded = load_palettized(out / "palettized")          # no factory: HF config.json
     blocks = eval_blocks_of(overrides)
     with torch.no_grad():
         expected = trained(input_ids=blocks[:2]).logits
         actual = loaded(input_ids=blocks[:2]).logits
     assert (expected - actual).abs().max().item() == 0
-    assert perplexity(loaded, blocks, 16) == pytest.approx(results["perplexity"]["finetuned"],
-                                                           rel=1e-6)
+    assert perplexity(loaded, blocks, 16) == pytest.approx(results.perplexity.finetuned, rel=1e-6)
 
 
 def test_resume_from_checkpoint_skips_kmeans_and_matches(tiny_run, tmp_path):
     out, _, results = tiny_run
     resumed = finetune(TINY, small_run(tmp_path / "resumed",
                                        f"train.resume_from_checkpoint={out}/checkpoint-2"))
-    assert resumed["prepare_seconds"] is None
-    assert resumed["perplexity"]["palettized"] is None
-    assert resumed["resumed_from"] == f"{out}/checkpoint-2"
-    assert resumed["global_step"] == 4
-    assert resumed["perplexity"]["finetuned"] == pytest.approx(
-        results["perplexity"]["finetuned"], rel=1e-6)
+    assert resumed.prepare_seconds is None
+    assert resumed.perplexity.palettized is None
+    assert resumed.resumed_from == f"{out}/checkpoint-2"
+    assert resumed.global_step == 4
+    assert resumed.perplexity.finetuned == pytest.approx(results.perplexity.finetuned, rel=1e-6)
     assert ((tmp_path / "resumed/palettized/palettized.safetensors").read_bytes()
             == (out / "palettized/palettized.safetensors").read_bytes())
 
@@ -364,11 +366,11 @@ def test_pretrained_local_model_dir_without_export(tmp_path):
         tmp_path / "out", "model.config=null", "model.tokenizer=null",
         f"model.name_or_path={tmp_path / 'model'}", "train.max_steps=2", "export.formats=[]",
         "palettize.overrides.embedding=w8"))
-    assert results["export_dir"] is None and results["artifacts"] == {}
+    assert results.export_dir is None and results.artifacts == {}
     assert not (tmp_path / "out" / "palettized").exists()
     assert json.loads((tmp_path / "out" / "finetune_results.json").read_text())["global_step"] == 2
     # untied: the 8-bit embedding, the seven 4-bit projections and the 8-bit lm_head
-    assert results["palettized_layers"] == 1 + 7 + 1
+    assert results.palettized_layers == 1 + 7 + 1
 
 
 # ------------------------------------------------------------------------------------ CLI
