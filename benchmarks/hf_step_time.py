@@ -56,9 +56,9 @@ def main() -> None:
         recipe = load_recipe("tiny-llama-offline", [f"train.output_dir={tmp}",
                                                     f"train.max_steps={args.steps}",
                                                     "train.save_strategy='no'"])
-        tokenizer = load_tokenizer(recipe.model["tokenizer"])
-        blocks = tokenize_blocks(read_texts(recipe.data), tokenizer, recipe.data["seq_len"])
-        train_blocks, _ = split_blocks(blocks, recipe.data["eval_fraction"], None)
+        tokenizer = load_tokenizer(recipe.model.tokenizer)
+        blocks = tokenize_blocks(read_texts(recipe.data), tokenizer, recipe.data.seq_len)
+        train_blocks, _ = split_blocks(blocks, recipe.data.eval_fraction, None)
         torch.manual_seed(0)
         base = build_model(recipe.model, tokenizer)
         times: dict[str, list[float]] = {arm: [] for arm in ARMS}
@@ -76,7 +76,7 @@ def main() -> None:
                 times[arm] += timer.times
     dense = statistics.median(times["dense"])
     print(f"tiny-llama-offline ({sum(p.numel() for p in base.parameters()):,} parameters), "
-          f"batch {recipe.training_args.per_device_train_batch_size} x {recipe.data['seq_len']} "
+          f"batch {recipe.training_args.per_device_train_batch_size} x {recipe.data.seq_len} "
           f"tokens, {args.rounds} rounds x {args.steps - 2} timed steps per arm\n")
     print("| arm | median step ms | vs dense |\n|---|---:|---:|")
     for arm in ARMS:
