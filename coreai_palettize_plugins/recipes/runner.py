@@ -197,8 +197,7 @@ def palettization_callback(recipe: Recipe) -> Any:
     return PalettizationTrainerCallback(
         thaw(recipe.palettize), export_dir=recipe.export_dir,
         export_formats=list(recipe.export.formats),
-        extra_export_files=lambda directory: (directory / RECIPE_FILE).write_text(recipe_yaml),
-        key="recipe.palettize")
+        extra_export_files=lambda directory: (directory / RECIPE_FILE).write_text(recipe_yaml))
 
 
 def build_trainer(recipe: Recipe, model: torch.nn.Module, tokenizer: Any,
@@ -207,12 +206,17 @@ def build_trainer(recipe: Recipe, model: torch.nn.Module, tokenizer: Any,
     (before ``train()``), and the callback logs through this ``Trainer``."""
     from transformers import Trainer, default_data_collator
 
-    trainer = Trainer(model=model, args=recipe.training_args,
-                      train_dataset=TokenBlocks(train_blocks),
-                      eval_dataset=TokenBlocks(eval_blocks) if len(eval_blocks) else None,
-                      data_collator=default_data_collator, processing_class=tokenizer,
-                      callbacks=[callback, RecipeSnapshotCallback(recipe.to_yaml())])
-    callback.attach_to_trainer(trainer)
+    from ..settings import PalettizeConfigError
+
+    try:
+        trainer = Trainer(model=model, args=recipe.training_args,
+                          train_dataset=TokenBlocks(train_blocks),
+                          eval_dataset=TokenBlocks(eval_blocks) if len(eval_blocks) else None,
+                          data_collator=default_data_collator, processing_class=tokenizer,
+                          callbacks=[callback, RecipeSnapshotCallback(recipe.to_yaml())])
+        callback.attach_to_trainer(trainer)
+    except PalettizeConfigError as e:  # e.g. a modules regex that matches no module
+        raise e.with_root("recipe.palettize") from None
     return trainer
 
 
@@ -242,7 +246,7 @@ def collect_results(recipe: Recipe, trainer: Any, callback: Any, perplexities: P
         palettized_bytes=report.palettized_bytes, output_dir=str(recipe.output_dir),
         export_dir=str(exported.directory) if exported else None,
         artifacts={fmt: str(path) for fmt, path in written.items()},
-        artifact_bytes={fmt: report.extra.get(f"{fmt}_artifact_bytes") for fmt in written},
+        artifact_bytes={fmt: exported.artifact_bytes.get(fmt) for fmt in written},
         export_errors=dict(exported.errors) if exported else {},
         report=report, trainer=trainer)
 

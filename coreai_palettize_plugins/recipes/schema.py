@@ -20,7 +20,7 @@ import torch.nn as nn
 import yaml
 from transformers import TrainingArguments
 
-from ..settings import EXPORT_FORMATS, resolve_settings
+from ..settings import EXPORT_FORMATS, PalettizeConfigError, PalettizeSettings
 from .checks import (
     ReadOnlyDict,
     RecipeError,
@@ -301,7 +301,10 @@ def _validate_palettize(palettize: dict[str, Any]) -> ReadOnlyDict:
     if "export" in palettize:
         raise RecipeError("recipe.palettize.export: set the export in the recipe's own export "
                           "section (export.dir, export.formats)")
-    resolve_settings(palettize, key="recipe.palettize")
+    try:
+        PalettizeSettings.resolve(palettize)
+    except PalettizeConfigError as e:
+        raise e.with_root("recipe.palettize") from None
     return freeze(palettize)
 
 
