@@ -1,0 +1,258 @@
+"""Model classes shipped in transformers, built from tiny configs (random init, no downloads), each
+with a small dataset of fixed-shape samples its forward accepts through the HF ``Trainer``.
+
+``build(family) -> Family``; ``FAMILIES`` lists them. Shapes divide into w4's 16-channel groups
+where the architecture allows it, as real checkpoints do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+VOCAB = 256
+
+
+@dataclass
+class Family:
+    name: str
+    model: nn.Module
+    samples: list[dict[str, torch.Tensor]]
+    output: str                      # the output compared after reload (logits, ...)
+
+
+def _tokens(n: int, length: int, seed: int) -> torch.Tensor:
+    return torch.randint(3, VOCAB, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _causal_lm(model: nn.Module, n: int = 16, length: int = 16) -> list[dict[str, torch.Tensor]]:
+    ids = _tokens(n, length, 1)
+    return [{"input_ids": row, "labels": row.clone()} for row in ids]
+
+
+def _seq2seq(n: int = 16) -> list[dict[str, torch.Tensor]]:
+    ids, labels = _tokens(n, 12, 1), _tokens(n, 8, 2)
+    return [{"input_ids": i, "attention_mask": torch.ones_like(i), "labels": label}
+            for i, label in zip(ids, labels)]
+
+
+def _classifier(n: int = 16) -> list[dict[str, torch.Tensor]]:
+    ids = _tokens(n, 12, 1)
+    return [{"input_ids": row, "attention_mask": torch.ones_like(row),
+             "labels": torch.tensor(i % 2)} for i, row in enumerate(ids)]
+
+
+LLM = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+
+
+def _llama():
+    import transformers as T
+
+    return T.LlamaForCausalLM(T.LlamaConfig(**LLM))
+
+
+def _qwen2_tied():
+    import transformers as T
+
+    return T.Qwen2ForCausalLM(T.Qwen2Config(**LLM, tie_word_embeddings=True))
+
+
+def _phi3():
+    import transformers as T
+
+    return T.Phi3ForCausalLM(T.Phi3Config(**LLM, pad_token_id=0))
+
+
+def _gemma3():
+    import transformers as T
+
+    return T.Gemma3ForCausalLM(T.Gemma3TextConfig(**LLM, head_dim=16, sliding_window=8))
+
+
+def _gpt2():
+    import transformers as T
+
+    return T.GPT2LMHeadModel(T.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB,
+                                          n_positions=64))
+
+
+def _mixtral():
+    import transformers as T
+
+    return T.MixtralForCausalLM(T.MixtralConfig(**{**LLM, "intermediate_size": 64},
+                                                num_local_experts=4, num_experts_per_tok=2))
+
+
+def _qwen3_moe():
+    import transformers as T
+
+    config = T.Qwen3MoeConfig(**{**LLM, "intermediate_size": 64}, num_experts=4,
+                              num_experts_per_tok=2, moe_intermediate_size=64, head_dim=16,
+                              decoder_sparse_step=1)
+    return T.Qwen3MoeForCausalLM(config)
+
+
+def _t5():
+    import transformers as T
+
+    return T.T5ForConditionalGeneration(T.T5Config(
+        vocab_size=VOCAB, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+        decoder_start_token_id=0, pad_token_id=0))
+
+
+def _bart():
+    import transformers as T
+
+    return T.BartForConditionalGeneration(T.BartConfig(
+        vocab_size=VOCAB, d_model=64, encoder_layers=2, decoder_layers=2,
+        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
+        decoder_ffn_dim=128, max_position_embeddings=64))
+
+
+def _whisper():
+    import transformers as T
+
+    return T.WhisperForConditionalGeneration(T.WhisperConfig(
+        vocab_size=VOCAB, num_mel_bins=16, d_model=64, encoder_layers=2, decoder_layers=2,
+        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
+        decoder_ffn_dim=128, max_source_positions=32, max_target_positions=32,
+        decoder_start_token_id=1, pad_token_id=0, eos_token_id=2, bos_token_id=1))
+
+
+def _vit():
+    import transformers as T
+
+    return T.ViTForImageClassification(T.ViTConfig(
+        image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=128, num_labels=10))
+
+
+def _bert():
+    import transformers as T
+
+    return T.BertForSequenceClassification(T.BertConfig(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=128, num_labels=2, max_position_embeddings=66))
+
+
+def _roberta():
+    import transformers as T
+
+    return T.RobertaForSequenceClassification(T.RobertaConfig(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=128, num_labels=2, max_position_embeddings=66))
+
+
+def _whisper_samples(n: int = 16) -> list[dict[str, torch.Tensor]]:
+    features = torch.randn(n, 16, 64, generator=torch.Generator().manual_seed(1))
+    return [{"input_features": f, "labels": label} for f, label in zip(features, _tokens(n, 6, 2))]
+
+
+def _vit_samples(n: int = 16) -> list[dict[str, torch.Tensor]]:
+    pixels = torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    return [{"pixel_values": p, "labels": torch.tensor(i % 10)} for i, p in enumerate(pixels)]
+
+
+_BUILDERS: dict[str, tuple[Callable[[], nn.Module], Callable[..., list], str]] = {
+    "gpt2": (_gpt2, _causal_lm, "logits"),
+    "bert": (_bert, lambda m: _classifier(), "logits"),
+    "roberta": (_roberta, lambda m: _classifier(), "logits"),
+    "t5": (_t5, lambda m: _seq2seq(), "logits"),
+    "bart": (_bart, lambda m: _seq2seq(), "logits"),
+    "whisper": (_whisper, lambda m: _whisper_samples(), "logits"),
+    "vit": (_vit, lambda m: _vit_samples(), "logits"),
+    "llama": (_llama, _causal_lm, "logits"),
+    "qwen2_tied": (_qwen2_tied, _causal_lm, "logits"),
+    "phi3": (_phi3, _causal_lm, "logits"),
+    "gemma3": (_gemma3, _causal_lm, "logits"),
+    "mixtral": (_mixtral, _causal_lm, "logits"),
+    "qwen3_moe": (_qwen3_moe, _causal_lm, "logits"),
+}
+FAMILIES = list(_BUILDERS)
+
+
+def build(name: str, seed: int = 0) -> Family:
+    make_model, make_samples, output = _BUILDERS[name]
+    torch.manual_seed(seed)
+    model = make_model()
+    return Family(name, model, make_samples(model), output)
+
+
+def linear_like_weights(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Every weight that computes like a linear layer or a convolution: ``{name: shape}``
+    (nn.Linear, convs, HF Conv1D, MultiheadAttention in_proj, fused 3-D expert parameters)."""
+    from transformers.pytorch_utils import Conv1D
+
+    kinds = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+             nn.ConvTranspose3d, Conv1D)
+    found: dict[str, tuple[int, ...]] = {}
+    for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        if isinstance(module, kinds):
+            found[prefix + "weight"] = tuple(module.weight.shape)
+        elif isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
+            found[prefix + "in_proj_weight"] = tuple(module.in_proj_weight.shape)
+        else:
+            for name, p in module.named_parameters(recurse=False):
+                if p.dim() == 3 and p.is_floating_point():
+                    found[prefix + name] = tuple(p.shape)
+    return found
+
+
+def palettized(model: nn.Module, name: str) -> bool:
+    """Whether weight ``name`` of ``model`` is palettized (tied aliases included)."""
+    import torch.nn.utils.parametrize as parametrize
+
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    return parametrize.is_parametrized(module, attr)
+
+
+def run_family(name: str, out_dir, *, steps: int = 2, **callback_kwargs) -> dict:
+    """Train ``steps`` optimizer steps with the HF Trainer and the callback's default arguments
+    (plus ``callback_kwargs``), export, reload with ``load_palettized``; returns the facts."""
+    import time
+
+    from transformers import Trainer, TrainingArguments, default_data_collator
+
+    from coreai_palettize_plugins import load_palettized
+    from coreai_palettize_plugins.hf import PalettizationTrainerCallback
+
+    started = time.perf_counter()
+    family = build(name)
+    weights = linear_like_weights(family.model)
+    callback = PalettizationTrainerCallback(**callback_kwargs)
+    args = TrainingArguments(str(out_dir), max_steps=steps, per_device_train_batch_size=4,
+                             learning_rate=1e-3, report_to=[], use_cpu=True, disable_tqdm=True,
+                             save_strategy="no", seed=0)
+    trainer = Trainer(model=family.model, args=args, train_dataset=family.samples,
+                      data_collator=default_data_collator, callbacks=[callback])
+    callback.attach_to_trainer(trainer)
+    trainer.train()
+    model = trainer.model.eval()
+    report, result = callback.report, callback.export_result
+    dense = {d.name: d.reason for d in report.dense_layers}
+    total = sum(torch.Size(s).numel() for s in weights.values())
+    share = sum(torch.Size(s).numel() for n, s in weights.items() if palettized(model, n)) / total
+    batch = {k: v for k, v in default_data_collator(family.samples[:2]).items()}
+    with torch.no_grad():
+        trained = getattr(model(**batch), family.output)
+        loaded = load_palettized(result.directory).eval()
+        reloaded = getattr(loaded(**batch), family.output)
+    return {
+        "family": name,
+        "model": type(family.model).__name__,
+        "weights": weights,
+        "palettized": {n for n in weights if palettized(model, n)},
+        "dense_reasons": dense,
+        "palettized_share": share,
+        "bits_per_weight": report.bits_per_weight,
+        "written": sorted(result.written),
+        "errors": dict(result.errors),
+        "reload_max_diff": float((trained - reloaded).abs().max()),
+        "seconds": time.perf_counter() - started,
+    }
