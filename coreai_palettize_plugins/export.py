@@ -393,6 +393,8 @@ def export_palettized(
                 report.extra[f"{fmt}_error"] = error
             (tmp / REPORT_JSON).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
             (tmp / REPORT_MD).write_text(report.to_markdown())
+            from .plots import try_write_report_png  # matplotlib is optional: logged if missing
+            try_write_report_png(report.to_dict(), tmp / "report.png")
     result.written = {fmt: directory / p.relative_to(tmp) for fmt, p in result.written.items()}
     for fmt, error in result.errors.items():
         log.error("palettize export: format %r could not be written: %s", fmt, error)
