@@ -99,7 +99,9 @@ def _run_tool(args: argparse.Namespace) -> int:
             print(format_report(report))
             if not args.no_plot:
                 try:
-                    png = plot_report(report, Path(args.export_dir) / REPORT_PNG)
+                    where = Path(args.export_dir)
+                    png = plot_report(report, (where if where.is_dir() else where.parent)
+                                      / REPORT_PNG)
                     print(f"\nwrote {png}")
                 except MatplotlibMissing as e:
                     print(f"note: {e}", file=sys.stderr)

@@ -216,8 +216,14 @@ def _load_recipe(source: str) -> tuple[Callable[[], nn.Module], Any, dict[str, A
         if "vocab_size" not in fields and model.get("tokenizer"):
             from .recipes import load_tokenizer
 
-            fields["vocab_size"] = len(load_tokenizer(model["tokenizer"], local_files_only=True))
-        config = cls.config_class(**fields, architectures=[cls.__name__])
+            try:  # a model built from config takes its vocabulary size from the tokenizer
+                tokenizer = load_tokenizer(model["tokenizer"], local_files_only=True)
+            except Exception as e:
+                raise InspectError(f"recipe.model.tokenizer: cannot be loaded offline "
+                                   f"({_first_line(e)}); set model.config.vocab_size") from None
+            fields["vocab_size"] = len(tokenizer)
+        fields.setdefault("architectures", [cls.__name__])
+        config = cls.config_class(**fields)
         factory = _hf_factory(config, "recipe.model.config")
     else:
         reference = str(model["name_or_path"])

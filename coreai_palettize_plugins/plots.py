@@ -136,7 +136,8 @@ def plot_report(report: Mapping[str, Any], path: str | os.PathLike) -> Path:
                   f"{report.get('bits_per_weight', math.nan):.2f} bits/weight for the whole model")
 
     extra = report.get("extra") or {}
-    sizes = [("dense (as trained)", report.get("dense_bytes", 0)), ("dense fp16", report.get("dense_fp16_bytes", 0)),
+    sizes = [("dense (as trained)", report.get("dense_bytes", 0)),
+             ("dense fp16", report.get("dense_fp16_bytes", 0)),
              ("palettized\n(indices+LUTs+rest)", report.get("palettized_bytes", 0))]
     sizes += [(f"{fmt} artifact", extra[f"{fmt}_artifact_bytes"]) for fmt in ("coreai", "torch")
               if isinstance(extra.get(f"{fmt}_artifact_bytes"), (int, float))]
