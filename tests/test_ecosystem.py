@@ -339,22 +339,31 @@ def test_inspect_needs_an_input_it_can_guess():
         inspect_target("torch.nn:Identity")
 
 
-def test_inspect_llama_1b_shape_without_weights(tmp_path):
-    """The Llama-3.2-1B shape (1.24 B parameters, 2.3 GiB in fp16) in well under 1 GB."""
-    model_dir = write_llama_dir(
-        tmp_path / "llama-1b", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-        num_attention_heads=32, num_key_value_heads=8, head_dim=64, vocab_size=128256,
-        tie_word_embeddings=True, dtype="bfloat16")
+def test_inspect_llama_1b_recipe_from_the_hub_cache_without_weights(tmp_path):
+    """The llama-3.2-1b-wikitext recipe with only its config.json in the Hugging Face cache:
+    1.24 B parameters (4.6 GiB in fp32) inspected in well under 1 GB."""
+    snapshot = tmp_path / "hf" / "hub" / "models--meta-llama--Llama-3.2-1B" / "snapshots" / "c0"
+    write_llama_dir(snapshot, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                    num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+                    vocab_size=128256, tie_word_embeddings=True, dtype="bfloat16")
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("c0")
     probe = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], "
              "capture_output=True, text=True); sys.stderr.write(r.stderr); print(r.stdout); "
              "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
     result = run_in(tmp_path, "-c", probe, sys.executable, "-m", "coreai_palettize_plugins",
-                    "inspect", str(model_dir), "modules.lm_head=w8", "overrides.embedding=null",
-                    "--json", timeout=180)
+                    "inspect", "llama-3.2-1b-wikitext", "--json", timeout=180,
+                    env={"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"})
     *out, rss_kb = result.stdout.strip().splitlines()
+    assert out, result.stderr[-2000:]
     facts = json.loads("\n".join(out))
+    assert facts["target"] == "recipe llama-3.2-1b-wikitext"
+    assert facts["dtype"] == "float32"                          # the recipe's model.dtype
     assert facts["num_weights"] == 1_235_814_400
     assert (facts["palettized_weights"], facts["dense_weights"]) == (113, 0)
+    plans = {p["name"]: p for p in facts["layers"]}
+    assert plans["lm_head.weight"]["tied_to"] == "model.embed_tokens.weight"
+    assert plans["model.embed_tokens.weight"]["spec"] == "8-bit per-tensor LUT float32"
     assert facts["fp16_bytes"] == 2 * facts["num_weights"]
     assert 3.2 < facts["ratio_vs_fp16"] < 3.4
     assert int(rss_kb) < 1024 * 1024, f"peak RSS {int(rss_kb) // 1024} MiB"
