@@ -34,7 +34,7 @@ from .engine import Palettization
 from .settings import PalettizeConfigError
 
 __all__ = ["InspectError", "Inspection", "LayerPlan", "inspect_model", "inspect_target",
-           "load_target"]
+           "load_target", "palettize_settings"]
 
 DTYPES = ("float32", "float16", "bfloat16")
 _PALETTIZABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d,
