@@ -266,6 +266,9 @@ def export_palettized(
         if report is not None:
             (tmp / REPORT_JSON).write_text(json.dumps(result.report_dict(), indent=2) + "\n")
             (tmp / REPORT_MD).write_text(report.to_markdown(result.extra()))
+            from .plots import try_write_report_png  # matplotlib is optional: logged if missing
+
+            try_write_report_png(result.report_dict(), tmp / "report.png")
     result.written = {fmt: directory / p.relative_to(tmp) for fmt, p in result.written.items()}
     for fmt, error in result.errors.items():
         log.error("palettize export: format %r could not be written: %s", fmt, error)
