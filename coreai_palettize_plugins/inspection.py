@@ -205,19 +205,20 @@ def _load_hf_dir(path: Path) -> tuple[Callable[[], nn.Module], Any]:
 
 def _load_recipe(source: str) -> tuple[Callable[[], nn.Module], Any, dict[str, Any], str]:
     from .recipes import load_recipe
+    from .recipes.checks import thaw
 
     recipe = load_recipe(source)
     model = recipe.model
-    if model.get("config") is not None:
+    if model.config is not None:
         import transformers
 
-        fields = {k: v for k, v in model["config"].items() if k != "architecture"}
-        cls = getattr(transformers, model["config"]["architecture"])
-        if "vocab_size" not in fields and model.get("tokenizer"):
+        fields = {k: v for k, v in model.config.items() if k != "architecture"}
+        cls = getattr(transformers, model.config["architecture"])
+        if "vocab_size" not in fields and model.tokenizer:
             from .recipes import load_tokenizer
 
             try:  # a model built from config takes its vocabulary size from the tokenizer
-                tokenizer = load_tokenizer(model["tokenizer"], local_files_only=True)
+                tokenizer = load_tokenizer(model.tokenizer, local_files_only=True)
             except Exception as e:
                 raise InspectError(f"recipe.model.tokenizer: cannot be loaded offline "
                                    f"({_first_line(e)}); set model.config.vocab_size") from None
@@ -226,7 +227,7 @@ def _load_recipe(source: str) -> tuple[Callable[[], nn.Module], Any, dict[str, A
         config = cls.config_class(**fields)
         factory = _hf_factory(config, "recipe.model.config")
     else:
-        reference = str(model["name_or_path"])
+        reference = str(model.name_or_path)
         if Path(reference).expanduser().is_dir():
             factory, _ = _load_hf_dir(Path(reference).expanduser())
         else:
@@ -240,7 +241,7 @@ def _load_recipe(source: str) -> tuple[Callable[[], nn.Module], Any, dict[str, A
                     f"in the Hugging Face cache; fetch its config (hf download {reference} "
                     "config.json) or pass a local model directory") from None
             factory = _hf_factory(config, "recipe.model.name_or_path")
-    return factory, model.get("dtype"), dict(recipe.palettize), f"recipe {recipe.name}"
+    return factory, model.dtype, thaw(recipe.palettize), f"recipe {recipe.name}"
 
 
 def _load_factory(target: str) -> Callable[[], nn.Module]:

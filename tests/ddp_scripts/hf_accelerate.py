@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import torch
-from _probe import record, state_hash
+from _probe import palettized_state_hash, record
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -22,10 +22,10 @@ class Probe(TrainerCallback):
         self.out = out
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        record(self.out, args.process_index, hash_after_prepare=state_hash(model))
+        record(self.out, args.process_index, hash_after_prepare=palettized_state_hash(model))
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        record(self.out, args.process_index, hash_at_end=state_hash(model),
+        record(self.out, args.process_index, hash_at_end=palettized_state_hash(model),
                global_step=state.global_step)
 
 
