@@ -30,7 +30,7 @@ from ._modelcopy import copy_for_export, materialize, meta_skeleton, model_devic
 from ._utils import to_device
 from .coreai_config import config_to_yaml, to_coreai_config
 from .export import ExportResult, export_palettized
-from .report import CompressionReport, build_report
+from .report import CompressionReport, build_report, check_overrides, dense_weights
 from .settings import ConfigSource, PalettizeConfigError, PalettizeSettings
 
 __all__ = ["Palettization", "PalettizationWarning", "as_example_inputs"]
@@ -104,6 +104,8 @@ class Palettization:
         self.example_inputs: tuple[Any, ...] = ()
         """Inputs of the export's tracing forward (those of ``attach`` unless replaced)."""
         self.skipped: dict[str, str] = {}
+        self.consumers: dict[str, str] = {}
+        """First torch function that consumed each parameter in attach's tracing forward."""
         self.tied: dict[str, str] = {}
         self.cluster_stats: distributed.ClusterStats | None = None
         self._restored = False
@@ -147,19 +149,25 @@ class Palettization:
             self._insert(model, example_inputs)
             if not self.tensors():
                 raise self._nothing_palettized(model, self.skipped)
+            check_overrides(model, **self._trace_record())
             self._prepare_parameters()
         if distributed.rank() == 0:
-            for name, reason in self.skipped.items():
-                warnings.warn(f"palettize: {name} left dense: {reason}", PalettizationWarning,
-                              stacklevel=2)
+            dense = [d for d in dense_weights(model, **self._trace_record()) if d.warned]
+            if dense:
+                warnings.warn(
+                    f"palettize: {len(dense)} weight(s) of linear-like layers left dense "
+                    "(report().dense_layers lists them):\n"
+                    + "\n".join(f"  {d.name}: {d.reason}" for d in dense),
+                    PalettizationWarning, stacklevel=2)
 
     def _insert(self, model: nn.Module, example_inputs: tuple[Any, ...]) -> None:
         palettizer = KMeansPalettizer(model, self.config)
         palettizer._num_workers = self.settings.num_workers
         device = model_device(model)
-        with tracing_forward(model):
+        with tracing_forward(model), compat.record_first_consumers(model) as consumers:
             self.skipped = compat.insert_parametrizations(
                 palettizer, tuple(to_device(x, device) for x in example_inputs))
+        self.consumers = consumers
         self.model, self.palettizer = model, palettizer
         self.example_inputs = _detached_cpu(example_inputs)
         self.tied = compat.tied_prefixes(model)
@@ -377,9 +385,15 @@ class Palettization:
 
     # ---------------------------------------------------------------- report and export
 
+    def _trace_record(self) -> dict[str, Any]:
+        """What attach learned, for the dense reasons (``report.dense_weights``)."""
+        return {"skipped": self.skipped, "consumers": self.consumers, "settings": self.settings,
+                "module_configs": compat.resolved_module_configs(self.palettizer)}
+
     def report(self) -> CompressionReport:
+        """The compression report (whole-model sizes; dense weights with their reasons)."""
         self._require_attached()
-        return build_report(self.model, self.skipped)
+        return build_report(self.model, **self._trace_record())
 
     def set_export_inputs(self, example_inputs: Any) -> None:
         """Trace the export with these inputs (e.g. a real data sample) instead of attach's."""
