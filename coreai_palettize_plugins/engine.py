@@ -30,7 +30,8 @@ from ._modelcopy import copy_for_export, materialize, meta_skeleton, model_devic
 from ._utils import to_device
 from .coreai_config import config_to_yaml, to_coreai_config
 from .export import ExportResult, export_palettized
-from .report import CompressionReport, build_report, check_overrides, dense_weights
+from .dense_reasons import check_overrides, dense_weights
+from .report import CompressionReport, build_report
 from .settings import ConfigSource, PalettizeConfigError, PalettizeSettings
 
 __all__ = ["Palettization", "PalettizationWarning", "as_example_inputs"]
