@@ -29,8 +29,8 @@ from . import distributed, strategies
 from ._modelcopy import copy_for_export, materialize, meta_skeleton, model_device, tracing_forward
 from ._utils import to_device
 from .coreai_config import config_to_yaml, to_coreai_config
-from .export import ExportResult, export_palettized
 from .dense_reasons import check_overrides, dense_weights
+from .export import ExportResult, export_palettized
 from .report import CompressionReport, build_report
 from .settings import ConfigSource, PalettizeConfigError, PalettizeSettings
 
