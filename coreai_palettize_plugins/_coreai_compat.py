@@ -40,6 +40,7 @@ __all__ = [
     "flat_lut_positions",
     "get_step",
     "insert_parametrizations",
+    "is_palettized_state",
     "is_prepared",
     "lut_groups",
     "set_step",
@@ -147,6 +148,14 @@ def insert_parametrizations(
 def is_prepared(model: nn.Module) -> bool:
     """Whether coreai-opt already prepared ``model``."""
     return bool(KMeansPalettizer._is_model_prepared(model))
+
+
+def is_palettized_state(state_dict: Any) -> bool:
+    """Whether a model state dict holds coreai-opt palettized state (LUTs of a fake palettizer,
+    ``<module>.parametrizations.<attr>.<i>.centroids``), i.e. was saved from a prepared model."""
+    return any(isinstance(k, str) and k.endswith(".centroids")
+               and (k.startswith("parametrizations.") or ".parametrizations." in k)
+               for k in state_dict)
 
 
 def _incompatibility(tensor: PalettizedTensor) -> str:
