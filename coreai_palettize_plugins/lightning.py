@@ -71,8 +71,9 @@ def _first_batch_of_stage(trainer: pl.Trainer, stage: str) -> Any:
     """The first batch of ``stage``'s dataloader (``"fit"``: train; ``"validate"``, ``"test"``,
     ``"predict"``: that loop's), through the loop's Lightning-private ``_data_source`` as
     ``_first_training_batch`` does; tested against lightning 2.x. A list of dataloaders: the first."""
-    loop = {"fit": trainer.fit_loop, "validate": trainer.validate_loop,
-            "test": trainer.test_loop, "predict": trainer.predict_loop}[stage]
+    loops = {"fit": trainer.fit_loop, "validate": trainer.validate_loop,
+             "test": trainer.test_loop, "predict": trainer.predict_loop}
+    loop = loops[getattr(stage, "value", stage)]  # a TrainerFn or its string
     loaders = loop._data_source.dataloader()
     if isinstance(loaders, (list, tuple)) and loaders and not isinstance(loaders[0], torch.Tensor):
         loaders = loaders[0]
@@ -208,7 +209,8 @@ class PalettizationCallback(Callback):
         original = pl_module.load_state_dict
 
         def load_state_dict(state_dict: Mapping[str, Any], *args: Any, **kwargs: Any) -> Any:
-            if self.engine.attached or not compat.is_palettized_state(state_dict):
+            if (self.engine.attached or compat.is_prepared(pl_module)  # e.g. by an earlier fit
+                    or not compat.is_palettized_state(state_dict)):
                 return original(state_dict, *args, **kwargs)
             self.engine.attach(pl_module, self._resolve_example_inputs(trainer, pl_module, stage))
             result = original(state_dict, *args, **kwargs)

@@ -162,3 +162,8 @@ def test_validate_with_a_palettized_checkpoint_needs_no_training_hooks(tmp_path,
     assert got == expected
     assert palettized_state_hash(fresh) == palettized_state_hash(net)
     assert isinstance(fresh.net[0], nn.Conv2d)
+
+    third = PalettizationCallback("w4", overrides={"linear": "w8"}, export_formats=())
+    again = trainer(tmp_path / "again", callbacks=[third]).validate(   # prepared by the first
+        net, DigitsDataModule(), ckpt_path=ckpt, verbose=False)[0]
+    assert again == expected and not third.engine.attached and counter.calls == []
