@@ -32,6 +32,9 @@ __all__ = [
     "PalettizedTensor",
     "centroids_shape",
     "cluster_tensors",
+    "defer_clustering",
+    "deferred",
+    "end_deferral",
     "ensure_kmeans_extension",
     "fake_palettized_tensors",
     "finish_clustering",
@@ -39,6 +42,7 @@ __all__ = [
     "function_name",
     "get_step",
     "insert_parametrizations",
+    "is_palettized_state",
     "is_prepared",
     "lut_groups",
     "palettizable_ops",
@@ -152,12 +156,58 @@ def is_prepared(model: nn.Module) -> bool:
     return bool(KMeansPalettizer._is_model_prepared(model))
 
 
+def is_palettized_state(state_dict: Any) -> bool:
+    """Whether a model state dict holds coreai-opt palettized state (LUTs of a fake palettizer,
+    ``<module>.parametrizations.<attr>.<i>.centroids``), i.e. was saved from a prepared model."""
+    return any(isinstance(k, str) and k.endswith(".centroids")
+               and (k.startswith("parametrizations.") or ".parametrizations." in k)
+               for k in state_dict)
+
+
 def _incompatibility(tensor: PalettizedTensor) -> str:
     fake, shape = tensor.fake, tuple(tensor.original.shape)
     group = getattr(fake.granularity, "group_size", None)
     if group:
         return f"shape {shape} is not divisible into groups of {group} along axis {fake._resolved_axis}"
     return f"shape {shape} is incompatible with cluster_dim={fake.cluster_dim}"
+
+
+_DEFERRED = "_plugin_deferred"
+
+
+def defer_clustering(tensors: list[PalettizedTensor]) -> None:
+    """Until ``end_deferral``: reading a palettized weight returns its dense ``original``
+    Parameter itself, and nothing runs k-means.
+
+    coreai-opt 0.4's fake-palettize forward runs k-means (``ensure_initialized``) *before* it
+    honours ``fake_palett_enabled``, so after the structure exists any read of ``module.weight``
+    (a param-group builder, a summary, a tie helper) would cluster that weight lazily, on every
+    rank. ``_disabled`` is the one flag its forward checks first. The plugin's own marker keeps
+    ``end_deferral`` from re-enabling a fake coreai-opt disabled (incompatible shape). Call after
+    ``insert_parametrizations`` (which removes disabled fakes).
+    """
+    for t in tensors:
+        if not t.fake._disabled:
+            t.fake._disabled = True
+            setattr(t.fake, _DEFERRED, True)
+
+
+def end_deferral(tensors: list[PalettizedTensor]) -> None:
+    """Undo ``defer_clustering``: before k-means, restore verification and ``finish_clustering``
+    (which *removes* disabled fakes). Idempotent."""
+    for t in tensors:
+        _end_deferral(t.fake)
+
+
+def _end_deferral(fake: _KMeansFakePalettize) -> None:
+    if getattr(fake, _DEFERRED, False):
+        fake._disabled = False
+        setattr(fake, _DEFERRED, False)
+
+
+def deferred(tensors: list[PalettizedTensor]) -> list[str]:
+    """Names of ``tensors`` whose clustering is still deferred."""
+    return [t.name for t in tensors if getattr(t.fake, _DEFERRED, False)]
 
 
 STALE_LOCK_SECONDS = 300
@@ -189,6 +239,7 @@ def cluster_tensors(palettizer: KMeansPalettizer, tensors: list[PalettizedTensor
     """Run k-means for ``tensors`` in this process (coreai-opt's ``num_workers`` pool if > 1)."""
     if not tensors:
         return
+    end_deferral(tensors)  # a deferred fake would return at once and be taken as disabled
     ensure_kmeans_extension()
     wanted = {id(t.fake) for t in tensors}
     infos = [i for i in palettizer._collect_fake_palett_info(to_cpu=False)
@@ -218,6 +269,9 @@ def _calculate_in_pool(palettizer: KMeansPalettizer, infos: list) -> None:
 def finish_clustering(palettizer: KMeansPalettizer) -> None:
     """Drop layers k-means disabled and turn fake palettization on (end of ``prepare``)."""
     model = palettizer._model
+    for module in model.modules():  # a deferred fake is not a disabled one: keep it
+        if isinstance(module, _KMeansFakePalettize):
+            _end_deferral(module)
     palettizer._remove_disabled_fake_palett_modules(model)
     model.apply(_enable_fake_palett)
 

@@ -128,7 +128,8 @@ class Palettization:
         """Insert the palettized structure into ``model`` (in place) without running k-means.
 
         Call before the model is wrapped (DDP) and before the optimizer is built. Attaching the
-        same model again is a no-op.
+        same model again is a no-op. Until ``ensure_clustered``/``cluster``, reading a palettized
+        weight (``module.weight``) returns its dense Parameter and never runs k-means.
 
         Raises:
             PalettizeConfigError: a ``modules`` regex matches no module, or nothing is palettized.
@@ -174,6 +175,9 @@ class Palettization:
         self.tied = compat.tied_prefixes(model)
         if self.tied:
             model.register_load_state_dict_pre_hook(self._fill_tied_keys)
+        # No lazy k-means: until cluster() or a verified restore, reading a palettized weight
+        # returns the dense Parameter (an optimizer built from ``m.weight`` gets the real one).
+        compat.defer_clustering(self.tensors())
 
     def _prepare_parameters(self) -> None:
         """Before the optimizer and DDP exist: the strategies' parameters, and dense weights that
@@ -278,7 +282,9 @@ class Palettization:
         """Run k-means for every palettized weight that has no current centroids: once across
         all ranks (``palettize.distributed``), every rank ending with the identical result."""
         self._require_attached()
-        self._cluster([t for t in self.tensors() if not t.initialized])
+        tensors = self.tensors()
+        compat.end_deferral(tensors)
+        self._cluster([t for t in tensors if not t.initialized])
         compat.finish_clustering(self.palettizer)
 
     def _cluster(self, pending: list[compat.PalettizedTensor]) -> None:
@@ -301,6 +307,7 @@ class Palettization:
         """
         self._require_attached()
         tensors = self.tensors()
+        compat.end_deferral(tensors)  # restored or not, the fakes palettize from here on
         restored = [t.initialized and t.has_indices for t in tensors]
         if not (expect_restored or self._restored or any(restored)):
             self.cluster()
@@ -393,8 +400,18 @@ class Palettization:
 
     def report(self) -> CompressionReport:
         """The compression report (whole-model sizes; dense weights with their reasons)."""
-        self._require_attached()
+        self._require_clustered()
         return build_report(self.model, **self._trace_record())
+
+    def _require_clustered(self) -> None:
+        """Report and export read the palettized weights: never while clustering is deferred
+        (ending the deferral here would run k-means lazily on whichever rank reads first)."""
+        self._require_attached()
+        pending = compat.deferred(self.tensors())
+        if pending:
+            raise RuntimeError(
+                f"palettize: {len(pending)} weight(s) are not clustered yet ({pending[0]}, ...): "
+                "call ensure_clustered() (or cluster()) before report() or export()")
 
     def set_export_inputs(self, example_inputs: Any) -> None:
         """Trace the export with these inputs (e.g. a real data sample) instead of attach's."""
@@ -432,7 +449,7 @@ class Palettization:
             ValueError: no ``directory`` and no ``palettize.export.dir``.
             ExportError: with ``strict``, a format could not be written.
         """
-        self._require_attached()
+        self._require_clustered()
         directory = directory or self.settings.export.dir
         if directory is None:
             raise ValueError("no export directory: pass one or set palettize.export.dir")

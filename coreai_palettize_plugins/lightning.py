@@ -2,8 +2,13 @@
 
 Hook order (``Trainer._run``): ``setup`` -> ``configure_model`` -> checkpoint restore (model
 weights, then callback state) -> ``strategy.setup`` (DDP wrap, optimizers) -> ``on_fit_start``.
-So the palettized structure is built in ``setup(stage="fit")``, before wrapping and before the
-optimizer exists; k-means runs in ``on_fit_start`` only if no checkpoint restored the state.
+So the palettized structure is built in ``setup(stage="fit")`` (or right after the module's own
+``configure_model``, when it overrides it), before wrapping and before the optimizer exists;
+k-means runs in ``on_fit_start`` only if no checkpoint restored the state. Until then, reading a
+palettized weight returns the dense Parameter (no lazy k-means).
+
+``validate``/``test``/``predict`` with ``ckpt_path``: the structure is built when the checkpoint's
+weights are loaded and they are palettized, so a fresh process restores them without k-means.
 """
 
 from __future__ import annotations
@@ -16,8 +21,10 @@ import lightning.pytorch as pl
 import torch
 import torch.nn as nn
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
+from . import _coreai_compat as compat
 from .engine import Palettization, as_example_inputs
 from .export import ExportResult
 from .report import CompressionReport
@@ -58,6 +65,39 @@ def _first_training_batch(trainer: pl.Trainer) -> Any:
     """The first batch of the fit loop's train dataloader (Lightning-private ``_data_source``,
     the only way to reach it from ``setup``; tested against lightning 2.x)."""
     return next(iter(trainer.fit_loop._data_source.dataloader()))
+
+
+def _first_batch_of_stage(trainer: pl.Trainer, stage: str) -> Any:
+    """The first batch of ``stage``'s dataloader (``"fit"``: train; ``"validate"``, ``"test"``,
+    ``"predict"``: that loop's), through the loop's Lightning-private ``_data_source`` as
+    ``_first_training_batch`` does; tested against lightning 2.x. A list of dataloaders: the first."""
+    loops = {"fit": trainer.fit_loop, "validate": trainer.validate_loop,
+             "test": trainer.test_loop, "predict": trainer.predict_loop}
+    loop = loops[getattr(stage, "value", stage)]  # a TrainerFn or its string
+    loaders = loop._data_source.dataloader()
+    if isinstance(loaders, (list, tuple)) and loaders and not isinstance(loaders[0], torch.Tensor):
+        loaders = loaders[0]
+    return next(iter(loaders))
+
+
+def _replace_method(module: nn.Module, name: str, replacement: Callable[..., Any]
+                    ) -> Callable[[], None]:
+    """Set ``replacement`` as ``module``'s instance attribute ``name``; returns the undo.
+
+    Lightning calls hooks as ``getattr(pl_module, name)`` (call.py). No ``functools.wraps``:
+    ``is_overridden`` follows ``__wrapped__`` and would then skip the hook."""
+    had, previous = name in vars(module), vars(module).get(name)
+    object.__setattr__(module, name, replacement)
+
+    def undo() -> None:
+        if vars(module).get(name) is not replacement:
+            return  # replaced again since: leave it alone
+        if had:
+            object.__setattr__(module, name, previous)
+        else:
+            object.__delattr__(module, name)
+
+    return undo
 
 
 def default_example_inputs(batch: Any) -> tuple[Any, ...]:
@@ -121,17 +161,74 @@ class PalettizationCallback(Callback):
         self.log_metrics = log_metrics
         self.report: CompressionReport | None = None
         self.export_result: ExportResult | None = None
+        self._undo: list[Callable[[], None]] = []  # instance hooks this callback set
 
     # ------------------------------------------------------------------ structure
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit" or self.engine.attached:
+        if self.engine.attached:
+            return
+        if stage != "fit":
+            self._attach_on_palettized_load(trainer, pl_module, stage)
             return
         _check_strategy(trainer, self.engine)
-        self.engine.attach(pl_module, self._resolve_example_inputs(trainer, pl_module))
+        if is_overridden("configure_model", pl_module):
+            self._attach_after_configure_model(trainer, pl_module)
+        else:
+            self.engine.attach(pl_module, self._resolve_example_inputs(trainer, pl_module))
 
-    def _resolve_example_inputs(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
+    def _attach_after_configure_model(self, trainer: pl.Trainer,
+                                      pl_module: pl.LightningModule) -> None:
+        """Layers may exist only after ``configure_model``, which Lightning calls after every
+        callback ``setup`` and before DDP wrap/``configure_optimizers``, with no callback hook in
+        between: wrap this instance's ``configure_model`` to attach right after it, once."""
+        original = pl_module.configure_model
+
+        def configure_model_then_attach() -> None:
+            try:
+                original()
+                if not self.engine.attached:
+                    self.engine.attach(pl_module, self._resolve_example_inputs(trainer, pl_module))
+            finally:
+                undo()
+
+        undo = _replace_method(pl_module, "configure_model", configure_model_then_attach)
+        self._undo.append(undo)
+
+    def _attach_on_palettized_load(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                                   stage: str) -> None:
+        """``validate``/``test``/``predict(ckpt_path=...)`` load the weights after ``setup`` and
+        ``configure_model``: when the state dict being loaded is palettized, build the structure
+        first, then verify the load restored every weight (no k-means). A dense state dict loads
+        into the dense model as before.
+
+        The instance's ``load_state_dict`` is wrapped rather than a root load pre-hook used: a
+        pre-hook that attaches a model with tied weights would register the engine's own pre-hook
+        while torch iterates over them ("OrderedDict mutated during iteration")."""
+        original = pl_module.load_state_dict
+
+        def load_state_dict(state_dict: Mapping[str, Any], *args: Any, **kwargs: Any) -> Any:
+            if (self.engine.attached or compat.is_prepared(pl_module)  # e.g. by an earlier fit
+                    or not compat.is_palettized_state(state_dict)):
+                return original(state_dict, *args, **kwargs)
+            self.engine.attach(pl_module, self._resolve_example_inputs(trainer, pl_module, stage))
+            result = original(state_dict, *args, **kwargs)
+            self.engine.ensure_clustered(expect_restored=True)
+            return result
+
+        self._undo.append(_replace_method(pl_module, "load_state_dict", load_state_dict))
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._undo_instance_hooks()
+
+    def _undo_instance_hooks(self) -> None:
+        while self._undo:
+            self._undo.pop()()
+
+    def _resolve_example_inputs(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                                stage: str = "fit") -> Any:
         if self.example_inputs is not None:
             return as_example_inputs(self.example_inputs)
         array = pl_module.example_input_array
@@ -139,7 +236,8 @@ class PalettizationCallback(Callback):
             return as_example_inputs(array)
         # Iterating a shuffled loader draws from the global RNG: keep the user's stream intact.
         with torch.random.fork_rng(devices=[]):
-            batch = _first_training_batch(trainer)
+            batch = (_first_training_batch(trainer) if stage == "fit"
+                     else _first_batch_of_stage(trainer, stage))
         return as_example_inputs(self.example_inputs_fn(batch))
 
     @override
@@ -173,6 +271,7 @@ class PalettizationCallback(Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                      exception: BaseException) -> None:
         self.engine.stop_training()
+        self._undo_instance_hooks()
 
     def _log(self, trainer: pl.Trainer, metrics: dict[str, float]) -> None:
         if self.log_metrics:

@@ -173,3 +173,20 @@ def test_kmeans_worker_pool_matches_sequential():
         return palettized_state_hash(model)
 
     assert prepared(2) == prepared(1)
+
+
+@pytest.mark.slow
+def test_lightning_ddp_reads_before_fit_start_cluster_each_weight_once_across_ranks(tmp_path):
+    """A module reading every weight in ``setup`` and building weight-decay groups from
+    ``m.weight``: no rank clusters lazily; the sharded plan still runs each k-means once."""
+    result = run_python(str(SCRIPTS / "lightning_ddp_reads.py"), "--out", str(tmp_path),
+                        timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for facts in ranks:
+        assert facts["kmeans_in_setup"] == [] and facts["setup_reads_dense"]
+        assert facts["kmeans_in_configure_optimizers"] == [] and facts["decay_holds_originals"]
+        assert facts["hash_after_prepare"] == facts["hash_at_end"] == reference_hash()
+    weights = ["net.0.weight", "net.2.weight", "net.5.weight", "net.7.weight"]
+    assert sorted(ranks[0]["kmeans_total"] + ranks[1]["kmeans_total"]) == weights  # once each
+    assert ranks[0]["kmeans_total"] and ranks[1]["kmeans_total"]                  # sharded
