@@ -99,12 +99,6 @@ class _HFConv1D(LinearLike):
         axis = 1 - (granularity.axis or 0)  # output channels are axis 1 of (in, out)
         return spec.model_copy(update={"granularity": granularity.model_copy(update={"axis": axis})})
 
-    def unsupported(self, spec: PalettizationSpec) -> str | None:
-        if spec.enable_per_channel_scale:
-            return "enable_per_channel_scale"
-        return None
-
-
 class _FusedExperts(LinearLike):
     """Modules built by transformers' ``@use_experts_implementation`` (it sets ``is_transposed``,
     ``has_gate``... on the instance), with 3-D ``nn.Parameter`` expert stacks."""
