@@ -419,3 +419,22 @@ def test_experts_alone_with_preset_none():
     engine = Palettization("none", overrides={"experts": "w4"})
     engine.prepare(model, token_ids())
     assert set(palettized(engine)) == set(experts)
+
+
+@pytest.mark.slow
+def test_a_family_that_cannot_convert_is_named_and_the_packed_artifact_still_written(
+        tmp_path, monkeypatch):
+    import coreai_palettize_plugins.export as export
+
+    # Without the batched_mm switch the default grouped_mm path has no coreai-torch lowering.
+    monkeypatch.setattr(export, "use_exportable_experts", lambda model: False)
+    model = tiny_mixtral()
+    engine = Palettization("w4")
+    engine.prepare(model, token_ids())
+    result = engine.export(tmp_path / "out")
+    assert set(result.errors) == {"coreai"}
+    assert "unsupported ATen ops" in result.errors["coreai"]
+    assert set(result.written) == {"torch"}
+    x = token_ids(2, 10, seed=3)
+    loaded = load_palettized(tmp_path / "out", tiny_mixtral)
+    assert torch.equal(loaded(x).logits, model.eval()(x).logits)
