@@ -23,13 +23,21 @@ import torch.nn as nn
 import torch.nn.utils.parametrize as P
 from coreai_opt.palettization import KMeansPalettizer
 from coreai_opt.palettization.kmeans.kmeans_fake_palettize import _KMeansFakePalettize
+from coreai_opt.palettization.kmeans.kmeans_support_mixins import _PalettizationSupportMixin
+from coreai_opt.palettization.spec import PerGroupedChannelGranularity
 from coreai_opt.palettization.spec.fake_palettize import _enable_fake_palett
 from torch.overrides import TorchFunctionMode
 
+from .linear_like import experts_transposed
+
 __all__ = [
     "COREAI_INDEX_BITS",
+    "EXPORTABLE_EXPERTS_IMPLEMENTATION",
     "KMEANS_ENTRY",
+    "ExpertsGroupedChannel",
+    "ExpertsLayout",
     "PalettizedTensor",
+    "apply_layouts",
     "centroids_shape",
     "cluster_tensors",
     "defer_clustering",
@@ -46,12 +54,16 @@ __all__ = [
     "is_prepared",
     "lut_groups",
     "palettizable_ops",
+    "prepare_from_state_dict",
     "record_first_consumers",
+    "reshape_expert_luts",
     "resolved_module_configs",
     "set_step",
     "storage_bits",
     "store_assignment",
     "tied_prefixes",
+    "traceable_experts",
+    "use_exportable_experts",
     "widen_for_coreai",
 ]
 
@@ -141,7 +153,9 @@ def insert_parametrizations(
     """
     model = palettizer._model
     palettizer._module_config_dict = palettizer._config.build_module_config_dict(model)
-    palettizer._handler.prepare(model, example_inputs=example_inputs)
+    with traceable_experts(model):
+        palettizer._handler.prepare(model, example_inputs=example_inputs)
+    apply_layouts(model)
     skipped = {}
     for tensor in fake_palettized_tensors(model):
         if not tensor.fake.check_compatible(tensor.original):
@@ -498,3 +512,181 @@ def storage_bits(tensor: PalettizedTensor) -> int:
     from coreai_opt.inspection._bpw_utils import tensor_storage_bits
 
     return int(tensor_storage_bits(tensor.original, tensor.fake))
+
+# Fused MoE experts: a layout coreai-opt 0.4 lacks (3-D weights, per-expert LUT groups).
+# --------------------------------------------------------------------------------------------
+
+
+class ExpertsLayout(_PalettizationSupportMixin):
+    """Reshape strategy for a stack of expert matrices: ``(E, out, in)`` (or ``(E, in, out)``
+    when transposed) <-> ``(E * out, in)``. Groups of output rows on that view never straddle
+    two experts when ``out`` divides by the group size, so every LUT belongs to one expert.
+    Module-level (not nested) so coreai-opt's spawn pool can pickle the fake that holds it."""
+
+    default_axis = 0
+
+    def __init__(self, transposed: bool = False) -> None:
+        self.transposed = transposed
+
+    def reshape_for_kmeans(self, weight: torch.Tensor, axis: int) -> torch.Tensor:
+        if self.transposed:
+            weight = weight.transpose(1, 2)
+        return weight.reshape(-1, weight.shape[-1])
+
+    def reshape_to_original(self, clustered_weight: torch.Tensor, axis: int,
+                            original_shape: torch.Size) -> torch.Tensor:
+        experts, a, b = original_shape
+        out, inputs = (b, a) if self.transposed else (a, b)
+        weight = clustered_weight.reshape(experts, out, inputs)
+        return weight.transpose(1, 2) if self.transposed else weight
+
+    def __repr__(self) -> str:
+        return f"ExpertsLayout(transposed={self.transposed})"
+
+
+class ExpertsGroupedChannel(PerGroupedChannelGranularity):
+    """Output-channel groups counted on the ``(E * out, in)`` view of a 3-D expert stack.
+
+    coreai-opt's ``_palettize`` counts LUT blocks on the *original* weight while clustering
+    counts them on the reshaped one (kmeans_fake_palettize.py ``_palettize``): for a 3-D weight
+    count on the view both ways.
+    """
+
+    transposed: bool = False
+
+    def num_blocks_to_cluster(self, weight: torch.Tensor) -> int:
+        if weight.dim() == 3:
+            out = weight.shape[2] if self.transposed else weight.shape[1]
+            weight = torch.empty((weight.shape[0] * out, 0), device="meta")  # the view's shape
+        return super().num_blocks_to_cluster(weight)
+
+
+def apply_layouts(model: nn.Module) -> list[str]:
+    """Give every fake-palettized 3-D weight of a fused-experts module the per-expert layout
+    (``ExpertsLayout`` + ``ExpertsGroupedChannel``; a per-tensor spec becomes one LUT per
+    expert). Call after the structure is inserted and before incompatible fakes are removed
+    (which would otherwise drop them: their expert axis is cut into groups). Returns the names
+    of the weights it set."""
+    names = []
+    for module_name, module in model.named_modules():
+        transposed = experts_transposed(module)
+        if transposed is None or not P.is_parametrized(module):
+            continue
+        for attr, plist in module.parametrizations.items():
+            fake = next((f for f in plist if isinstance(f, _KMeansFakePalettize)), None)
+            shape = plist.original.shape
+            if fake is None or len(shape) != 3 or isinstance(fake.granularity, ExpertsGroupedChannel):
+                continue
+            granularity = fake.granularity
+            out = shape[2] if transposed else shape[1]
+            if isinstance(granularity, PerGroupedChannelGranularity):
+                if granularity.axis not in (0, None):
+                    continue  # left as coreai-opt built it (incompatible, reported as skipped)
+                group = granularity.group_size
+            else:
+                group = out  # per-tensor: one LUT per expert matrix
+            fake.reshape_strategy = ExpertsLayout(transposed)
+            fake.granularity = ExpertsGroupedChannel(axis=0, group_size=group, transposed=transposed)
+            names.append(f"{module_name}.{attr}" if module_name else attr)
+    return names
+
+
+def prepare_from_state_dict(palettizer: KMeansPalettizer, example_inputs: tuple[Any, ...],
+                            state_dict: dict[str, torch.Tensor]) -> nn.Module:
+    """coreai-opt's public ``prepare(example_inputs, state_dict=...)`` (no k-means) with the
+    plugin's layouts applied right after the structure is inserted, as ``insert_parametrizations``
+    does: the way every re-prepare (export copy, ``load_palettized``) must run."""
+    handler = palettizer._handler
+    insert = handler.prepare
+
+    def insert_then_layout(model, *args, **kwargs):
+        with traceable_experts(model):
+            prepared = insert(model, *args, **kwargs)
+        apply_layouts(model)
+        return prepared
+
+    handler.prepare = insert_then_layout  # an instance attribute shadows the method
+    try:
+        return palettizer.prepare(example_inputs, state_dict=state_dict)
+    finally:
+        del handler.prepare
+
+
+EXPORTABLE_EXPERTS_IMPLEMENTATION = "batched_mm"
+"""The transformers experts implementation coreai-torch 0.4 converts: the default ``grouped_mm``
+traces to ``aten.histc``/``aten.sort``/``aten.empty_permuted`` (no lowering) and ``eager`` is
+data-dependent for ``torch.export``. It is also the one whose expert-weight reads coreai-opt's
+tracing forward sees: ``grouped_mm`` hands a transposed stack (GPT-OSS) straight to the
+``transformers::grouped_mm_fallback`` custom op, which its ``TorchFunctionMode`` never sees."""
+
+
+def _experts_implementations(model: nn.Module) -> list[tuple[nn.Module, Any]]:
+    """``(transformers model, its experts implementation)`` of every model holding experts."""
+    if not any(experts_transposed(m) is not None for m in model.modules()):
+        return []
+    return [(m, m.config._experts_implementation) for m in model.modules()
+            if hasattr(m, "set_experts_implementation")
+            and hasattr(getattr(m, "config", None), "_experts_implementation")]
+
+
+@contextlib.contextmanager
+def traceable_experts(model: nn.Module) -> Iterator[None]:
+    """During coreai-opt's structure-inserting forward: fused experts on ``batched_mm`` (its
+    weight reads are ``__getitem__`` calls coreai-opt intercepts), then back as they were."""
+    before = _experts_implementations(model)
+    for module, implementation in before:
+        if implementation != EXPORTABLE_EXPERTS_IMPLEMENTATION:
+            module.set_experts_implementation(EXPORTABLE_EXPERTS_IMPLEMENTATION)
+    try:
+        yield
+    finally:
+        for module, implementation in reversed(before):
+            if implementation != EXPORTABLE_EXPERTS_IMPLEMENTATION:
+                module.set_experts_implementation(implementation)
+
+
+def use_exportable_experts(model: nn.Module) -> bool:
+    """Switch an export copy's fused experts to ``batched_mm``. The copy gets its own config
+    objects first, so a model factory sharing a config with the trained model leaves the
+    trained model's implementation alone. Returns whether anything was switched."""
+    import copy
+
+    from transformers import PretrainedConfig
+
+    if not any(experts_transposed(m) is not None for m in model.modules()):
+        return False
+    memo: dict[int, Any] = {}
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if isinstance(config, PretrainedConfig):
+            module.config = copy.deepcopy(config, memo)  # one memo: shared sub-configs stay shared
+    switched = False
+    for module, implementation in _experts_implementations(model):
+        if implementation != EXPORTABLE_EXPERTS_IMPLEMENTATION:
+            module.set_experts_implementation(EXPORTABLE_EXPERTS_IMPLEMENTATION)
+            switched = True
+    return switched
+
+
+def reshape_expert_luts(model: nn.Module) -> list[str]:
+    """After ``finalize(backend=CoreAI)``: spread the LUT of each 3-D expert weight over its
+    expert and output axes. coreai-opt expands an N-D LUT ``(G, K, D)`` to ``(G, 1, 1, K, D)``
+    (groups on axis 0 = experts), which ``coreai.lut_to_dense`` rejects; the right shape is
+    ``(E, G/E, 1, K, D)``, or ``(E, 1, G/E, K, D)`` for a transposed ``(E, in, out)`` stack.
+    Returns the names of the reshaped weights."""
+    names = []
+    for module_name, module in model.named_modules():
+        transposed = experts_transposed(module)
+        if transposed is None or not P.is_parametrized(module):
+            continue
+        for attr, plist in module.parametrizations.items():
+            for par in plist:
+                lut, indices = getattr(par, "lut", None), getattr(par, "indices", None)
+                if (not isinstance(lut, torch.Tensor) or not isinstance(indices, torch.Tensor)
+                        or indices.dim() != 3 or lut.dim() != 5 or lut.shape[1:3] != (1, 1)):
+                    continue
+                experts, groups = indices.shape[0], lut.shape[0]
+                per_expert = lut.reshape(experts, groups // experts, *lut.shape[-2:])
+                par.lut = per_expert.unsqueeze(1 if transposed else 2).contiguous()
+                names.append(f"{module_name}.{attr}" if module_name else attr)
+    return names

@@ -21,7 +21,7 @@ import torch.nn as nn
 from coreai_opt import ExportBackend
 from coreai_opt.palettization import KMeansPalettizer, KMeansPalettizerConfig
 
-from ._coreai_compat import fake_palettized_tensors
+from ._coreai_compat import fake_palettized_tensors, prepare_from_state_dict
 from ._modelcopy import tracing_forward
 from ._utils import dtype_from_name, dtype_name, unique_by_storage
 from .coreai_config import config_from_yaml_text, config_to_yaml
@@ -175,7 +175,7 @@ def load_palettized(
     config = config_from_yaml_text(manifest["palettizer_config"])
     palettizer = KMeansPalettizer(model, config)
     with tracing_forward(model):
-        palettizer.prepare(example_inputs, state_dict=state)
+        prepare_from_state_dict(palettizer, example_inputs, state)
         for t in fake_palettized_tensors(model):
             t.original.copy_(t.fake.hard_assign(t.original))
     model.eval()

@@ -14,9 +14,11 @@ from ._utils import is_int
 
 __all__ = [
     "DISTRIBUTED_MODES",
+    "EXPERTS",
     "EXPORT_FORMATS",
     "GRANULARITIES",
     "INHERIT",
+    "LINEAR_LIKE_ALIASES",
     "LUT_DTYPES",
     "MODULE_TYPE_ALIASES",
     "PRESETS",
@@ -25,6 +27,7 @@ __all__ = [
     "VALID_N_BITS",
     "PalettizeConfigError",
     "check_export_formats",
+    "check_module_type",
     "check_training",
     "check_value",
     "choices",
@@ -78,6 +81,16 @@ MODULE_TYPE_ALIASES: dict[str, str] = {
     "multihead_attention": "torch.nn.MultiheadAttention",
 }
 """Short names accepted under ``overrides``. Any dotted class path works too."""
+
+EXPERTS = "experts"
+LINEAR_LIKE_ALIASES: dict[str, str | None] = {
+    "conv1d_hf": "transformers.pytorch_utils.Conv1D",
+    EXPERTS: None,
+}
+"""``overrides`` keys of the linear-like modules no coreai-opt op consumes (``linear_like.py``):
+Hugging Face ``Conv1D`` (GPT-2) and fused MoE experts. ``experts`` names no single class: it
+applies to every experts module transformers' ``@use_experts_implementation`` builds. Both
+default to the ``linear`` spec; they are resolved per model when the engine attaches."""
 
 VALID_N_BITS = (1, 2, 3, 4, 6, 8)
 DISTRIBUTED_MODES = ("sharded", "rank0")
@@ -181,6 +194,14 @@ def check_value(value: Any, key: str, *, allow_inherit: bool) -> None:
     normalize_spec(value, key)
 
 
+def check_module_type(type_key: str, key: str, value: Any = None) -> None:
+    """An ``overrides`` key: an alias or an importable dotted class path. The linear-like
+    aliases are not imported while their value is ``inherit`` (no transformers import)."""
+    if type_key == EXPERTS or (type_key in LINEAR_LIKE_ALIASES and value == INHERIT):
+        return
+    resolve_module_type(type_key, key)
+
+
 def resolve_module_type(type_key: str, key: str) -> type[nn.Module]:
     """Alias or dotted class path -> the module class (coreai-opt derives its FQN key).
 
@@ -188,10 +209,14 @@ def resolve_module_type(type_key: str, key: str) -> type[nn.Module]:
     class's fully qualified name (``"torch.nn.Linear"`` instead of
     ``"torch.nn.modules.linear.Linear"``).
     """
-    path = MODULE_TYPE_ALIASES.get(type_key)
+    if type_key == EXPERTS:
+        raise PalettizeConfigError(key, f"{EXPERTS!r} names every fused MoE experts class, not "
+                                   "one; it is resolved per model (linear_like.py)")
+    path = MODULE_TYPE_ALIASES.get(type_key) or LINEAR_LIKE_ALIASES.get(type_key)
     if path is None and "." not in type_key:
         raise PalettizeConfigError(key, f"unknown module type alias {type_key!r}; valid: "
-                                   f"{choices(MODULE_TYPE_ALIASES)}, or a dotted class path")
+                                   f"{choices([*MODULE_TYPE_ALIASES, *LINEAR_LIKE_ALIASES])}, "
+                                   "or a dotted class path")
     module_name, _, cls_name = (path or type_key).rpartition(".")
     try:
         cls = getattr(importlib.import_module(module_name), cls_name)

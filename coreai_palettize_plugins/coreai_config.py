@@ -23,8 +23,10 @@ from coreai_opt.palettization.spec import (
     TrainingStrategySpec,
 )
 
+from . import linear_like
 from ._utils import dtype_name
 from .checks import (
+    EXPERTS,
     INHERIT,
     PRESETS,
     TRAINING_STRATEGY_KEYS,
@@ -67,17 +69,29 @@ def build_palettizer_config(
     return to_coreai_config(settings)
 
 
-def to_coreai_config(settings: PalettizeSettings) -> KMeansPalettizerConfig:
-    """Valid settings -> a new ``KMeansPalettizerConfig`` (the base config is copied)."""
+def to_coreai_config(settings: PalettizeSettings, model: nn.Module | None = None
+                     ) -> KMeansPalettizerConfig:
+    """Valid settings -> a new ``KMeansPalettizerConfig`` (the base config is copied).
+
+    With ``model``, the config is extended for its linear-like modules (HF ``Conv1D``, fused MoE
+    experts: ``linear_like.extend_for_model``); ``overrides.experts`` needs the model to name
+    the experts classes and is ignored without one.
+    """
     config = _global_config(settings)
     for type_key, value in settings.overrides.items():
         if value == INHERIT:
+            continue
+        if type_key == EXPERTS:
+            for experts_type in linear_like.experts_types(model) if model is not None else ():
+                config.set_module_type(experts_type, _module_config(value))
             continue
         module_type = resolve_module_type(type_key, f"overrides.{type_key}")
         config.set_module_type(module_type, _module_config(value, module_type))
     for pattern, value in settings.modules.items():
         config.set_module_name(pattern, _module_config(value))
     _apply_training_and_schedule(config, settings)
+    if model is not None:
+        config = linear_like.extend_for_model(config, model)
     return config
 
 
@@ -110,6 +124,10 @@ def _module_config(value: Any, module_type: type | None = None):
         return ModuleKMeansPalettizerConfig(
             op_input_spec=None, op_output_spec=None, op_state_spec=None,
             module_state_spec={"weight": spec}, enable_fast_kmeans_mode=spec.cluster_dim == 1)
+    kind = linear_like.kind_of_type(module_type) if module_type is not None else None
+    if kind is not None:  # HF Conv1D: no op consumes its weight either
+        return linear_like.module_state_config(_module_config(value), kind,
+                                               kind.weight_names(None), _fqn(module_type))
     if isinstance(value, str) and value in _COREAI_PRESETS:
         return getattr(ModuleKMeansPalettizerConfig.presets, value)()
     spec = _spec(value)
@@ -119,6 +137,10 @@ def _module_config(value: Any, module_type: type | None = None):
         op_state_spec=dict.fromkeys(OpKMeansPalettizerConfig.get_default_state_spec(), spec),
         enable_fast_kmeans_mode=spec.cluster_dim == 1,  # coreai-opt's fast mode is scalar-only
     )
+
+
+def _fqn(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def _global_config(settings: PalettizeSettings) -> KMeansPalettizerConfig:

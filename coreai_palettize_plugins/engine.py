@@ -146,6 +146,9 @@ class Palettization:
         with distributed.agree("palettize setup"):  # a failure on any rank stops every rank
             self._use_settings_of_rank_zero()
             self._check_module_patterns(model)
+            # Extended for the model's linear-like modules (HF Conv1D, fused MoE experts): the
+            # config checkpoints, the packed artifact and load_palettized carry.
+            self.config = to_coreai_config(self.settings, model)
             if self._model_factory is None:
                 self._skeleton = copy_for_export(model)
             self._insert(model, example_inputs)
@@ -226,7 +229,7 @@ class Palettization:
         """
         self._check_module_patterns(model)
         copy_ = materialize(meta_skeleton(model))
-        palettizer = KMeansPalettizer(copy_, self.config)
+        palettizer = KMeansPalettizer(copy_, to_coreai_config(self.settings, model))
         with tracing_forward(copy_):
             skipped = compat.insert_parametrizations(palettizer, as_example_inputs(example_inputs))
         if not compat.fake_palettized_tensors(copy_):

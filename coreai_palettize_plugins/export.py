@@ -27,7 +27,12 @@ import torch.nn as nn
 from coreai_opt import ExportBackend
 from coreai_opt.palettization import KMeansPalettizer, KMeansPalettizerConfig
 
-from ._coreai_compat import widen_for_coreai
+from ._coreai_compat import (
+    prepare_from_state_dict,
+    reshape_expert_luts,
+    use_exportable_experts,
+    widen_for_coreai,
+)
 from ._modelcopy import max_abs_diff, model_outputs, tensor_leaves, tracing_forward
 from ._utils import one_line
 from .artifact import (
@@ -151,7 +156,8 @@ def rebuild_prepared(
     example_inputs: Sequence[Any],
     state_dict: Mapping[str, torch.Tensor],
 ) -> tuple[nn.Module, KMeansPalettizer]:
-    """A new prepared model loaded from ``state_dict`` (no k-means): coreai-opt's public path.
+    """A new prepared model loaded from ``state_dict`` (no k-means): coreai-opt's public path,
+    with the plugin's layouts (fused MoE experts) re-applied.
 
     Finalizing a ``deepcopy`` of a prepared model would break the original (the copy shares its
     generated parametrization class), so export always works on a model rebuilt like this.
@@ -159,7 +165,7 @@ def rebuild_prepared(
     fresh = factory()
     palettizer = KMeansPalettizer(fresh, config)
     with tracing_forward(fresh):
-        palettizer.prepare(tuple(example_inputs), state_dict=dict(state_dict))
+        prepare_from_state_dict(palettizer, tuple(example_inputs), dict(state_dict))
     fresh.eval()
     return fresh, palettizer
 
@@ -173,10 +179,15 @@ def write_aimodel(
     """Finalize for Core AI, ``torch.export``, convert and save. Returns the graph's max abs
     difference to the model's eager outputs (the graph handed to the converter).
 
-    ``model`` must be a fresh prepared copy: finalizing frees its dense weights.
+    ``model`` must be a fresh prepared copy: finalizing frees its dense weights. Fused MoE
+    experts are switched to transformers' ``batched_mm`` implementation (the one coreai-torch
+    converts), and their 3-D LUTs reshaped after finalize (coreai-opt 0.4 shapes them wrong).
     """
     import coreai_torch
 
+    if use_exportable_experts(model):
+        log.info("fused MoE experts go into the .aimodel with transformers' batched_mm "
+                 "experts implementation (the default grouped_mm has no coreai-torch lowering)")
     expected = model_outputs(model, example_inputs)
     widened = widen_for_coreai(model)
     if widened:
@@ -184,6 +195,7 @@ def write_aimodel(
                  "4-bit indices and a padded LUT (same values): %s", len(widened),
                  ", ".join(widened))
     finalized = palettizer.finalize(model, backend=ExportBackend.CoreAI).eval()
+    reshape_expert_luts(finalized)
     try:
         with torch.no_grad():
             program = torch.export.export(finalized, tuple(example_inputs))

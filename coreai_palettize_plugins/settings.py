@@ -6,7 +6,9 @@ key                       meaning
 ``preset``                ``w2``/``w3``/``w4``/``w6``/``w8``, ``none`` (no global palettization)
                           or a spec mapping
 ``overrides.<type>``      per module type (an alias such as ``linear`` or a dotted class path):
-                          a preset name, ``null`` (leave dense), a spec mapping, or ``inherit``
+                          a preset name, ``null`` (leave dense), a spec mapping, or ``inherit``;
+                          ``conv1d_hf`` (HF Conv1D) and ``experts`` (fused MoE experts)
+                          inherit the ``linear`` spec (``linear_like.py``)
 ``modules.<regex>``       per module name (``re.fullmatch``), same values; highest precedence
 ``config_file``           a coreai-opt YAML file (``kmeans_palettization_config:``); replaces
                           ``preset`` as the base that overrides and modules apply to
@@ -44,6 +46,7 @@ from .checks import (
     DISTRIBUTED_MODES,
     EXPORT_FORMATS,
     INHERIT,
+    LINEAR_LIKE_ALIASES,
     MODULE_TYPE_ALIASES,
     PRESETS,
     SPEC_KEYS,
@@ -51,6 +54,7 @@ from .checks import (
     VALID_N_BITS,
     PalettizeConfigError,
     check_export_formats,
+    check_module_type,
     check_training,
     check_value,
     choices,
@@ -146,7 +150,7 @@ class ExportSettings:
 
 
 def _default_overrides() -> dict[str, Any]:
-    return dict.fromkeys(MODULE_TYPE_ALIASES, INHERIT)
+    return dict.fromkeys([*MODULE_TYPE_ALIASES, *LINEAR_LIKE_ALIASES], INHERIT)
 
 
 @dataclass
@@ -182,7 +186,7 @@ class PalettizeSettings:
         if self.preset is not None:
             check_value(self.preset, "preset", allow_inherit=False)
         for type_key, value in self.overrides.items():
-            resolve_module_type(type_key, f"overrides.{type_key}")
+            check_module_type(type_key, f"overrides.{type_key}", value)
             check_value(value, f"overrides.{type_key}", allow_inherit=True)
         for pattern, value in self.modules.items():
             try:
