@@ -14,7 +14,8 @@ import torch.nn as nn
 import torch.nn.utils.parametrize as parametrize
 
 from ._coreai_compat import fake_palettized_tensors, palettizable_ops
-from .checks import INHERIT, MODULE_TYPE_ALIASES, PalettizeConfigError, resolve_module_type
+from .checks import EXPERTS, INHERIT, MODULE_TYPE_ALIASES, PalettizeConfigError, resolve_module_type
+from .linear_like import FUSED_EXPERTS, HF_CONV1D, experts_types
 
 if TYPE_CHECKING:
     from .settings import PalettizeSettings
@@ -114,8 +115,9 @@ def check_overrides(
     for type_key, value in settings.overrides.items():
         if value in (INHERIT, None, "none"):
             continue
-        cls = resolve_module_type(type_key, f"overrides.{type_key}")
-        matched = [n for n, m in why.modules.items() if type(m) is cls and why.level(n, "type")]
+        classes = _override_classes(model, type_key)
+        matched = [n for n, m in why.modules.items()
+                   if type(m) in classes and why.level(n, "type")]
         why.require_palettized(f"overrides.{type_key}", matched)
     for pattern, value in settings.modules.items():
         if value in (None, "none"):
@@ -124,23 +126,19 @@ def check_overrides(
         why.require_palettized(f"modules.{pattern}", matched)
 
 
+def _override_classes(model: nn.Module, type_key: str) -> list[type[nn.Module]]:
+    """The module classes ``overrides.<type_key>`` applies to (``experts``: those of the model)."""
+    if type_key == EXPERTS:
+        return experts_types(model)
+    return [resolve_module_type(type_key, f"overrides.{type_key}")]
+
+
 def _join(module_name: str, attr: str) -> str:
     return f"{module_name}.{attr}" if module_name else attr
 
 
 def _show(value: Any) -> str:
     return "null" if value is None else str(value) if isinstance(value, str) else "{...}"
-
-
-def _is_hf_conv1d(module: nn.Module) -> bool:
-    return any(c.__name__ == "Conv1D" and c.__module__ == "transformers.pytorch_utils"
-               for c in type(module).__mro__)
-
-
-def _is_experts(module: nn.Module) -> bool:
-    """A fused mixture-of-experts module (transformers' ``@use_experts_implementation`` sets
-    ``is_transposed``; otherwise the class name says so)."""
-    return hasattr(module, "is_transposed") or "expert" in type(module).__name__.lower()
 
 
 def _specs(config: Any, field: str) -> dict[str, Any]:
@@ -165,6 +163,7 @@ class _Reasons:
         # The model's own modules; coreai-opt's parametrization machinery is not the model's.
         self.modules = {n: m for n, m in model.named_modules()
                         if "parametrizations" not in n.split(".")}
+        self.model = model
         self.skipped = dict(skipped or {})
         self.consumers = consumers
         self.settings = settings
@@ -180,9 +179,9 @@ class _Reasons:
             return False
         if isinstance(module, nn.MultiheadAttention):
             return attr in _MHA_WEIGHTS
-        if isinstance(module, _PALETTIZABLE_TYPES) or _is_hf_conv1d(module):
+        if isinstance(module, _PALETTIZABLE_TYPES) or HF_CONV1D.matches(module):
             return attr == "weight"
-        if param.dim() == 3 and param.shape[0] > 1 and _is_experts(module):
+        if param.dim() == 3 and param.shape[0] > 1 and FUSED_EXPERTS.matches(module):
             return True
         return self.consumers is not None and self.consumers.get(name) in self.ops
 
@@ -245,7 +244,7 @@ class _Reasons:
                 value = settings.overrides[type_key]
                 if value == INHERIT:
                     continue
-                if resolve_module_type(type_key, f"overrides.{type_key}") in types:
+                if types & set(_override_classes(self.model, type_key)):
                     if value in (None, "none"):
                         return f"excluded by palettize.overrides.{type_key}={_show(value)}"
                     break
