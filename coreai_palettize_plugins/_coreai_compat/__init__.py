@@ -1,0 +1,85 @@
+"""Every use of coreai-opt internals lives here (pinned to coreai-opt 0.4.x).
+
+coreai-opt's public ``KMeansPalettizer.prepare`` builds the palettized structure *and* runs k-means
+in one call, and keeps its PAT step counter private. Training integrations need both split:
+build the structure before the model is wrapped and the optimizer exists, then cluster only if
+no checkpoint restored the state, on the rank that owns each layer, and restore the step
+counter on resume. These helpers do that with the least private surface; tests exercise each.
+Upstream request: ``prepare(..., cluster=False)`` + ``cluster()`` and a public step setter.
+"""
+
+from .exporting import COREAI_INDEX_BITS, widen_for_coreai
+from .kmeans import STALE_LOCK_SECONDS, cluster_tensors, ensure_kmeans_extension, finish_clustering
+from .layouts import (
+    EXPORTABLE_EXPERTS_IMPLEMENTATION,
+    ExpertsGroupedChannel,
+    ExpertsLayout,
+    apply_layouts,
+    centroids_shape,
+    flat_lut_positions,
+    lut_groups,
+    prepare_from_state_dict,
+    reshape_expert_luts,
+    store_assignment,
+    traceable_experts,
+    use_exportable_experts,
+)
+from .structure import insert_parametrizations
+from .tensors import (
+    KMEANS_ENTRY,
+    PalettizedTensor,
+    defer_clustering,
+    deferred,
+    end_deferral,
+    fake_palettized_tensors,
+    get_step,
+    is_palettized_state,
+    is_prepared,
+    set_step,
+    tied_prefixes,
+)
+from .tracing import (
+    function_name,
+    palettizable_ops,
+    record_first_consumers,
+    resolved_module_configs,
+    storage_bits,
+)
+
+__all__ = [
+    "COREAI_INDEX_BITS",
+    "EXPORTABLE_EXPERTS_IMPLEMENTATION",
+    "KMEANS_ENTRY",
+    "STALE_LOCK_SECONDS",
+    "ExpertsGroupedChannel",
+    "ExpertsLayout",
+    "PalettizedTensor",
+    "apply_layouts",
+    "centroids_shape",
+    "cluster_tensors",
+    "defer_clustering",
+    "deferred",
+    "end_deferral",
+    "ensure_kmeans_extension",
+    "fake_palettized_tensors",
+    "finish_clustering",
+    "flat_lut_positions",
+    "function_name",
+    "get_step",
+    "insert_parametrizations",
+    "is_palettized_state",
+    "is_prepared",
+    "lut_groups",
+    "palettizable_ops",
+    "prepare_from_state_dict",
+    "record_first_consumers",
+    "reshape_expert_luts",
+    "resolved_module_configs",
+    "set_step",
+    "storage_bits",
+    "store_assignment",
+    "tied_prefixes",
+    "traceable_experts",
+    "use_exportable_experts",
+    "widen_for_coreai",
+]
