@@ -308,10 +308,12 @@ def _parameters(model: nn.Module) -> Mapping[str, inspect.Parameter] | None:
 
 
 def _signature_text(model: nn.Module) -> str:
-    try:
-        return f"{type(model).__name__}.forward{inspect.signature(model.forward)}"
-    except (TypeError, ValueError, AttributeError):
+    """``Net.forward(x, lengths, *, scale=None)`` (annotations left out)."""
+    params = _parameters(model)
+    if params is None:
         return f"{type(model).__name__}.forward"
+    plain = inspect.Signature([p.replace(annotation=p.empty) for p in params.values()])
+    return f"{type(model).__name__}.forward{plain}"
 
 
 def _as_tensor(value: Any) -> Any:
@@ -382,13 +384,12 @@ def _from_mapping(model: nn.Module, params: Mapping[str, inspect.Parameter] | No
     named = {k: v for k, v in features.items() if k in params
              and params[k].kind in (params[k].POSITIONAL_OR_KEYWORD, params[k].KEYWORD_ONLY)}
     if not named:
-        takes_var_keyword = any(p.kind is p.VAR_KEYWORD for p in params.values())
-        positional = [p for p in params.values() if p.default is p.empty
-                      and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-        if takes_var_keyword and not positional:
+        variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+        if params and all(p.kind in variadic for p in params.values()):
             return CallSpec((), features)                       # forward(**batch)
-        if len(positional) == 1:                                # forward(batch)
-            return CallSpec((_one_sample(dict(tensors)),))
+        required = [p for p in params.values() if p.default is p.empty and p.kind not in variadic]
+        if len(required) == 1 and required[0].kind is not required[0].KEYWORD_ONLY:
+            return CallSpec((_one_sample(dict(tensors)),))      # forward(batch)
         raise ExampleInputsError(
             f"none of the batch's keys ({', '.join(map(str, batch))}) is a parameter of "
             f"{_signature_text(model)}; {fix}")
