@@ -239,7 +239,8 @@ class CallSpec:
 
     def to_storage(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """``({key: tensor}, layout)``: tensors for a safetensors file and a JSON-able layout
-        that references them by key (constants stored as JSON values)."""
+        that references them by key (constants stored as JSON values; keywords and mapping
+        entries as ``[name, value]`` pairs, in call order)."""
         tensors: dict[str, torch.Tensor] = {}
 
         def encode(value: Any, key: str) -> Any:
@@ -249,15 +250,15 @@ class CallSpec:
             if isinstance(value, (tuple, list)):
                 kind = "tuple" if isinstance(value, tuple) else "list"
                 return {kind: [encode(v, f"{key}.{i}") for i, v in enumerate(value)]}
-            if isinstance(value, Mapping):
-                return {"dict": {str(k): encode(v, f"{key}.{k}") for k, v in value.items()}}
+            if isinstance(value, Mapping):  # pairs: the manifest's JSON sorts object keys
+                return {"dict": [[str(k), encode(v, f"{key}.{k}")] for k, v in value.items()]}
             if value is None or isinstance(value, (bool, int, float, str)):
                 return value
             raise TypeError(f"example input {key} ({type(value).__name__}) cannot be stored: "
                             "only tensors, numbers, strings, None and containers of them")
 
         layout = {"args": [encode(v, f"args.{i}") for i, v in enumerate(self.args)],
-                  "kwargs": {k: encode(v, f"kwargs.{k}") for k, v in self.kwargs.items()}}
+                  "kwargs": [[k, encode(v, f"kwargs.{k}")] for k, v in self.kwargs.items()]}
         return tensors, layout
 
     @classmethod
@@ -271,11 +272,14 @@ class CallSpec:
                     return tuple(decode(v) for v in value["tuple"])
                 if "list" in value:
                     return [decode(v) for v in value["list"]]
-                return {k: decode(v) for k, v in value["dict"].items()}
+                return {k: decode(v) for k, v in pairs(value["dict"])}
             return value
 
+        def pairs(items: Any) -> list:
+            return list(items.items()) if isinstance(items, Mapping) else items
+
         return cls(tuple(decode(v) for v in layout.get("args", [])),
-                   {k: decode(v) for k, v in layout.get("kwargs", {}).items()})
+                   {k: decode(v) for k, v in pairs(layout.get("kwargs", []))})
 
 
 def as_call_spec(value: Any, model: nn.Module | None = None) -> CallSpec:
