@@ -87,6 +87,18 @@ def test_dict_batches_fill_keyword_only_parameters():
     assert spec.args == () and list(spec.kwargs) == ["features"] and spec[0].shape == (1, 16)
 
 
+def test_a_mapping_example_input_array_is_a_keyword_call_and_validates():
+    from coreai_palettize_plugins.lightning import PalettizationCallback
+
+    module = keyword_only_module()
+    module.example_input_array = {"features": torch.randn(1, 16)}     # Lightning: model(**array)
+    callback = PalettizationCallback("w4")
+    spec = callback._resolve_example_inputs(None, module)
+    assert list(spec.kwargs) == ["features"]
+    callback.engine.validate_for(module, spec)                         # a dry run on a copy
+    assert not callback.engine.attached and not module._forward_pre_hooks
+
+
 class WholeBatch(nn.Module):
     def __init__(self) -> None:
         super().__init__()
