@@ -117,10 +117,12 @@ class Palettization:
         """Insert the palettized structure into ``model`` (in place) without running k-means.
 
         Call before the model is wrapped (DDP) and before the optimizer is built. Attaching the
-        same model again is a no-op.
+        same model again is a no-op. ``example_inputs``: a tensor or a tuple (positional), a
+        mapping (keywords) or a ``CallSpec``; every forward of the plugin makes this call.
 
         Raises:
             PalettizeConfigError: a ``modules`` regex matches no module, or nothing is palettized.
+            ExampleInputsError: the forward fails on ``example_inputs`` (names it and the fix).
             RuntimeError: attached to another model already, or ``model`` is already prepared.
         """
         if self.model is not None:
