@@ -221,3 +221,23 @@ def test_keyword_inputs_through_engine_export_and_reload(tmp_path):
     loaded = load_palettized(tmp_path / "out", keyword_only_module)
     x = torch.randn(3, 16)
     assert torch.equal(loaded(features=x), module.eval()(features=x))
+
+
+class IgnoresAnInput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x, extra=None):
+        return self.fc(x)
+
+
+def test_keyword_inputs_the_graph_does_not_use_are_not_aimodel_inputs(tmp_path, caplog):
+    torch.manual_seed(0)
+    engine = Palettization("w4")
+    engine.prepare(IgnoresAnInput(), {"x": torch.randn(1, 16), "extra": torch.randn(1, 3)})
+    with caplog.at_level("INFO", logger="coreai_palettize_plugins.export"):
+        result = engine.export(tmp_path / "out")
+    assert result.errors == {} and result.coreai_graph_max_abs_diff == 0.0
+    assert "does not use extra; the .aimodel does not take it" in caplog.text
+    assert list(load_example_inputs(tmp_path / "out").kwargs) == ["x", "extra"]  # eager call kept
