@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from ._utils import to_device
+from ._inputs import as_call_spec
 
 __all__ = ["copy_for_export", "materialize", "max_abs_diff", "meta_skeleton", "model_outputs",
            "tensor_leaves", "tracing_forward"]
@@ -86,11 +86,12 @@ def model_device(model: nn.Module) -> torch.device:
     return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
-def model_outputs(model: nn.Module, example_inputs: Sequence[Any]) -> list[torch.Tensor]:
-    """Every tensor the model returns for ``example_inputs`` (eval, no grad), on the CPU."""
-    device = model_device(model)
+def model_outputs(model: nn.Module, example_inputs: Any) -> list[torch.Tensor]:
+    """Every tensor the model returns for ``example_inputs`` (a ``CallSpec``, a tensor, a tuple
+    of positional inputs or a mapping of keyword inputs; eval, no grad), on the CPU."""
+    spec = as_call_spec(example_inputs).to(model_device(model))
     with tracing_forward(model):
-        out = model(*[to_device(x, device) for x in example_inputs])
+        out = spec.call(model)
     return [t.detach().float().cpu() for t in tensor_leaves(out)]
 
 

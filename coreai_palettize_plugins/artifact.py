@@ -2,7 +2,9 @@
 from a prepared model and loaded back into a model whose outputs equal the palettized model's.
 
 Files: ``palettized.safetensors`` (tensors; tied tensors stored once), ``palettized.json`` (the
-manifest: shapes, bit widths, aliases, the coreai-opt config) and ``example_inputs.safetensors``.
+manifest: shapes, bit widths, aliases, the coreai-opt config, the layout of the example call) and
+``example_inputs.safetensors`` (the example call's tensors: positional ``args.<i>`` and keyword
+``kwargs.<name>``; artifacts of 0.1 hold positional ``input_<i>`` only, still read).
 """
 
 from __future__ import annotations
@@ -22,17 +24,20 @@ from coreai_opt import ExportBackend
 from coreai_opt.palettization import KMeansPalettizer, KMeansPalettizerConfig
 
 from ._coreai_compat import fake_palettized_tensors, prepare_from_state_dict
+from ._inputs import CallSpec, as_call_spec, keyword_call
 from ._modelcopy import tracing_forward
 from ._utils import dtype_from_name, dtype_name, unique_by_storage
 from .coreai_config import config_from_yaml_text, config_to_yaml
 
-__all__ = ["EXAMPLE_INPUTS_NAME", "FORMAT_ID", "MANIFEST_NAME", "PACKED_NAME", "load_palettized",
-           "pack_indices", "unpack_indices", "write_packed"]
+__all__ = ["EXAMPLE_INPUTS_NAME", "FORMAT_ID", "MANIFEST_NAME", "PACKED_NAME", "load_example_inputs",
+           "load_palettized", "pack_indices", "unpack_indices", "write_packed"]
 
 PACKED_NAME = "palettized.safetensors"
 MANIFEST_NAME = "palettized.json"
 EXAMPLE_INPUTS_NAME = "example_inputs.safetensors"
-FORMAT_ID = "coreai-palettize-plugins/packed-v1"
+FORMAT_ID = "coreai-palettize-plugins/packed-v2"
+READABLE_FORMATS = ("coreai-palettize-plugins/packed-v1", FORMAT_ID)
+"""v2 stores the example call's keyword inputs and constants (v1: positional tensors only)."""
 
 
 def pack_indices(indices: torch.Tensor, n_bits: int) -> torch.Tensor:
@@ -65,11 +70,12 @@ def unpack_indices(packed: torch.Tensor, n_bits: int, shape: Sequence[int]) -> t
 def write_packed(
     model: nn.Module,
     config: KMeansPalettizerConfig,
-    example_inputs: Sequence[Any],
+    example_inputs: Any,
     directory: Path,
     metadata: Mapping[str, Any] | None = None,
 ) -> list[Path]:
-    """Write the packed artifact of a prepared model: n-bit indices, LUTs, the dense rest."""
+    """Write the packed artifact of a prepared model: n-bit indices, LUTs, the dense rest, and
+    the example call (``example_inputs``: a ``CallSpec`` or what ``as_call_spec`` takes)."""
     from safetensors.torch import save_file
 
     tensors = fake_palettized_tensors(model)
@@ -94,6 +100,7 @@ def write_packed(
             "indices_shape": list(indices.shape),
         }
         packed_state[indices_key] = pack_indices(indices, t.fake.n_bits)
+    input_tensors, input_layout = as_call_spec(example_inputs).to_storage()
     prefixes = tuple(e["prefix"] for e in entries.values())
     for key, value in state.items():
         if key.startswith(prefixes) and key.endswith((".original", ".0.indices")):
@@ -104,15 +111,14 @@ def write_packed(
         "palettized": entries,
         "aliases": aliases,
         "palettizer_config": config_to_yaml(config),
-        "num_example_inputs": len(example_inputs),
+        "example_inputs": input_layout,
         "versions": _versions(),
         **(metadata or {}),
     }
     packed_path = directory / PACKED_NAME
     save_file(packed_state, str(packed_path), metadata={"format": FORMAT_ID})
     inputs_path = directory / EXAMPLE_INPUTS_NAME
-    save_file({f"input_{i}": x.detach().cpu().contiguous()
-               for i, x in enumerate(example_inputs)}, str(inputs_path))
+    save_file(input_tensors, str(inputs_path))
     manifest_path = directory / MANIFEST_NAME
     manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return [packed_path, manifest_path, inputs_path]
@@ -146,19 +152,9 @@ def load_palettized(
     """
     from safetensors.torch import load_file
 
-    directory = Path(path)
-    if directory.is_file():
-        directory = directory.parent
-    manifest_path = directory / MANIFEST_NAME
-    if not manifest_path.is_file():
-        raise FileNotFoundError(f"{manifest_path} not found: not a palettized export directory")
-    manifest = json.loads(manifest_path.read_text())
-    if manifest.get("format") != FORMAT_ID:
-        raise ValueError(f"{manifest_path}: unsupported format {manifest.get('format')!r}; "
-                         f"this version reads {FORMAT_ID}")
+    directory, manifest = _read_manifest(path)
     stored = load_file(str(directory / PACKED_NAME))
-    inputs = load_file(str(directory / EXAMPLE_INPUTS_NAME))
-    example_inputs = tuple(inputs[f"input_{i}"] for i in range(manifest["num_example_inputs"]))
+    example_inputs = _example_inputs(directory, manifest)
 
     state: dict[str, torch.Tensor] = dict(stored)
     for entry in manifest["palettized"].values():
@@ -173,15 +169,46 @@ def load_palettized(
         model_or_factory = _transformers_factory(directory)
     model = model_or_factory if isinstance(model_or_factory, nn.Module) else model_or_factory()
     config = config_from_yaml_text(manifest["palettizer_config"])
+    spec = as_call_spec(example_inputs, model)
     palettizer = KMeansPalettizer(model, config)
     with tracing_forward(model):
-        prepare_from_state_dict(palettizer, example_inputs, state)
+        with keyword_call(model, spec) as inputs:
+            prepare_from_state_dict(palettizer, inputs, state)
         for t in fake_palettized_tensors(model):
             t.original.copy_(t.fake.hard_assign(t.original))
     model.eval()
     if finalize:
         model = palettizer.finalize(model, backend=ExportBackend.Torch)
     return model
+
+
+def load_example_inputs(path: str | os.PathLike) -> CallSpec:
+    """The example call stored with a packed artifact (``spec.call(model)`` runs it): the
+    inputs the export traced, on which the reloaded model equals the palettized one."""
+    return _example_inputs(*_read_manifest(path))
+
+
+def _read_manifest(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
+    directory = Path(path)
+    if directory.is_file():
+        directory = directory.parent
+    manifest_path = directory / MANIFEST_NAME
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{manifest_path} not found: not a palettized export directory")
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("format") not in READABLE_FORMATS:
+        raise ValueError(f"{manifest_path}: unsupported format {manifest.get('format')!r}; "
+                         f"this version reads {', '.join(READABLE_FORMATS)}")
+    return directory, manifest
+
+
+def _example_inputs(directory: Path, manifest: Mapping[str, Any]) -> CallSpec:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(directory / EXAMPLE_INPUTS_NAME))
+    if "example_inputs" in manifest:
+        return CallSpec.from_storage(manifest["example_inputs"], tensors)
+    return CallSpec(tuple(tensors[f"input_{i}"] for i in range(manifest["num_example_inputs"])))
 
 
 def _transformers_factory(directory: Path) -> Callable[[], nn.Module]:

@@ -26,15 +26,15 @@ from coreai_opt.palettization import KMeansPalettizer
 
 from . import _coreai_compat as compat
 from . import distributed, strategies
+from ._inputs import CallSpec, as_call_spec, keyword_call
 from ._modelcopy import copy_for_export, materialize, meta_skeleton, model_device, tracing_forward
-from ._utils import to_device
 from .coreai_config import config_to_yaml, to_coreai_config
 from .dense_reasons import check_overrides, dense_weights
 from .export import ExportResult, export_palettized
 from .report import CompressionReport, build_report
 from .settings import ConfigSource, PalettizeConfigError, PalettizeSettings
 
-__all__ = ["Palettization", "PalettizationWarning", "as_example_inputs"]
+__all__ = ["CallSpec", "Palettization", "PalettizationWarning", "as_example_inputs"]
 
 log = logging.getLogger(__name__)
 
@@ -45,20 +45,11 @@ class PalettizationWarning(UserWarning):
     """A layer the config asked for was left dense, or similar surprises."""
 
 
-def as_example_inputs(value: Any) -> tuple[Any, ...]:
-    """Normalise example inputs to the positional tuple coreai-opt's ``prepare`` needs."""
-    if isinstance(value, torch.Tensor):
-        return (value,)
-    if isinstance(value, (list, tuple)):
-        return tuple(value)
-    if isinstance(value, Mapping):
-        raise TypeError("example inputs must be positional (a tensor or a tuple of tensors), "
-                        f"got a mapping with keys {sorted(value)}")
-    raise TypeError(f"example inputs must be a tensor or a tuple, got {type(value).__name__}")
-
-
-def _detached_cpu(inputs: Sequence[Any]) -> tuple[Any, ...]:
-    return tuple(x.detach().cpu().clone() if isinstance(x, torch.Tensor) else x for x in inputs)
+def as_example_inputs(value: Any, model: nn.Module | None = None) -> CallSpec:
+    """Example inputs as the ``CallSpec`` every forward of the plugin uses: a tensor or a tuple
+    (positional inputs), a mapping (keyword inputs) or a ``CallSpec``; normalised for ``model``
+    when given (``None`` gaps become keywords or are dropped)."""
+    return as_call_spec(value, model)
 
 
 class Palettization:
@@ -102,8 +93,9 @@ class Palettization:
         self.config = to_coreai_config(self.settings)
         self.model: nn.Module | None = None
         self.palettizer: KMeansPalettizer | None = None
-        self.example_inputs: tuple[Any, ...] = ()
-        """Inputs of the export's tracing forward (those of ``attach`` unless replaced)."""
+        self.example_inputs: CallSpec = CallSpec()
+        """Inputs of the export's tracing forward (those of ``attach`` unless replaced);
+        ``example_inputs[0]`` is the first tensor input."""
         self.skipped: dict[str, str] = {}
         self.consumers: dict[str, str] = {}
         """First torch function that consumed each parameter in attach's tracing forward."""
@@ -128,11 +120,14 @@ class Palettization:
         """Insert the palettized structure into ``model`` (in place) without running k-means.
 
         Call before the model is wrapped (DDP) and before the optimizer is built. Attaching the
-        same model again is a no-op. Until ``ensure_clustered``/``cluster``, reading a palettized
-        weight (``module.weight``) returns its dense Parameter and never runs k-means.
+        same model again is a no-op. ``example_inputs``: a tensor or a tuple (positional), a
+        mapping (keywords) or a ``CallSpec``; every forward of the plugin makes this call.
+        Until ``ensure_clustered``/``cluster``, reading a palettized weight (``module.weight``)
+        returns its dense Parameter and never runs k-means.
 
         Raises:
             PalettizeConfigError: a ``modules`` regex matches no module, or nothing is palettized.
+            ExampleInputsError: the forward fails on ``example_inputs`` (names it and the fix).
             RuntimeError: attached to another model already, or ``model`` is already prepared.
         """
         if self.model is not None:
@@ -142,7 +137,7 @@ class Palettization:
         if compat.is_prepared(model):
             raise RuntimeError(f"{type(model).__name__} is already palettized (prepared by "
                                "coreai-opt); build a new model or reuse its Palettization")
-        example_inputs = as_example_inputs(example_inputs)
+        example_inputs = as_example_inputs(example_inputs, model)
         with distributed.agree("palettize setup"):  # a failure on any rank stops every rank
             self._use_settings_of_rank_zero()
             self._check_module_patterns(model)
@@ -165,16 +160,17 @@ class Palettization:
                     + "\n".join(f"  {d.name}: {d.reason}" for d in dense),
                     PalettizationWarning, stacklevel=2)
 
-    def _insert(self, model: nn.Module, example_inputs: tuple[Any, ...]) -> None:
+    def _insert(self, model: nn.Module, example_inputs: CallSpec) -> None:
         palettizer = KMeansPalettizer(model, self.config)
         palettizer._num_workers = self.settings.num_workers
-        device = model_device(model)
-        with tracing_forward(model), compat.record_first_consumers(model) as consumers:
-            self.skipped = compat.insert_parametrizations(
-                palettizer, tuple(to_device(x, device) for x in example_inputs))
+        spec = example_inputs.to(model_device(model))
+        # coreai-opt's prepare calls model(*inputs): keyword inputs go through a root pre-hook.
+        with tracing_forward(model), keyword_call(model, spec) as inputs, \
+                compat.record_first_consumers(model) as consumers:
+            self.skipped = compat.insert_parametrizations(palettizer, inputs)
         self.consumers = consumers
         self.model, self.palettizer = model, palettizer
-        self.example_inputs = _detached_cpu(example_inputs)
+        self.example_inputs = example_inputs.detached_cpu()
         self.tied = compat.tied_prefixes(model)
         if self.tied:
             model.register_load_state_dict_pre_hook(self._fill_tied_keys)
@@ -228,10 +224,11 @@ class Palettization:
                 palettizes no weight. Use it to fail before any training starts.
         """
         self._check_module_patterns(model)
+        spec = as_example_inputs(example_inputs, model)
         copy_ = materialize(meta_skeleton(model))
         palettizer = KMeansPalettizer(copy_, to_coreai_config(self.settings, model))
-        with tracing_forward(copy_):
-            skipped = compat.insert_parametrizations(palettizer, as_example_inputs(example_inputs))
+        with tracing_forward(copy_), keyword_call(copy_, spec.to(model_device(copy_))) as inputs:
+            skipped = compat.insert_parametrizations(palettizer, inputs)
         if not compat.fake_palettized_tensors(copy_):
             raise self._nothing_palettized(model, skipped)
 
@@ -417,8 +414,9 @@ class Palettization:
                 "call ensure_clustered() (or cluster()) before report() or export()")
 
     def set_export_inputs(self, example_inputs: Any) -> None:
-        """Trace the export with these inputs (e.g. a real data sample) instead of attach's."""
-        self.example_inputs = _detached_cpu(as_example_inputs(example_inputs))
+        """Trace the export with these inputs (e.g. a real data sample) instead of attach's:
+        anything ``attach`` takes (a tensor, a tuple, a mapping of keywords, a ``CallSpec``)."""
+        self.example_inputs = as_example_inputs(example_inputs, self.model).detached_cpu()
 
     def _new_model(self, configure: Callable[[nn.Module], None] | None) -> nn.Module:
         """A new, unprepared instance of the model's architecture (for export)."""

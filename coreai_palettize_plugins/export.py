@@ -10,7 +10,6 @@ error names the format and its cause and the other formats are still written.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import logging
 import os
@@ -33,6 +32,7 @@ from ._coreai_compat import (
     use_exportable_experts,
     widen_for_coreai,
 )
+from ._inputs import CallSpec, as_call_spec, constants_bound, keyword_call
 from ._modelcopy import max_abs_diff, model_outputs, tensor_leaves, tracing_forward
 from ._utils import one_line
 from .artifact import (
@@ -153,7 +153,7 @@ def _apply_umask(root: Path) -> None:
 def rebuild_prepared(
     factory: Callable[[], nn.Module],
     config: KMeansPalettizerConfig,
-    example_inputs: Sequence[Any],
+    example_inputs: Any,
     state_dict: Mapping[str, torch.Tensor],
 ) -> tuple[nn.Module, KMeansPalettizer]:
     """A new prepared model loaded from ``state_dict`` (no k-means): coreai-opt's public path,
@@ -161,11 +161,13 @@ def rebuild_prepared(
 
     Finalizing a ``deepcopy`` of a prepared model would break the original (the copy shares its
     generated parametrization class), so export always works on a model rebuilt like this.
+    ``example_inputs``: a ``CallSpec`` (or what ``as_call_spec`` takes).
     """
     fresh = factory()
+    spec = as_call_spec(example_inputs, fresh)
     palettizer = KMeansPalettizer(fresh, config)
-    with tracing_forward(fresh):
-        prepare_from_state_dict(palettizer, tuple(example_inputs), dict(state_dict))
+    with tracing_forward(fresh), keyword_call(fresh, spec) as inputs:
+        prepare_from_state_dict(palettizer, inputs, dict(state_dict))
     fresh.eval()
     return fresh, palettizer
 
@@ -173,14 +175,16 @@ def rebuild_prepared(
 def write_aimodel(
     model: nn.Module,
     palettizer: KMeansPalettizer,
-    example_inputs: Sequence[Any],
+    example_inputs: Any,
     path: Path,
 ) -> float:
     """Finalize for Core AI, ``torch.export``, convert and save. Returns the graph's max abs
     difference to the model's eager outputs (the graph handed to the converter).
 
-    ``model`` must be a fresh prepared copy: finalizing frees its dense weights. Fused MoE
-    experts are switched to transformers' ``batched_mm`` implementation (the one coreai-torch
+    ``model`` must be a fresh prepared copy: finalizing frees its dense weights. The graph's
+    inputs are the spec's tensors, named after the forward's parameters (keyword inputs by
+    their keys); its constants (``use_cache=False``) are bound, not inputs. Fused MoE experts
+    are switched to transformers' ``batched_mm`` implementation (the one coreai-torch
     converts), and their 3-D LUTs reshaped after finalize (coreai-opt 0.4 shapes them wrong).
     """
     import coreai_torch
@@ -188,7 +192,8 @@ def write_aimodel(
     if use_exportable_experts(model):
         log.info("fused MoE experts go into the .aimodel with transformers' batched_mm "
                  "experts implementation (the default grouped_mm has no coreai-torch lowering)")
-    expected = model_outputs(model, example_inputs)
+    spec = as_call_spec(example_inputs, model)
+    expected = model_outputs(model, spec)
     widened = widen_for_coreai(model)
     if widened:
         log.info("coreai-torch stores no 3-bit indices: %d weight(s) go into the .aimodel with "
@@ -197,36 +202,72 @@ def write_aimodel(
     finalized = palettizer.finalize(model, backend=ExportBackend.CoreAI).eval()
     reshape_expert_luts(finalized)
     try:
-        with torch.no_grad():
-            program = torch.export.export(finalized, tuple(example_inputs))
+        program, spec = _export_program(finalized, spec)
     except Exception as e:
         raise RuntimeError(f"torch.export could not trace {type(model).__name__}: "
                            f"{one_line(e)}") from e
     program = program.run_decompositions(coreai_torch.get_decomp_table())
     with torch.no_grad():
-        graph_outputs = [t.detach().float().cpu()
-                         for t in tensor_leaves(program.module()(*example_inputs))]
+        graph_outputs = [t.detach().float().cpu() for t in
+                         tensor_leaves(program.module()(*spec.args, **spec.traced_kwargs))]
     converter = coreai_torch.TorchConverter(mode=coreai_torch.TorchConverter.Mode.RELEASE)
-    converter.add_exported_program(program, input_names=_input_names(model, len(example_inputs)))
+    converter.add_exported_program(program, input_names=_input_names(program, spec, model))
     converter.to_coreai().save_asset(path)
     return max_abs_diff(expected, graph_outputs)
 
 
-def _input_names(model: nn.Module, count: int) -> list[str]:
-    try:
-        params = [p for p in inspect.signature(model.forward).parameters.values()
-                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-        names = [p.name for p in params[:count]]
-    except (TypeError, ValueError):
-        names = []
-    return names if len(names) == count else [f"input_{i}" for i in range(count)]
+def _export_program(model: nn.Module, spec: CallSpec) -> tuple[Any, CallSpec]:
+    """``torch.export`` of ``model`` on the spec's traced inputs (constants bound by a hook).
+    Keyword inputs the graph does not use are dropped (exported again without them), so the
+    ``.aimodel`` asks only for inputs it reads. Returns the program and the spec it took."""
+    def export(spec: CallSpec) -> Any:
+        with torch.no_grad(), constants_bound(model, spec):
+            return torch.export.export(model, spec.args, kwargs=spec.traced_kwargs)
+
+    program = export(spec)
+    dead = _dead_keyword_inputs(program, spec)
+    if dead:
+        log.info("palettize export: the traced graph does not use %s; the .aimodel does not "
+                 "take %s", ", ".join(dead), "it" if len(dead) == 1 else "them")
+        spec = CallSpec(spec.args, {k: v for k, v in spec.kwargs.items() if k not in dead})
+        program = export(spec)
+    return program, spec
+
+
+def _user_inputs(program: Any) -> list[Any]:
+    from torch.export.graph_signature import InputKind, TensorArgument
+
+    return [s.arg for s in program.graph_signature.input_specs
+            if s.kind == InputKind.USER_INPUT and isinstance(s.arg, TensorArgument)]
+
+
+def _dead_keyword_inputs(program: Any, spec: CallSpec) -> list[str]:
+    """Top-level keyword inputs whose every tensor is a placeholder without users."""
+    placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
+    args = _user_inputs(program)
+    leaves = spec.tensor_items()
+    if len(args) != len(leaves):
+        return []
+    used: dict[str, bool] = {}
+    for (path, _), arg in zip(leaves, args):
+        if path[0] == 1:
+            node = placeholders.get(arg.name)
+            used[path[1]] = used.get(path[1], False) or node is None or bool(node.users)
+    return [k for k, u in used.items() if not u]
+
+
+def _input_names(program: Any, spec: CallSpec, model: nn.Module) -> list[str] | None:
+    """The spec's input names when they match the graph's user inputs one to one, else None
+    (the converter then keeps torch.export's placeholder names)."""
+    names = spec.input_names(model)
+    return names if len(names) == len(_user_inputs(program)) else None
 
 
 def export_palettized(
     model: nn.Module,
     *,
     config: KMeansPalettizerConfig,
-    example_inputs: Sequence[Any],
+    example_inputs: Any,
     directory: str | os.PathLike,
     factory: Callable[[], nn.Module],
     formats: Sequence[str] = ("coreai", "torch"),
@@ -241,12 +282,12 @@ def export_palettized(
     ``factory`` builds a new, unprepared instance of the model's architecture (any weights): the
     export loads ``model``'s state into it, so the live model is never modified.
     ``extra_files(tmp_dir)`` may add files (an HF config, a tokenizer) before the rename.
+    ``example_inputs``: a ``CallSpec``, a tensor, a tuple (positional) or a mapping (keywords).
     With ``strict``, a format that fails raises ``ExportError`` after the others are written.
     """
     directory = Path(directory)
     result = ExportResult(directory=directory, report=report)
-    example_inputs = [x.detach().cpu() if isinstance(x, torch.Tensor) else x
-                      for x in example_inputs]
+    example_inputs = as_call_spec(example_inputs, model).detached_cpu()
     state = {k: v.detach().cpu()
              for k, v in (state_dict if state_dict is not None else model.state_dict()).items()}
     expected = model_outputs(model, example_inputs)

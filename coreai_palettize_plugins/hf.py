@@ -17,46 +17,74 @@ Trainer) -> ``train()``: checkpoint ``load_state_dict(strict=False)`` -> optimiz
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import re
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.nn as nn
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from ._inputs import CallSpec, call_spec_from_batch
 from .engine import Palettization, as_example_inputs
 from .export import ExportResult
 from .report import CompressionReport
 from .settings import ConfigSource, PalettizeConfigError
 
-__all__ = ["PalettizationTrainerCallback", "batch_to_example_inputs", "disable_kv_cache"]
+__all__ = ["PalettizationTrainerCallback", "batch_to_example_inputs", "disable_kv_cache",
+           "kv_cache_disabled"]
 
 log = logging.getLogger(__name__)
 _SAMPLE_TEXT = "Palettization keeps every weight as an index into a table."
+_FIX = "pass example_inputs= or example_inputs_fn= to PalettizationTrainerCallback"
 
 
-def batch_to_example_inputs(model: nn.Module, batch: Mapping[str, Any]) -> tuple[Any, ...]:
-    """A collated keyword batch -> coreai-opt's positional inputs: the model's main input
-    (``input_ids`` for language models), one sample."""
-    name = getattr(model, "main_input_name", "input_ids")
-    if name not in batch:
-        raise TypeError(f"the batch has no {name!r} (keys: {sorted(batch)}): pass example_inputs= "
-                        "or example_inputs_fn= to PalettizationTrainerCallback")
-    return (torch.as_tensor(batch[name])[:1],)
+def batch_to_example_inputs(model: nn.Module, batch: Mapping[str, Any]) -> CallSpec:
+    """A collated batch -> the call of ``model.forward`` one sample of it makes (a keyword
+    ``CallSpec``): the forward's parameters the batch provides (main input, ``attention_mask``,
+    ``pixel_values``, ``input_features``, ...; labels dropped), ``decoder_input_ids`` derived from
+    ``labels`` with the model's own shift (its decoder start token without labels), and
+    ``use_cache=False`` (torch.export cannot trace transformers' cache objects).
+
+    Raises:
+        ExampleInputsError: the batch does not fit the forward's signature (names the fix).
+    """
+    return call_spec_from_batch(model, batch, fix=_FIX)
+
+
+def _configs(model: nn.Module) -> Iterator[Any]:
+    seen: set[int] = set()
+    for module in model.modules():
+        for config in (getattr(module, "config", None), getattr(module, "generation_config", None)):
+            if config is not None and id(config) not in seen:
+                seen.add(id(config))
+                yield config
 
 
 def disable_kv_cache(model: nn.Module) -> None:
     """Turn ``use_cache`` off on every config of ``model`` (sub-models keep their own copies) and
     on its generation config: torch.export cannot trace the cache objects transformers returns."""
-    for module in model.modules():
-        for config in (getattr(module, "config", None), getattr(module, "generation_config", None)):
-            if getattr(config, "use_cache", None):
-                config.use_cache = False
+    for config in _configs(model):
+        if getattr(config, "use_cache", None):
+            config.use_cache = False
+
+
+@contextlib.contextmanager
+def kv_cache_disabled(model: nn.Module) -> Iterator[None]:
+    """``disable_kv_cache`` for the duration of a block (the plugin's tracing forwards of the
+    trained model); the configs are restored afterwards."""
+    changed = [c for c in _configs(model) if getattr(c, "use_cache", None)]
+    for config in changed:
+        config.use_cache = False
+    try:
+        yield
+    finally:
+        for config in changed:
+            config.use_cache = True
 
 
 def _parallelism(args: TrainingArguments, model: nn.Module | None) -> tuple[str, str, bool | None]:
@@ -90,10 +118,12 @@ class PalettizationTrainerCallback(TrainerCallback):
             schema as the Hydra group and recipes).
         export_dir: where the compressed model goes at the end of ``train`` (default:
             ``<output_dir>/palettized``); ``export_formats=()`` disables the export.
-        example_inputs: positional inputs for coreai-opt's tracing forward (structure and
-            export). Default: a tokenizer sample or ``model.dummy_inputs`` for the structure, one
-            sample of the train dataloader for the export, each through ``example_inputs_fn``.
-        example_inputs_fn: ``fn(model, collated batch) -> inputs``.
+        example_inputs: inputs of the tracing forwards (structure and export): a tensor or a
+            tuple (positional), a mapping (keywords) or a ``CallSpec``. Default: a tokenizer
+            sample or ``model.dummy_inputs`` for the structure, one sample of the train
+            dataloader for the export, each through ``example_inputs_fn``.
+        example_inputs_fn: ``fn(model, collated batch) -> inputs`` (any of the above); the
+            default maps the batch onto the forward's parameters (``batch_to_example_inputs``).
         model_factory: builds a new instance of the model for export (default: a zero-memory
             copy taken before prepare).
         extra_export_files: ``fn(tmp_dir)`` adding files to the export directory.
@@ -178,11 +208,12 @@ class PalettizationTrainerCallback(TrainerCallback):
                                       fix="set TrainingArguments(ddp_find_unused_parameters=True)")
 
     def _attach(self, model: nn.Module, example_inputs: Any) -> None:
-        self.engine.attach(model, example_inputs)
+        with kv_cache_disabled(model):
+            self.engine.attach(model, example_inputs)
         if self.engine.tied and hasattr(model, "_tied_weights_keys"):
             _declare_tied(model, self.engine.tied)
 
-    def _inputs_without_data(self, model: nn.Module, tokenizer: Any) -> tuple[Any, ...] | None:
+    def _inputs_without_data(self, model: nn.Module, tokenizer: Any) -> CallSpec | None:
         if self.example_inputs is not None:
             return as_example_inputs(self.example_inputs)
         main = getattr(model, "main_input_name", "input_ids")
@@ -199,7 +230,7 @@ class PalettizationTrainerCallback(TrainerCallback):
         return None
 
     def _inputs_from_dataset(self, model: nn.Module, dataset: Any,
-                             collate: Callable[[list[Any]], Any] | None) -> tuple[Any, ...] | None:
+                             collate: Callable[[list[Any]], Any] | None) -> CallSpec | None:
         """One collated sample (``dataset[0]``: no iteration, so no RNG is drawn)."""
         if self.example_inputs is not None:
             return as_example_inputs(self.example_inputs)

@@ -25,6 +25,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
 from . import _coreai_compat as compat
+from ._inputs import CallSpec, call_spec_from_batch
 from .engine import Palettization, as_example_inputs
 from .export import ExportResult
 from .report import CompressionReport
@@ -100,19 +101,29 @@ def _replace_method(module: nn.Module, name: str, replacement: Callable[..., Any
     return undo
 
 
-def default_example_inputs(batch: Any) -> tuple[Any, ...]:
-    """First-batch -> positional example inputs: the input tensor of ``(x, y)``-style batches,
-    ``input_ids`` of dict batches, trimmed to one sample."""
-    if isinstance(batch, torch.Tensor):
-        return (batch[:1],)
-    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
-        return (batch[0][:1],)
-    if isinstance(batch, Mapping) and isinstance(batch.get("input_ids"), torch.Tensor):
-        return (batch["input_ids"][:1],)
-    raise TypeError(
-        f"cannot derive example inputs from a {type(batch).__name__} batch: set "
-        "LightningModule.example_input_array, or pass example_inputs= or example_inputs_fn= "
+_FIX = ("set LightningModule.example_input_array, or pass example_inputs= or example_inputs_fn= "
         "to PalettizationCallback")
+
+
+def default_example_inputs(batch: Any, module: nn.Module | None = None) -> CallSpec:
+    """First batch -> the call of ``module.forward`` one sample of it makes: tuple/list batches
+    fill the forward's required positional parameters (``(x, y)`` -> ``forward(x)``,
+    ``(inputs, target)`` -> ``forward(inputs, target)``), dict batches its keyword parameters
+    (labels dropped). Without ``module``: the first element of a tuple batch, ``input_ids`` of
+    a dict batch (the 0.1 behaviour).
+
+    Raises:
+        ExampleInputsError: the batch does not fit the forward's signature (names the fix).
+    """
+    if module is not None:
+        return call_spec_from_batch(module, batch, fix=_FIX)
+    if isinstance(batch, torch.Tensor):
+        return CallSpec((batch[:1],))
+    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
+        return CallSpec((batch[0][:1],))
+    if isinstance(batch, Mapping) and isinstance(batch.get("input_ids"), torch.Tensor):
+        return CallSpec((batch["input_ids"][:1],))
+    raise TypeError(f"cannot derive example inputs from a {type(batch).__name__} batch: {_FIX}")
 
 
 class PalettizationCallback(Callback):
@@ -128,8 +139,11 @@ class PalettizationCallback(Callback):
         export_dir: where the compressed model goes at the end of ``fit`` (default:
             ``<default_root_dir>/palettized``).
         export_formats: ``("coreai", "torch")`` by default; ``()`` disables the export.
-        example_inputs: positional inputs for coreai-opt's tracing forward. Default:
-            ``example_input_array``, else ``example_inputs_fn(first training batch)``.
+        example_inputs: inputs of the tracing forwards (structure and export): a tensor or a
+            tuple (positional), a mapping (keywords) or a ``CallSpec``. Default:
+            ``example_input_array`` (a mapping is a keyword call, as Lightning makes it), else one
+            sample of the first training batch mapped onto ``forward``'s parameters.
+        example_inputs_fn: ``fn(first training batch) -> inputs`` replacing that mapping.
         model_factory: builds a new instance of the LightningModule for export (default: a
             zero-memory copy taken before prepare).
         strict_export: raise if a format cannot be written (default: log the error).
@@ -232,12 +246,14 @@ class PalettizationCallback(Callback):
         if self.example_inputs is not None:
             return as_example_inputs(self.example_inputs)
         array = pl_module.example_input_array
-        if array is not None and not isinstance(array, Mapping):
+        if array is not None:
             return as_example_inputs(array)
         # Iterating a shuffled loader draws from the global RNG: keep the user's stream intact.
         with torch.random.fork_rng(devices=[]):
             batch = (_first_training_batch(trainer) if stage == "fit"
                      else _first_batch_of_stage(trainer, stage))
+        if self.example_inputs_fn is default_example_inputs:
+            return default_example_inputs(batch, pl_module)
         return as_example_inputs(self.example_inputs_fn(batch))
 
     @override
