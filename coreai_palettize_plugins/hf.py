@@ -29,7 +29,8 @@ from typing import Any
 import torch.nn as nn
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from ._inputs import CallSpec, call_spec_from_batch
+from ._batches import call_spec_from_batch
+from ._inputs import CallSpec
 from .engine import Palettization, as_example_inputs
 from .export import ExportResult
 from .report import CompressionReport

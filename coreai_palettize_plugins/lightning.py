@@ -25,7 +25,8 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
 from . import _coreai_compat as compat
-from ._inputs import CallSpec, call_spec_from_batch
+from ._batches import call_spec_from_batch
+from ._inputs import CallSpec
 from .engine import Palettization, as_example_inputs
 from .export import ExportResult
 from .report import CompressionReport

@@ -12,12 +12,8 @@ from helpers import example_image, mixed_net
 from tiny_models import hf_data, hf_model, keyword_only_module, lightning_demo, token_pairs
 
 from coreai_palettize_plugins import Palettization, load_palettized
-from coreai_palettize_plugins._inputs import (
-    CallSpec,
-    ExampleInputsError,
-    as_call_spec,
-    call_spec_from_batch,
-)
+from coreai_palettize_plugins._batches import call_spec_from_batch
+from coreai_palettize_plugins._inputs import CallSpec, ExampleInputsError, as_call_spec
 from coreai_palettize_plugins.artifact import (
     EXAMPLE_INPUTS_NAME,
     MANIFEST_NAME,
