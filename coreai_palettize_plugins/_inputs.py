@@ -9,10 +9,10 @@
   inside tuples, lists and dicts) are the traced inputs; top-level keyword values without a
   tensor (``use_cache=False``) are constants bound at every call, never traced inputs.
 - ``call_spec_from_batch`` (``_batches.py``): a real batch mapped onto
-  ``inspect.signature(model.forward)``: dict batches become a keyword call with the parameters
-  the batch provides (labels dropped, ``decoder_input_ids`` derived from ``labels`` with the
-  model's own shift, ``use_cache=False``); tuple/list batches fill the required positional parameters (``(x, y)`` -> ``forward(x)``,
-  ``(inputs, target)`` -> ``forward(inputs, target)``).
+  ``inspect.signature(model.forward)``: dict batches become a keyword call with the parameters the
+  batch provides (labels dropped, ``decoder_input_ids`` derived from ``labels`` with the model's
+  own shift, ``use_cache=False``); tuple/list batches fill the required positional parameters
+  (``(x, y)`` -> ``forward(x)``, ``(inputs, target)`` -> ``forward(inputs, target)``).
 - ``keyword_call``: coreai-opt's ``prepare`` calls ``model(*example_inputs)``. A temporary root
   forward pre-hook turns that positional call into the spec's real call, so module names (and
   ``modules=`` regexes, state-dict keys) stay those of the user's model.
