@@ -20,16 +20,31 @@ import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.distributed as dist
 
 from . import _coreai_compat as compat
 from ._utils import dtype_from_name, dtype_name, one_line
+from .checks import PalettizeConfigError
+from .strategies import trains_dense_weight
 
-__all__ = ["ClusterStats", "agree", "barrier", "broadcast_object", "cluster",
-           "palettized_state_hash", "plan_owners", "rank", "world_size"]
+if TYPE_CHECKING:
+    from .settings import PalettizeSettings
+
+__all__ = [
+    "ClusterStats",
+    "agree",
+    "barrier",
+    "broadcast_object",
+    "check_parallelism",
+    "cluster",
+    "palettized_state_hash",
+    "plan_owners",
+    "rank",
+    "world_size",
+]
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +108,34 @@ def plan_owners(sizes: Sequence[int], world: int, mode: str) -> list[int]:
         owners[index] = owner
         loads[owner] += sizes[index]
     return owners
+
+
+UNSUPPORTED_PARALLELISM = ("fsdp", "deepspeed", "model_parallel")
+
+
+def check_parallelism(settings: PalettizeSettings, kind: str, *, what: str,
+                      find_unused: bool | None = None, fix: str = "") -> bool:
+    """The parallelism rules, for adapters that only detect the setup.
+
+    ``kind``: ``"single"``, ``"ddp"``, ``"fsdp"``, ``"deepspeed"`` or ``"model_parallel"``;
+    ``what`` names it in the message; ``find_unused`` is DDP's ``find_unused_parameters``
+    (None: not set); ``fix`` says how to set it. Returns True when DDP must run with
+    ``find_unused_parameters=True`` (a warm-up schedule turns weights' gradients off).
+
+    Raises:
+        PalettizeConfigError: a setup that cannot work, with the fix.
+    """
+    if kind in UNSUPPORTED_PARALLELISM:
+        raise PalettizeConfigError(
+            "", f"{what} is not supported (coreai-opt keeps palettization state in buffers "
+            "FSDP/DeepSpeed would shard or ignore); train with DDP, see README 'Distributed'")
+    needs = (kind == "ddp" and settings.start_step > 0
+             and not trains_dense_weight(settings.training_strategy))
+    if needs and find_unused is False:
+        raise PalettizeConfigError(
+            "schedule.start_step", "palettized weights stop getting gradients when "
+            f"palettization switches on, which DDP rejects without find_unused_parameters; {fix}")
+    return needs
 
 
 @contextlib.contextmanager

@@ -38,9 +38,6 @@ __all__ = ["CallSpec", "Palettization", "PalettizationWarning", "as_example_inpu
 
 log = logging.getLogger(__name__)
 
-UNSUPPORTED_PARALLELISM = ("fsdp", "deepspeed", "model_parallel")
-
-
 class PalettizationWarning(UserWarning):
     """A layer the config asked for was left dense, or similar surprises."""
 
@@ -241,29 +238,6 @@ class Palettization:
             for key in [k for k in state_dict if k.startswith(prefix + source)]:
                 state_dict.setdefault(prefix + alias + key[len(prefix + source):], state_dict[key])
 
-    def check_parallelism(self, kind: str, *, what: str, find_unused: bool | None = None,
-                          fix: str = "") -> bool:
-        """The parallelism rules, for adapters that only detect the setup.
-
-        ``kind``: ``"single"``, ``"ddp"``, ``"fsdp"``, ``"deepspeed"`` or ``"model_parallel"``;
-        ``what`` names it in the message; ``find_unused`` is DDP's ``find_unused_parameters``
-        (None: not set); ``fix`` says how to set it. Returns True when DDP must run with
-        ``find_unused_parameters=True`` (a warm-up schedule turns weights' gradients off).
-
-        Raises:
-            PalettizeConfigError: a setup that cannot work, with the fix.
-        """
-        if kind in UNSUPPORTED_PARALLELISM:
-            raise PalettizeConfigError(
-                "", f"{what} is not supported (coreai-opt keeps palettization state in buffers "
-                "FSDP/DeepSpeed would shard or ignore); train with DDP, see README 'Distributed'")
-        needs = (kind == "ddp" and self.settings.start_step > 0
-                 and not strategies.trains_dense_weight(self.settings.training_strategy))
-        if needs and find_unused is False:
-            raise PalettizeConfigError(
-                "schedule.start_step", "palettized weights stop getting gradients when "
-                f"palettization switches on, which DDP rejects without find_unused_parameters; {fix}")
-        return needs
 
     # ---------------------------------------------------------------- clustering and state
 

@@ -29,6 +29,7 @@ from typing import Any
 import torch.nn as nn
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from . import distributed
 from ._batches import call_spec_from_batch
 from ._inputs import CallSpec
 from .engine import Palettization, as_example_inputs
@@ -205,8 +206,9 @@ class PalettizationTrainerCallback(TrainerCallback):
 
     def _check_parallelism(self, args: TrainingArguments, model: nn.Module | None) -> None:
         kind, what, find_unused = _parallelism(args, model)
-        self.engine.check_parallelism(kind, what=what, find_unused=find_unused,
-                                      fix="set TrainingArguments(ddp_find_unused_parameters=True)")
+        distributed.check_parallelism(
+            self.engine.settings, kind, what=what, find_unused=find_unused,
+            fix="set TrainingArguments(ddp_find_unused_parameters=True)")
 
     def _attach(self, model: nn.Module, example_inputs: Any) -> None:
         with kv_cache_disabled(model):

@@ -25,6 +25,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
 from . import _coreai_compat as compat
+from . import distributed
 from ._batches import call_spec_from_batch
 from ._inputs import CallSpec
 from .engine import Palettization, as_example_inputs
@@ -51,9 +52,10 @@ def _check_strategy(trainer: pl.Trainer, engine: Palettization) -> None:
             else "model_parallel" if isinstance(strategy, ModelParallelStrategy)
             else "ddp" if isinstance(strategy, DDPStrategy) else "single")
     ddp_kwargs = _ddp_kwargs(strategy) if kind == "ddp" else {}
-    if engine.check_parallelism(kind, what=f"the {type(strategy).__name__}",
-                                find_unused=ddp_kwargs.get("find_unused_parameters"),
-                                fix="use strategy='ddp_find_unused_parameters_true'"):
+    if distributed.check_parallelism(
+            engine.settings, kind, what=f"the {type(strategy).__name__}",
+            find_unused=ddp_kwargs.get("find_unused_parameters"),
+            fix="use strategy='ddp_find_unused_parameters_true'"):
         ddp_kwargs["find_unused_parameters"] = True
 
 
