@@ -198,7 +198,7 @@ def linear_like_weights(model: nn.Module) -> dict[str, tuple[int, ...]]:
             found[prefix + "in_proj_weight"] = tuple(module.in_proj_weight.shape)
         else:
             for name, p in module.named_parameters(recurse=False):
-                if p.dim() == 3 and p.is_floating_point():
+                if p.dim() == 3 and p.shape[0] > 1 and p.is_floating_point():  # experts (E, ., .)
                     found[prefix + name] = tuple(p.shape)
     return found
 
