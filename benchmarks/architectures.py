@@ -4,7 +4,8 @@ reloaded (the same run as tests/test_architectures.py).
 
     python benchmarks/architectures.py [--families gpt2 t5 ...]
 
-Prints: palettized share of the linear-like weight parameters, whole-model bits per weight,
+Prints: palettized share of the linear-like weight parameters and of all parameters (elements),
+whole-model bits per weight,
 whether the .aimodel was written (else the first line of why not), reload max abs diff, seconds.
 """
 
@@ -24,13 +25,14 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--families", nargs="*", default=FAMILIES)
     args = parser.parse_args()
-    rows = ["| family | model class | palettized share | bits/weight | .aimodel | reload max diff "
-            "| seconds |", "|---|---|---|---|---|---|---|"]
+    rows = ["| family | model class | palettized: linear-like weights / all parameters "
+            "| bits/weight | .aimodel | reload max diff | seconds |", "|---|---|---|---|---|---|---|"]
     for name in args.families:
         with tempfile.TemporaryDirectory() as out:
             facts = run_family(name, Path(out))
         aimodel = "yes" if "coreai" in facts["written"] else f"no: {facts['errors'].get('coreai')}"
-        rows.append(f"| {name} | {facts['model']} | {facts['palettized_share']:.1%} "
+        rows.append(f"| {name} | {facts['model']} | {facts['palettized_share']:.1%} / "
+                    f"{facts['share_of_all_parameters']:.1%} "
                     f"| {facts['bits_per_weight']:.2f} | {aimodel} | {facts['reload_max_diff']:.1e} "
                     f"| {facts['seconds']:.1f} |")
         print(rows[-1], flush=True)

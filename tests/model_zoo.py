@@ -225,6 +225,7 @@ def run_family(name: str, out_dir, *, steps: int = 2, **callback_kwargs) -> dict
     started = time.perf_counter()
     family = build(name)
     weights = linear_like_weights(family.model)
+    all_params = {n: p.numel() for n, p in family.model.named_parameters()}  # tied: once
     callback = PalettizationTrainerCallback(**callback_kwargs)
     args = TrainingArguments(str(out_dir), max_steps=steps, per_device_train_batch_size=4,
                              learning_rate=1e-3, report_to=[], use_cpu=True, disable_tqdm=True,
@@ -250,6 +251,8 @@ def run_family(name: str, out_dir, *, steps: int = 2, **callback_kwargs) -> dict
         "palettized": {n for n in weights if palettized(model, n)},
         "dense_reasons": dense,
         "palettized_share": share,
+        "share_of_all_parameters": sum(n for name_, n in all_params.items()
+                                       if palettized(model, name_)) / sum(all_params.values()),
         "bits_per_weight": report.bits_per_weight,
         "written": sorted(result.written),
         "errors": dict(result.errors),
