@@ -24,6 +24,7 @@ Every strategy keeps the exported model truly palettized: at most ``2**n_bits`` 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
@@ -155,6 +156,59 @@ class _StraightThrough(torch.autograd.Function):
         return grad, None
 
 
+CACHE_ENV = "COREAI_PALETTIZE_STE_CACHE"
+"""Set to ``0`` to re-assign on every forward (the uncached path, for benchmarks)."""
+
+_CACHE_ATTR = "_plugin_ste_cache"
+
+
+def _cache_key(module, weight: torch.Tensor) -> tuple:
+    """What the palettized weight depends on. Tensors are compared by identity (the cache holds
+    them, so a freed tensor's address cannot be reused by another); version counters bump on
+    in-place updates (optimizer steps, Lloyd steps, ``load_state_dict``); ``data_ptr`` catches a
+    ``.data`` swap. A view shares its base's version counter, so the base is the key."""
+    base = weight._base if weight._base is not None else weight
+    centroids = module.centroids
+    return (base, base._version, weight.data_ptr(), weight.shape, weight.stride(), weight.dtype,
+            weight.device, centroids, centroids._version)
+
+
+def _same_key(a: tuple, b: tuple) -> bool:
+    return (a[0] is b[0] and a[7] is b[7]
+            and all(x == y for i, (x, y) in enumerate(zip(a, b)) if i not in (0, 7)))
+
+
+def cached_assign_nearest(module, weight: torch.Tensor) -> torch.Tensor:
+    """``assign_nearest`` once per dense-weight change: between optimizer steps (the
+    micro-batches of gradient accumulation, forwards without gradient) the palettized weight
+    and the stored indices are reused. The cached tensor is built under ``no_grad``, so it
+    holds no autograd graph; the straight-through function takes it as a constant."""
+    key = _cache_key(module, weight)
+    cached = getattr(module, _CACHE_ATTR, None)
+    if (cached is not None and _same_key(cached[0], key)
+            and cached[1]._version == cached[2]                    # output not written in place
+            and (cached[3] is None or (module.indices is cached[3]
+                                       and module.indices._version == cached[4]))):
+        return cached[1]
+    palettized = assign_nearest(module, weight)
+    if torch.is_inference_mode_enabled():               # an inference tensor can't train later
+        module.__dict__.pop(_CACHE_ATTR, None)
+        return palettized
+    indices = None if module._indices_stale else module.indices   # None: coreai-opt's to derive
+    module.__dict__[_CACHE_ATTR] = (key, palettized, palettized._version, indices,
+                                    None if indices is None else indices._version)
+    return palettized
+
+
+def drop_cache(module) -> None:
+    """Free the cached palettized weight (after training)."""
+    module.__dict__.pop(_CACHE_ATTR, None)
+
+
+def _cache_enabled() -> bool:
+    return os.environ.get(CACHE_ENV, "1") != "0"
+
+
 @torch.no_grad()
 def assign_nearest(module, weight: torch.Tensor) -> torch.Tensor:
     """Re-assign every weight to its nearest centroid; return the palettized weight. The exact
@@ -177,7 +231,8 @@ class StraightThroughStrategy(StrategyHooks, TrainingStrategy):
         self.lut_update_every = lut_update_every
 
     def train_forward(self, module, weight: torch.Tensor) -> torch.Tensor:
-        return _StraightThrough.apply(weight, assign_nearest(module, weight))
+        assign = cached_assign_nearest if _cache_enabled() else assign_nearest
+        return _StraightThrough.apply(weight, assign(module, weight))
 
     def prepare_parameters(self, t: compat.PalettizedTensor) -> None:
         _check_supported(t, "ste")
@@ -191,6 +246,7 @@ class StraightThroughStrategy(StrategyHooks, TrainingStrategy):
             lloyd_step(fake.centroids, vectors)
 
     def finish(self, t: compat.PalettizedTensor) -> None:
+        drop_cache(t.fake)
         if t.fake.centroids is not None:
             assign_nearest(t.fake, t.original)
 
