@@ -60,15 +60,35 @@ TRAINABLE_LUT = "trainable_lut"
 def nearest_centroids(centroids: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
     """Index of the nearest centroid for each vector: ``(P, K, D)``, ``(P, N, D)`` -> ``(P, N)``.
 
-    Scalar LUTs use a batched ``searchsorted`` on the sorted centroids' midpoints (no distance
-    matrix; the sort is cached until the centroids change); vector LUTs use ``cdist``.
+    Scalar LUTs compare with the sorted centroids' midpoints (no distance matrix; the sort is
+    cached until the centroids change): a batched ``searchsorted``, or on the CPU for at most
+    ``COUNT_BELOW_MAX_K`` centroids a count of the midpoints below each value (same result);
+    vector LUTs use ``cdist``.
     """
     if centroids.shape[-1] == 1:
         order, midpoints = _sorted_midpoints(centroids, vectors.device)
-        position = torch.searchsorted(midpoints, vectors[..., 0].detach().float().contiguous())
-        return order.gather(1, position)
+        values = vectors[..., 0].detach().float().contiguous()
+        if vectors.device.type == "cpu" and midpoints.shape[1] < COUNT_BELOW_MAX_K:
+            return order.gather(1, _count_below(midpoints, values))
+        return order.gather(1, torch.searchsorted(midpoints, values))
     return torch.cdist(vectors.detach().float(), centroids.detach().float().to(vectors.device)
                        ).argmin(dim=-1)
+
+
+COUNT_BELOW_MAX_K = 16
+"""Up to this many centroids per LUT (``n_bits <= 4``), a CPU assignment counts the midpoints
+below each value (one comparison pass per midpoint) instead of a binary search: 2-4x faster on
+one CPU thread for 4 and 16 centroids, slower from 64 (``benchmarks/RESULTS.md``)."""
+
+
+def _count_below(midpoints: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``searchsorted(midpoints, values)`` (left) for a few midpoints per row: the number of
+    midpoints strictly below each value, accumulated in uint8."""
+    position = torch.zeros(values.shape, dtype=torch.uint8, device=values.device)
+    below = torch.empty(values.shape, dtype=torch.bool, device=values.device)
+    for k in range(midpoints.shape[1]):
+        position += torch.gt(values, midpoints[:, k:k + 1], out=below).view(torch.uint8)
+    return position.long()
 
 
 def _sorted_midpoints(centroids: torch.Tensor, device: torch.device):

@@ -1,0 +1,163 @@
+"""The straight-through strategy assigns once per dense-weight change (issue #10, item 2)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import example_image, mixed_net
+
+from coreai_palettize_plugins import Palettization, strategies
+
+PRESET = {"n_bits": 2, "group_size": 8}
+ACCUMULATE, STEPS = 4, 3
+
+
+def counting(monkeypatch) -> list[int]:
+    """Count calls of ``strategies.assign_nearest`` (what both the cached and the uncached
+    forward call to assign)."""
+    calls = [0]
+    original = strategies.assign_nearest
+
+    def assign(module, weight):
+        calls[0] += 1
+        return original(module, weight)
+
+    monkeypatch.setattr(strategies, "assign_nearest", assign)
+    return calls
+
+
+def accumulate(monkeypatch, *, cache: bool, training="ste"):
+    """``STEPS`` optimizer steps of ``ACCUMULATE`` micro-batches, an eval forward and a
+    no-grad training-mode forward after each; returns outputs, assignments per step, state."""
+    monkeypatch.setenv(strategies.CACHE_ENV, "1" if cache else "0")
+    calls = counting(monkeypatch)
+    model = mixed_net()
+    engine = Palettization({"preset": PRESET, "training": training})
+    engine.prepare(model, example_image(1))
+    x = example_image(4 * ACCUMULATE)
+    y = torch.randint(0, 16, (4 * ACCUMULATE,), generator=torch.Generator().manual_seed(2))
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    engine.start_training(0)
+    outputs, per_step = [], []
+    for step in range(1, STEPS + 1):
+        before = calls[0]
+        for xb, yb in zip(x.chunk(ACCUMULATE), y.chunk(ACCUMULATE)):
+            out = model(xb)
+            (F.cross_entropy(out, yb) / ACCUMULATE).backward()
+            outputs.append(out.detach())
+        optimizer.step()
+        optimizer.zero_grad()
+        engine.sync_step(step)
+        model.eval()
+        with torch.no_grad():
+            outputs.append(model(x))                       # eval: the stored indices
+        model.train()
+        with torch.no_grad():
+            outputs.append(model(x))                       # training mode, no gradient
+        per_step.append(calls[0] - before)
+    engine.stop_training()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    return outputs, per_step, state, len(engine.tensors())
+
+
+@pytest.mark.parametrize("training", ["ste", {"type": "ste", "lut_update_every": 2}], ids=str)
+def test_one_assignment_per_optimizer_step_and_the_same_training(monkeypatch, training):
+    cached, per_step, state, n = accumulate(monkeypatch, cache=True, training=training)
+    uncached, per_step_uncached, state_uncached, _ = accumulate(monkeypatch, cache=False,
+                                                                training=training)
+    # Step 1 assigns before its first micro-batch; later steps' first micro-batch reuses
+    # nothing (the optimizer step changed every weight), then 3 micro-batches, the eval forward
+    # and the no-grad forward reuse it: exactly one assignment per weight per optimizer step,
+    # plus one for the weights after the last step (the no-grad forward after it).
+    assert per_step == [2 * n] + [n] * (STEPS - 1)          # step 1 also covers after-step 1
+    assert per_step_uncached == [(ACCUMULATE + 1) * n] * STEPS
+    assert len(cached) == len(uncached)
+    assert all(torch.equal(a, b) for a, b in zip(cached, uncached))
+    assert state.keys() == state_uncached.keys()
+    assert all(torch.equal(state[k], state_uncached[k]) for k in state)
+
+
+def prepared(training="ste"):
+    model = mixed_net()
+    engine = Palettization({"preset": PRESET, "training": training})
+    engine.prepare(model, example_image(1))
+    engine.start_training(0)
+    return engine, engine.tensors()[0]
+
+
+def fresh(t) -> torch.Tensor:
+    return strategies.assign_nearest(t.fake, t.original).clone()
+
+
+def test_cache_reuses_until_the_weight_changes_in_place(monkeypatch):
+    engine, t = prepared()
+    strategy = t.fake._training_strategy
+    calls = counting(monkeypatch)
+    first = strategy.train_forward(t.fake, t.original)
+    again = strategy.train_forward(t.fake, t.original)
+    assert calls[0] == 1 and torch.equal(first, again)
+    assert first.requires_grad and first.grad_fn is not None
+    cached = t.fake.__dict__[strategies._CACHE_ATTR][1]
+    assert not cached.requires_grad and cached.grad_fn is None      # no graph across steps
+    with torch.no_grad():
+        t.original.add_(0.05 * torch.randn_like(t.original))       # an optimizer-like update
+    moved = strategy.train_forward(t.fake, t.original)
+    assert calls[0] == 2
+    indices = t.fake.indices.clone()
+    assert torch.equal(moved, fresh(t)) and torch.equal(t.fake.indices, indices)
+    assert not torch.equal(moved, first)
+    engine.stop_training()
+    assert strategies._CACHE_ATTR not in t.fake.__dict__              # freed after training
+
+
+def test_cache_invalidates_after_a_lloyd_lut_update(monkeypatch):
+    engine, t = prepared({"type": "ste", "lut_update_every": 1})
+    strategy = t.fake._training_strategy
+    with torch.no_grad():
+        t.original.add_(0.1 * torch.randn_like(t.original))        # so the Lloyd step moves
+    before = strategy.train_forward(t.fake, t.original)
+    centroids = t.fake.centroids.clone()
+    calls = counting(monkeypatch)
+    engine.sync_step(1)                                 # Lloyd step: centroids move in place
+    assert not torch.equal(t.fake.centroids, centroids)
+    after = strategy.train_forward(t.fake, t.original)
+    assert calls[0] == 1
+    assert torch.equal(after, fresh(t)) and not torch.equal(after, before)
+    engine.stop_training()
+
+
+def test_cache_invalidates_when_new_centroids_or_indices_replace_the_old(monkeypatch):
+    engine, t = prepared()
+    strategy = t.fake._training_strategy
+    strategy.train_forward(t.fake, t.original)
+    calls = counting(monkeypatch)
+    t.fake.centroids = t.fake.centroids.clone() * 1.5               # re-clustering: a new tensor
+    assert torch.equal(strategy.train_forward(t.fake, t.original), fresh(t))
+    assert calls[0] == 2                                            # the forward, then fresh()
+    t.fake.indices = torch.zeros_like(t.fake.indices)               # someone else's indices
+    strategy.train_forward(t.fake, t.original)
+    assert calls[0] == 3 and torch.equal(t.fake.indices, fresh_indices(t))
+    engine.stop_training()
+
+
+def fresh_indices(t) -> torch.Tensor:
+    strategies.assign_nearest(t.fake, t.original)
+    return t.fake.indices
+
+
+@pytest.mark.parametrize("clusters", [2, 4, 8, 16])
+def test_counting_midpoints_equals_searchsorted(clusters):
+    generator = torch.Generator().manual_seed(clusters)
+    centroids = torch.randn(5, clusters, 1, generator=generator)
+    centroids[0, 1] = centroids[0, 0]                                # a duplicate centroid
+    vectors = torch.randn(5, 300, 1, generator=generator)
+    order, midpoints = strategies._sorted_midpoints(centroids, vectors.device)
+    vectors[:, :clusters - 1, 0] = midpoints                         # exact ties
+    vectors[:, -clusters:] = centroids                               # exact centroid values
+    expected = order.gather(1, torch.searchsorted(midpoints, vectors[..., 0].contiguous()))
+    assert torch.equal(strategies.nearest_centroids(centroids, vectors), expected)
+    distances = (vectors - centroids.transpose(1, 2)).abs()
+    chosen = distances.gather(2, expected.unsqueeze(-1)).squeeze(-1)
+    # a nearest centroid (up to the rounding of a midpoint, for the values on one)
+    assert torch.all(chosen <= distances.min(dim=2).values + 1e-6)
