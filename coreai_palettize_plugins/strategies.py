@@ -6,8 +6,10 @@ carry the plugin's lifecycle hooks.
 - ``frozen``: coreai-opt's default. The weight is rebuilt from fixed centroids and indices; no
   gradient reaches it, only unpalettized parameters adapt. Its hooks are the no-op base.
 - ``ste``: straight-through estimator. The forward uses the palettized weight, the backward
-  updates the dense weight as if it were not palettized. Each forward re-assigns every weight to
-  its nearest centroid (a batched ``searchsorted`` on centroid midpoints), and every
+  updates the dense weight as if it were not palettized. Every weight is re-assigned to its
+  nearest centroid (comparisons with the centroid midpoints) whenever the dense weight or the
+  LUT changed since the last forward (once per optimizer step: gradient-accumulation
+  micro-batches and no-grad forwards reuse the palettized weight), and every
   ``lut_update_every`` optimizer steps each centroid moves to the mean of the weights assigned to
   it (one Lloyd step; ``0`` keeps the LUT fixed). After the last step, indices are re-derived
   from the final weights, so the export matches the trained weights.
