@@ -1,4 +1,4 @@
-"""``coreai-palettize``: run and inspect fine-tuning recipes.
+"""``coreai-palettize``: fine-tune from recipes, inspect a config on a model, read an export's report.
 
     coreai-palettize finetune recipes/tiny-llama-offline.yaml [key=value ...]
     coreai-palettize show tiny-llama-offline train.max_steps=10      # resolved, validated recipe

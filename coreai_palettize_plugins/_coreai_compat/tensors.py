@@ -1,5 +1,5 @@
-"""The palettized weights of a prepared model: the view over coreai-opt's parametrizations, inserting
-them without k-means, deferring k-means until the plugin clusters, and the PAT step counter.
+"""The palettized weights of a prepared model: the view over coreai-opt's parametrizations, tied
+aliases, deferring k-means until the plugin clusters, and the PAT step counter.
 """
 
 from __future__ import annotations
