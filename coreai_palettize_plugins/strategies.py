@@ -185,7 +185,8 @@ _CACHE_ATTR = "_plugin_ste_cache"
 
 
 def _cache_key(module, weight: torch.Tensor) -> tuple:
-    """What the palettized weight depends on. Tensors are compared by identity (the cache holds
+    """What the palettized weight depends on (besides the optimizer step, which drops the cache:
+    fused optimizers do not bump version counters). Tensors are compared by identity (the cache holds
     them, so a freed tensor's address cannot be reused by another); version counters bump on
     in-place updates (optimizer steps, Lloyd steps, ``load_state_dict``); ``data_ptr`` catches a
     ``.data`` swap. A view shares its base's version counter, so the base is the key."""
@@ -262,6 +263,9 @@ class StraightThroughStrategy(StrategyHooks, TrainingStrategy):
     @torch.no_grad()
     def after_optimizer_step(self, t: compat.PalettizedTensor, step: int) -> None:
         fake = t.fake
+        # Fused optimizers (torch's fused AdamW, transformers' default) update parameters without
+        # bumping their version counter: the optimizer step itself ends the cached assignment.
+        drop_cache(fake)
         if (self.lut_update_every and step > 0 and step % self.lut_update_every == 0
                 and fake.centroids is not None and bool(fake.fake_palett_enabled[0])):
             vectors, _ = fake.vectorize(t.original.detach())

@@ -27,7 +27,7 @@ def counting(monkeypatch) -> list[int]:
     return calls
 
 
-def accumulate(monkeypatch, *, cache: bool, training="ste"):
+def accumulate(monkeypatch, *, cache: bool, training="ste", fused: bool = False):
     """``STEPS`` optimizer steps of ``ACCUMULATE`` micro-batches, an eval forward and a
     no-grad training-mode forward after each; returns outputs, assignments per step, state."""
     monkeypatch.setenv(strategies.CACHE_ENV, "1" if cache else "0")
@@ -37,7 +37,8 @@ def accumulate(monkeypatch, *, cache: bool, training="ste"):
     engine.prepare(model, example_image(1))
     x = example_image(4 * ACCUMULATE)
     y = torch.randint(0, 16, (4 * ACCUMULATE,), generator=torch.Generator().manual_seed(2))
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2,
+                                 fused=fused)    # fused: parameters' versions do not change
     engine.start_training(0)
     outputs, per_step = [], []
     for step in range(1, STEPS + 1):
@@ -61,11 +62,13 @@ def accumulate(monkeypatch, *, cache: bool, training="ste"):
     return outputs, per_step, state, len(engine.tensors())
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["adam", "fused-adam"])
 @pytest.mark.parametrize("training", ["ste", {"type": "ste", "lut_update_every": 2}], ids=str)
-def test_one_assignment_per_optimizer_step_and_the_same_training(monkeypatch, training):
-    cached, per_step, state, n = accumulate(monkeypatch, cache=True, training=training)
+def test_one_assignment_per_optimizer_step_and_the_same_training(monkeypatch, training, fused):
+    cached, per_step, state, n = accumulate(monkeypatch, cache=True, training=training,
+                                            fused=fused)
     uncached, per_step_uncached, state_uncached, _ = accumulate(monkeypatch, cache=False,
-                                                                training=training)
+                                                                training=training, fused=fused)
     # Step 1 assigns before its first micro-batch; later steps' first micro-batch reuses
     # nothing (the optimizer step changed every weight), then 3 micro-batches, the eval forward
     # and the no-grad forward reuse it: exactly one assignment per weight per optimizer step,

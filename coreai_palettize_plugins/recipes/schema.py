@@ -20,7 +20,12 @@ import torch.nn as nn
 import yaml
 from transformers import TrainingArguments
 
-from ..settings import EXPORT_FORMATS, PalettizeConfigError, PalettizeSettings
+from ..settings import (
+    EXPORT_FORMATS,
+    PalettizeConfigError,
+    PalettizeSettings,
+    check_export_formats,
+)
 from .checks import (
     ReadOnlyDict,
     RecipeError,
@@ -176,14 +181,10 @@ class ExportSection(_Section):
     formats: Sequence[str] = EXPORT_FORMATS
 
     def __post_init__(self) -> None:
-        formats = self.formats
-        formats = [] if formats is None else [formats] if isinstance(formats, str) else formats
-        if not isinstance(formats, (list, tuple)):
-            raise RecipeError(f"recipe.export.formats: must be a list, got {formats!r}")
-        for fmt in formats:
-            if fmt not in EXPORT_FORMATS:
-                raise RecipeError(f"recipe.export.formats: unknown format {fmt!r}; "
-                                  f"valid: {', '.join(EXPORT_FORMATS)}")
+        try:  # the same rule as palettize.export.formats
+            formats = check_export_formats(self.formats, "formats")
+        except PalettizeConfigError as e:
+            raise RecipeError(f"recipe.export.{e.key}: {e.message}") from None
         self._set("formats", tuple(formats))
         if self.dir is not None:
             nonempty_string(self.dir, "recipe.export.dir")
