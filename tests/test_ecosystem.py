@@ -125,9 +125,10 @@ def test_plugin_module_imports_only_hydra():
 
 @pytest.mark.slow
 def test_wheel_ships_the_plugin_and_the_config_groups(tmp_path):
-    setuptools = pytest.importorskip("setuptools")
-    if tuple(int(p) for p in setuptools.__version__.split(".")[:2]) < (70, 1):
-        pytest.skip("building the wheel needs setuptools>=70.1 (bdist_wheel built in)")
+    import setuptools
+
+    assert tuple(int(p) for p in setuptools.__version__.split(".")[:2]) >= (70, 1), (
+        "building the wheel needs setuptools>=70.1 (the dev extra pins it)")
     source = tmp_path / "src"
     source.mkdir()
     for name in ("pyproject.toml", "README.md"):
