@@ -136,6 +136,17 @@ class ExpertsGroupedChannel(PerGroupedChannelGranularity):
         return super().num_blocks_to_cluster(weight)
 
 
+def _expert_parametrizations(model: nn.Module) -> Iterator[tuple[str, bool, Any]]:
+    """``(weight name, transposed, parametrization list)`` of every parametrized weight of a
+    fused-experts module."""
+    for module_name, module in model.named_modules():
+        transposed = experts_transposed(module)
+        if transposed is None or not P.is_parametrized(module):
+            continue
+        for attr, plist in module.parametrizations.items():
+            yield (f"{module_name}.{attr}" if module_name else attr), transposed, plist
+
+
 def apply_layouts(model: nn.Module) -> list[str]:
     """Give every fake-palettized 3-D weight of a fused-experts module the per-expert layout
     (``ExpertsLayout`` + ``ExpertsGroupedChannel``; a per-tensor spec becomes one LUT per
@@ -143,26 +154,22 @@ def apply_layouts(model: nn.Module) -> list[str]:
     (which would otherwise drop them: their expert axis is cut into groups). Returns the names
     of the weights it set."""
     names = []
-    for module_name, module in model.named_modules():
-        transposed = experts_transposed(module)
-        if transposed is None or not P.is_parametrized(module):
+    for name, transposed, plist in _expert_parametrizations(model):
+        fake = next((f for f in plist if isinstance(f, _KMeansFakePalettize)), None)
+        shape = plist.original.shape
+        if fake is None or len(shape) != 3 or isinstance(fake.granularity, ExpertsGroupedChannel):
             continue
-        for attr, plist in module.parametrizations.items():
-            fake = next((f for f in plist if isinstance(f, _KMeansFakePalettize)), None)
-            shape = plist.original.shape
-            if fake is None or len(shape) != 3 or isinstance(fake.granularity, ExpertsGroupedChannel):
-                continue
-            granularity = fake.granularity
-            out = shape[2] if transposed else shape[1]
-            if isinstance(granularity, PerGroupedChannelGranularity):
-                if granularity.axis not in (0, None):
-                    continue  # left as coreai-opt built it (incompatible, reported as skipped)
-                group = granularity.group_size
-            else:
-                group = out  # per-tensor: one LUT per expert matrix
-            fake.reshape_strategy = ExpertsLayout(transposed)
-            fake.granularity = ExpertsGroupedChannel(axis=0, group_size=group, transposed=transposed)
-            names.append(f"{module_name}.{attr}" if module_name else attr)
+        granularity = fake.granularity
+        out = shape[2] if transposed else shape[1]
+        if isinstance(granularity, PerGroupedChannelGranularity):
+            if granularity.axis not in (0, None):
+                continue  # left as coreai-opt built it (incompatible, reported as skipped)
+            group = granularity.group_size
+        else:
+            group = out  # per-tensor: one LUT per expert matrix
+        fake.reshape_strategy = ExpertsLayout(transposed)
+        fake.granularity = ExpertsGroupedChannel(axis=0, group_size=group, transposed=transposed)
+        names.append(name)
     return names
 
 
@@ -250,18 +257,14 @@ def reshape_expert_luts(model: nn.Module) -> list[str]:
     ``(E, G/E, 1, K, D)``, or ``(E, 1, G/E, K, D)`` for a transposed ``(E, in, out)`` stack.
     Returns the names of the reshaped weights."""
     names = []
-    for module_name, module in model.named_modules():
-        transposed = experts_transposed(module)
-        if transposed is None or not P.is_parametrized(module):
-            continue
-        for attr, plist in module.parametrizations.items():
-            for par in plist:
-                lut, indices = getattr(par, "lut", None), getattr(par, "indices", None)
-                if (not isinstance(lut, torch.Tensor) or not isinstance(indices, torch.Tensor)
-                        or indices.dim() != 3 or lut.dim() != 5 or lut.shape[1:3] != (1, 1)):
-                    continue
-                experts, groups = indices.shape[0], lut.shape[0]
-                per_expert = lut.reshape(experts, groups // experts, *lut.shape[-2:])
-                par.lut = per_expert.unsqueeze(1 if transposed else 2).contiguous()
-                names.append(f"{module_name}.{attr}" if module_name else attr)
+    for name, transposed, plist in _expert_parametrizations(model):
+        for par in plist:
+            lut, indices = getattr(par, "lut", None), getattr(par, "indices", None)
+            if (not isinstance(lut, torch.Tensor) or not isinstance(indices, torch.Tensor)
+                    or indices.dim() != 3 or lut.dim() != 5 or lut.shape[1:3] != (1, 1)):
+                continue
+            experts, groups = indices.shape[0], lut.shape[0]
+            per_expert = lut.reshape(experts, groups // experts, *lut.shape[-2:])
+            par.lut = per_expert.unsqueeze(1 if transposed else 2).contiguous()
+            names.append(name)
     return names
