@@ -232,6 +232,7 @@ def run_family(name: str, out_dir, *, steps: int = 2, **callback_kwargs) -> dict
                              save_strategy="no", seed=0)
     trainer = Trainer(model=family.model, args=args, train_dataset=family.samples,
                       data_collator=default_data_collator, callbacks=[callback])
+    attached_at_init = callback.engine.attached
     callback.attach_to_trainer(trainer)
     trainer.train()
     model = trainer.model.eval()
@@ -256,6 +257,8 @@ def run_family(name: str, out_dir, *, steps: int = 2, **callback_kwargs) -> dict
         "bits_per_weight": report.bits_per_weight,
         "written": sorted(result.written),
         "errors": dict(result.errors),
+        "attached_at_init": attached_at_init,
+        "result": result,
         "reload_max_diff": float((trained - reloaded).abs().max()),
         "seconds": time.perf_counter() - started,
     }

@@ -1,6 +1,7 @@
-"""Any model a user brings: real Trainers, default callback arguments, tiny models of several
-families (CPU, built from configs). Each trains 2-3 steps, exports ``.aimodel`` + the packed
-artifact, and reloads to outputs equal to the trained model's on the stored example call."""
+"""Any model a user brings, beyond the transformers matrix (tests/test_architectures.py): Lightning
+modules with multi-input forwards and dict batches, and 0.1-style positional inputs with a gap.
+Each trains a few steps with default callback arguments, exports, and reloads to outputs equal to
+the trained model's on the stored example call."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import pytest
 import torch
 from tiny_models import (
     feature_dicts,
-    hf_data,
     hf_model,
     keyword_only_module,
     lightning_demo,
@@ -18,55 +18,13 @@ from tiny_models import (
 from coreai_palettize_plugins import load_palettized
 from coreai_palettize_plugins._modelcopy import max_abs_diff, model_outputs
 from coreai_palettize_plugins.artifact import load_example_inputs
-from coreai_palettize_plugins.export import AIMODEL_NAME, PACKED_NAME
-
-HF_INPUTS = {
-    "t5": ["input_ids", "attention_mask", "decoder_input_ids"],
-    "bart": ["input_ids", "attention_mask", "decoder_input_ids"],
-    "whisper": ["input_features", "decoder_input_ids"],
-    "bert": ["input_ids", "attention_mask"],
-    "roberta": ["input_ids", "attention_mask"],
-    "vit": ["pixel_values"],
-}
+from coreai_palettize_plugins.export import PACKED_NAME
 
 
 def reload_diff(model, directory, factory=None) -> float:
     spec = load_example_inputs(directory)
     loaded = load_palettized(directory, factory)
     return max_abs_diff(model_outputs(model, spec), model_outputs(loaded, spec))
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("family", list(HF_INPUTS))
-def test_hf_trainer_trains_exports_and_reloads(tmp_path, family):
-    from transformers import Trainer, TrainingArguments
-
-    from coreai_palettize_plugins.hf import PalettizationTrainerCallback
-
-    model = hf_model(family)
-    callback = PalettizationTrainerCallback()
-    args = TrainingArguments(str(tmp_path), max_steps=2, per_device_train_batch_size=4,
-                             learning_rate=1e-3, report_to=[], use_cpu=True, disable_tqdm=True,
-                             save_strategy="no", seed=0)
-    trainer = Trainer(model=model, args=args, train_dataset=hf_data(family), callbacks=[callback])
-    # Without a tokenizer, models whose main input is not input_ids (Whisper, ViT) have no
-    # structure inputs at construction (dummy_inputs hold input_ids only): the documented
-    # attach_to_trainer builds it from one train-dataset sample.
-    assert callback.engine.attached == (family not in ("whisper", "vit"))
-    callback.attach_to_trainer(trainer)
-    assert callback.engine.attached
-    trainer.train()
-
-    result = callback.export_result
-    assert result.errors == {} and set(result.written) == {"coreai", "torch"}
-    assert (tmp_path / "palettized" / AIMODEL_NAME / "main.mlirb").is_file()
-    assert result.rebuilt_max_abs_diff == 0.0 and result.coreai_graph_max_abs_diff < 1e-4
-    spec = load_example_inputs(tmp_path / "palettized")
-    assert [k for k in spec.kwargs if k != "use_cache"] == HF_INPUTS[family]
-    diff = reload_diff(model, tmp_path / "palettized")                 # built from config.json
-    assert diff <= 1e-6
-    if family in ("t5", "bart", "whisper"):
-        assert spec.constants == {"use_cache": False}
 
 
 @pytest.mark.slow
