@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.nn as nn
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
@@ -237,7 +238,8 @@ class PalettizationTrainerCallback(TrainerCallback):
         """One collated sample (``dataset[0]``: no iteration, so no RNG is drawn)."""
         if self.example_inputs is not None:
             return as_example_inputs(self.example_inputs)
-        if dataset is None or collate is None or not hasattr(dataset, "__getitem__"):
+        if (dataset is None or collate is None or not hasattr(dataset, "__getitem__")
+                or isinstance(dataset, torch.utils.data.IterableDataset)):  # streamed: no [0]
             return None
         return as_example_inputs(self.example_inputs_fn(model, collate([dataset[0]])))
 
@@ -253,10 +255,15 @@ class PalettizationTrainerCallback(TrainerCallback):
                 "before train()")
         # HF loaded any checkpoint with strict=False just before: verify, don't trust it.
         self.engine.ensure_clustered(expect_restored=state.global_step > 0)
-        sample = self._inputs_from_dataset(self.engine.model, getattr(train_dataloader, "dataset", None),
+        sample = self._inputs_from_dataset(self.engine.model,
+                                           getattr(train_dataloader, "dataset", None),
                                            getattr(train_dataloader, "collate_fn", None))
         if sample is not None:
             self.engine.set_export_inputs(sample)
+        elif state.is_world_process_zero:  # e.g. an IterableDataset: no dataset[0] to collate
+            log.warning("palettize: the train dataset cannot be indexed, so the export traces the "
+                        "structure's example inputs (%s); pass example_inputs= for the input "
+                        "shape the exported model should take", self.engine.example_inputs.describe())
         self.engine.start_training(step=state.global_step)
         self.report = self.engine.report()
         self._log(state, self.report.metrics())

@@ -172,3 +172,21 @@ def test_callback_added_after_init_via_attach_to_trainer(tmp_path):
     assert callback.engine.attached and not callback.engine.clustered
     trainer.train()
     assert callback.engine.clustered and callback.engine.step == 2
+
+
+class Streamed(torch.utils.data.IterableDataset):
+    """A train dataset without ``__getitem__`` (streaming)."""
+
+    def __iter__(self):
+        data = TokenDataset()
+        return (data[i] for i in range(len(data)))
+
+
+def test_an_unindexable_dataset_exports_the_structure_inputs_and_says_so(tmp_path, caplog):
+    callback = PalettizationTrainerCallback("w8", export_formats=["torch"])
+    trainer = Trainer(model=tiny_llama(), train_dataset=Streamed(), callbacks=[callback],
+                      args=arguments(tmp_path, max_steps=2, save_strategy="no"))
+    with caplog.at_level("WARNING", logger="coreai_palettize_plugins.hf"):
+        trainer.train()
+    assert any("cannot be indexed" in r.getMessage() for r in caplog.records)
+    assert set(callback.export_result.written) == {"torch"}
