@@ -5,7 +5,9 @@ For each palettize config and seed, composes the real Hydra config (``conf/``) a
 palettization-aware fine-tuning, export). Reports mean +- sample sd over seeds of the dense
 accuracy, the accuracy right after k-means (before any fine-tuning step) and after
 fine-tuning. Goal: the fine-tuned palettized model keeps the dense accuracy (within about one
-point for w4 + linear=w8 and w4; w2 is expected to need the fine-tuning to recover).
+point for w4 + linear=w8 and w4; w2 is expected to need the fine-tuning to recover). The
+default ``palettize.training`` is ``ste``; the ``training=frozen`` rows are coreai-opt's own
+strategy, for comparison.
 
     python benchmarks/digits_accuracy.py [--seeds 0 1 2] [--quick]
 """
@@ -36,6 +38,10 @@ CONFIGS = {
     "w4 + linear=w8": ["palettize=w4", "palettize.overrides.linear=w8"],
     "w4": ["palettize=w4"],
     "w2": ["palettize=w2"],
+    "w2, training=frozen": ["palettize=w2", "palettize.training=frozen"],
+    "w2 group 8": ["palettize=w2", "palettize.preset={preset: w2, group_size: 8}"],
+    "w2 group 8, training=frozen": ["palettize=w2", "palettize.preset={preset: w2, group_size: 8}",
+                                    "palettize.training=frozen"],
 }
 KEYS = ("dense_acc", "palettized_acc", "finetuned_acc")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import enum
 import io
+import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -176,27 +177,42 @@ def _training_spec(settings: PalettizeSettings) -> TrainingStrategySpec | None:
     return spec_cls(**training_options(settings.training))
 
 
+def _trains_with_strategy(spec: PalettizationSpec) -> bool:
+    """``ste`` and ``lut`` model plain float LUTs: a quantized LUT (``lut_dtype``) or sparsity
+    keeps coreai-opt's own (``frozen``) strategy."""
+    return spec.lut_qspec is None and spec.sparsity_detection_threshold is None
+
+
 def _apply_training_and_schedule(config: KMeansPalettizerConfig,
                                  settings: PalettizeSettings) -> None:
     start, strategy_spec = settings.start_step, _training_spec(settings)
     if not start and strategy_spec is None:
         return
+    kept_frozen: list[str] = []
     for table, name, module_config in _enabled_module_configs(config):
         update: dict[str, Any] = {}
         if start:
             update["pat_schedule"] = PATSchedule(enable_fake_palettize=start)
         if strategy_spec is not None:
             for spec_field in ("op_state_spec", "module_state_spec"):
-                update[spec_field] = {
-                    key: (spec.model_copy(update={"training_strategy_spec": strategy_spec})
-                          if spec is not None else None)
-                    for key, spec in getattr(module_config, spec_field).items()
-                }
+                specs = {}
+                for key, spec in getattr(module_config, spec_field).items():
+                    if spec is not None and _trains_with_strategy(spec):
+                        spec = spec.model_copy(update={"training_strategy_spec": strategy_spec})
+                    elif spec is not None:
+                        kept_frozen.append(f"{name or 'global'}:{key}")
+                    specs[key] = spec
+                update[spec_field] = specs
         updated = module_config.model_copy(update=update)
         if table is None:
             config.global_config = updated
         else:
             table[name] = updated
+    if kept_frozen:
+        warnings.warn(f"palettize.training={settings.training_strategy}: {len(kept_frozen)} "
+                      f"spec(s) with lut_dtype or sparsity train frozen (coreai-opt's strategy; "
+                      f"{settings.training_strategy} needs a float LUT): "
+                      f"{', '.join(kept_frozen)}", stacklevel=3)
 
 
 def config_to_yaml(config: KMeansPalettizerConfig) -> str:

@@ -13,7 +13,7 @@ key                       meaning
 ``config_file``           a coreai-opt YAML file (``kmeans_palettization_config:``); replaces
                           ``preset`` as the base that overrides and modules apply to
 ``schedule.start_step``   optimizer step at which palettization turns on (coreai-opt PATSchedule)
-``training``              how palettized weights train (``frozen`` = coreai-opt's default)
+``training``              how palettized weights train (default ``ste``; ``frozen`` = coreai-opt's own)
 ``num_workers``           k-means worker processes per rank
 ``distributed``           ``sharded`` or ``rank0``: who runs k-means under torch.distributed
 ``export``                ``formats`` (``coreai``, ``torch``) and ``dir``
@@ -169,7 +169,7 @@ class PalettizeSettings:
     modules: dict[str, Any] = field(default_factory=dict)
     config_file: str | None = None
     schedule: ScheduleSettings = field(default_factory=ScheduleSettings)
-    training: Any = "frozen"
+    training: Any = "ste"
     num_workers: int = 1
     distributed: str = "sharded"
     export: ExportSettings = field(default_factory=ExportSettings)

@@ -97,3 +97,18 @@ class TokenDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return {"input_ids": self.tokens[index], "labels": self.tokens[index]}
+
+
+def with_default_training(config_dict: dict, strategy: dict | None = None) -> dict:
+    """A coreai-opt ``to_dict()`` with the plugin's default training strategy (``ste``) in every
+    weight spec: what ``palettize=<preset>`` gives when ``palettize.training`` is not set. Only
+    ``training_strategy_spec`` entries change; every palettization field stays coreai-opt's."""
+    strategy = strategy or {"type": "ste", "lut_update_every": 0}
+
+    def walk(node):
+        if isinstance(node, dict):
+            return {k: (dict(strategy) if k == "training_strategy_spec" and v is not None
+                        else walk(v)) for k, v in node.items()}
+        return node
+
+    return walk(config_dict)

@@ -152,15 +152,17 @@ def test_hf_trainer_under_torchrun(tmp_path):
     Palettization("w4").prepare(model, model.dummy_inputs["input_ids"][:1])
     expected = palettized_state_hash(model)
     for facts in ranks:
-        assert facts["hash_after_prepare"] == facts["hash_at_end"] == expected
+        assert facts["hash_after_prepare"] == expected
         assert facts["global_step"] == facts["engine_step"] == 4
+    end = ranks[0]["hash_at_end"]                   # the default ste trained the palettized weights
+    assert end != expected and ranks[1]["hash_at_end"] == end
     assert len(ranks[0]["kmeans_at_prepare"]) + len(ranks[1]["kmeans_at_prepare"]) == 15
     assert ranks[0]["kmeans_at_prepare"] and ranks[1]["kmeans_at_prepare"]
     assert [facts["exported"] for facts in ranks] == [True, False]
 
     resumed = torchrun(tmp_path / "resumed", "--resume", str(tmp_path / "run/checkpoint-2"))
     for facts in resumed:
-        assert facts["kmeans_total"] == [] and facts["hash_at_end"] == expected
+        assert facts["kmeans_total"] == [] and facts["hash_at_end"] == end   # bit-exact resume
 
 
 @pytest.mark.slow
@@ -186,7 +188,8 @@ def test_lightning_ddp_reads_before_fit_start_cluster_each_weight_once_across_ra
     for facts in ranks:
         assert facts["kmeans_in_setup"] == [] and facts["setup_reads_dense"]
         assert facts["kmeans_in_configure_optimizers"] == [] and facts["decay_holds_originals"]
-        assert facts["hash_after_prepare"] == facts["hash_at_end"] == reference_hash()
+        assert facts["hash_after_prepare"] == reference_hash()
+    assert ranks[0]["hash_at_end"] == ranks[1]["hash_at_end"] != reference_hash()   # ste trained
     weights = ["net.0.weight", "net.2.weight", "net.5.weight", "net.7.weight"]
     assert sorted(ranks[0]["kmeans_total"] + ranks[1]["kmeans_total"]) == weights  # once each
     assert ranks[0]["kmeans_total"] and ranks[1]["kmeans_total"]                  # sharded

@@ -98,7 +98,7 @@ def model_has_shared_palettized_weight(model) -> bool:
 
 
 def test_partial_checkpoint_fails_loudly(tmp_path):
-    callback = PalettizationTrainerCallback("w4", export_formats=())
+    callback = PalettizationTrainerCallback("w4", export_formats=(), training="frozen")
     Trainer(model=tiny_llama(), args=arguments(tmp_path / "a", max_steps=3),
             train_dataset=TokenDataset(), callbacks=[callback]).train()
     weights = tmp_path / "a/checkpoint-3/model.safetensors"
@@ -107,7 +107,7 @@ def test_partial_checkpoint_fails_loudly(tmp_path):
     del state["model.layers.0.self_attn.q_proj.parametrizations.weight.0.indices"]
     save_file(state, str(weights), metadata={"format": "pt"})
 
-    again = PalettizationTrainerCallback("w4", export_formats=())
+    again = PalettizationTrainerCallback("w4", export_formats=(), training="frozen")
     trainer = Trainer(model=tiny_llama(), args=arguments(tmp_path / "b"),
                       train_dataset=TokenDataset(), callbacks=[again])
     with pytest.raises(RuntimeError, match=r"no palettized state .* for 2 weight\(s\): "
@@ -157,7 +157,7 @@ def test_fsdp_is_refused_from_the_arguments_before_training(tmp_path):
     with pytest.raises(PalettizeConfigError, match=r"^palettize: FSDP is not supported"):
         callback.on_init_end(args, None, None, model=tiny_llama())
     assert not callback.engine.attached
-    warm_up = PalettizationTrainerCallback("w4", schedule={"start_step": 3})
+    warm_up = PalettizationTrainerCallback("w4", schedule={"start_step": 3}, training="frozen")
     args = SimpleNamespace(fsdp=None, deepspeed=None, world_size=2, ddp_find_unused_parameters=False)
     with pytest.raises(PalettizeConfigError, match="ddp_find_unused_parameters=True"):
         warm_up.on_init_end(args, None, None, model=tiny_llama())

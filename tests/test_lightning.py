@@ -134,7 +134,8 @@ def test_schedule_counts_optimizer_steps_under_gradient_accumulation(tmp_path, m
 
 def test_validate_test_predict_before_and_after_fit_and_fit_twice(tmp_path, monkeypatch):
     net, data = model(), DigitsDataModule()
-    callback = PalettizationCallback("w4", overrides={"linear": "w8"}, export_formats=())
+    callback = PalettizationCallback("w4", overrides={"linear": "w8"}, export_formats=(),
+                                     training="frozen")
     t = trainer(tmp_path, callbacks=[callback], max_epochs=1)
     dense = t.validate(net, data, verbose=False)[0]
     assert not callback.engine.attached
@@ -202,12 +203,15 @@ def test_strategy_checks_before_training():
 
     with pytest.raises(PalettizeConfigError, match=r"^palettize: the FSDPStrategy is not supported"):
         _check_strategy(SimpleNamespace(strategy=FSDPStrategy()), Palettization("w4"))
-    warm_up = Palettization("w4", schedule={"start_step": 10})
+    warm_up = Palettization("w4", schedule={"start_step": 10}, training="frozen")
     ddp = DDPStrategy()
     _check_strategy(SimpleNamespace(strategy=ddp), warm_up)
     assert ddp._ddp_kwargs["find_unused_parameters"] is True     # set for the user
     plain = DDPStrategy()
-    _check_strategy(SimpleNamespace(strategy=plain), Palettization("w4"))
+    _check_strategy(SimpleNamespace(strategy=plain), Palettization("w4", training="frozen"))
     assert "find_unused_parameters" not in plain._ddp_kwargs     # frozen weights: not needed
+    ste = DDPStrategy()           # the default ste: dense weights get gradients, warm-up or not
+    _check_strategy(SimpleNamespace(strategy=ste), Palettization("w4", schedule={"start_step": 10}))
+    assert "find_unused_parameters" not in ste._ddp_kwargs
     with pytest.raises(PalettizeConfigError, match="use strategy='ddp_find_unused_parameters_true'"):
         _check_strategy(SimpleNamespace(strategy=DDPStrategy(find_unused_parameters=False)), warm_up)

@@ -11,7 +11,7 @@ from coreai_opt.palettization import (
     ModuleKMeansPalettizerConfig,
     PalettizationSpec,
 )
-from helpers import example_image, mixed_net
+from helpers import example_image, mixed_net, with_default_training
 from omegaconf import OmegaConf
 
 from coreai_palettize_plugins import (
@@ -29,15 +29,33 @@ W4_LINEAR_W8 = KMeansPalettizerConfig.presets.w4().set_module_type(
 
 def test_contract_w4_with_linear_w8_from_hydra(compose_config):
     cfg = compose_config("palettize=w4", "palettize.overrides.linear=w8")  # no leading '+'
+    # The default training strategy (ste) is the only entry that differs from coreai-opt's.
+    assert build_palettizer_config(cfg.palettize).to_dict() == \
+        with_default_training(W4_LINEAR_W8.to_dict())
+    cfg = compose_config("palettize=w4", "palettize.overrides.linear=w8",
+                         "palettize.training=frozen")
     assert build_palettizer_config(cfg.palettize).to_dict() == W4_LINEAR_W8.to_dict()
+
+
+def test_default_training_is_ste_everywhere(compose_config):
+    assert PalettizeSettings().training == "ste"
+    assert compose_config("palettize=w4").palettize.training == "ste"
+    config = build_palettizer_config("w4", overrides={"linear": "w8"})
+    for module_config in (config.global_config, *config.module_type_configs.values()):
+        spec = module_config.op_state_spec["weight"]
+        assert spec.training_strategy_spec.model_dump() == {"type": "ste", "lut_update_every": 0}
 
 
 @pytest.mark.parametrize("preset", ["w4", "w6", "w8"])
 def test_presets_equal_coreai_opt_presets(compose_config, preset):
     cfg = compose_config(f"palettize={preset}")
     expected = getattr(KMeansPalettizerConfig.presets, preset)()
-    assert build_palettizer_config(cfg.palettize).to_dict() == expected.to_dict()
-    assert build_palettizer_config(preset).to_dict() == expected.to_dict()
+    assert build_palettizer_config(cfg.palettize).to_dict() == \
+        with_default_training(expected.to_dict())
+    assert build_palettizer_config(preset).to_dict() == with_default_training(expected.to_dict())
+    frozen = compose_config(f"palettize={preset}", "palettize.training=frozen").palettize
+    assert build_palettizer_config(frozen).to_dict() == expected.to_dict()
+    assert build_palettizer_config(preset, training="frozen").to_dict() == expected.to_dict()
 
 
 def test_every_input_form_gives_the_same_config(compose_config, tmp_path):
@@ -52,10 +70,10 @@ def test_every_input_form_gives_the_same_config(compose_config, tmp_path):
         {"preset": "w4", "overrides": {"linear": "w8"}},         # partial dict
         str(yaml_path),                                          # coreai-opt YAML file
     ]
+    expected = with_default_training(W4_LINEAR_W8.to_dict())
     for form in forms:
-        assert build_palettizer_config(form).to_dict() == W4_LINEAR_W8.to_dict(), form
-    assert build_palettizer_config("w4", overrides={"linear": "w8"}).to_dict() == \
-        W4_LINEAR_W8.to_dict()
+        assert build_palettizer_config(form).to_dict() == expected, form
+    assert build_palettizer_config("w4", overrides={"linear": "w8"}).to_dict() == expected
     assert build_palettizer_config(W4_LINEAR_W8) is W4_LINEAR_W8  # passes through unchanged
 
 
@@ -132,7 +150,8 @@ def test_config_file_key_uses_coreai_opt_yaml(compose_config, tmp_path):
     cfg = compose_config(f"palettize.config_file={path}", "palettize.overrides.linear=w8")
     expected = KMeansPalettizerConfig.presets.w6().set_module_type(
         nn.Linear, ModuleKMeansPalettizerConfig.presets.w8())
-    assert build_palettizer_config(cfg.palettize).to_dict() == expected.to_dict()
+    assert build_palettizer_config(cfg.palettize).to_dict() == \
+        with_default_training(expected.to_dict())  # palettize.training applies on top
 
 
 # ------------------------------------------------------------------------------- bad input

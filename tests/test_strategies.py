@@ -134,9 +134,15 @@ def test_strategy_specs_build_and_reject_bad_options():
         "weight"].training_strategy_spec.model_dump() == {"type": "lut"}
     with pytest.raises(PalettizeConfigError, match=r"^palettize\.training\.every: unknown option"):
         build_palettizer_config("w4", training={"type": "ste", "every": 5})
-    with pytest.raises(PalettizeConfigError, match="does not support lut_dtype"):
-        Palettization({"preset": {"n_bits": 4, "lut_dtype": "int8"}, "training": "lut"}).prepare(
-            mixed_net(), example_image(1))
+    for training in ("lut", "ste"):  # a quantized LUT keeps coreai-opt's strategy, and says so
+        with pytest.warns(UserWarning, match=rf"training={training}: 2 spec\(s\) with lut_dtype "
+                          r"or sparsity train frozen .*: global:weight, global:in_proj_weight"):
+            engine = Palettization({"preset": {"n_bits": 4, "lut_dtype": "int8"},
+                                    "overrides": {"linear": "w8"}, "training": training})
+        engine.prepare(mixed_net(), example_image(1))
+        strategies = {t.name: type(t.fake._training_strategy).__name__ for t in engine.tensors()}
+        assert strategies["fc.weight"] != "DefaultTrainingStrategy"
+        assert strategies["conv2d.weight"] not in ("StraightThroughStrategy", "TrainableLUTStrategy")
 
 
 @pytest.mark.parametrize("training", ["ste", {"type": "ste", "lut_update_every": 3}, "lut"],
