@@ -283,3 +283,62 @@ def test_hf_trainer_calibrates_with_compute_loss(tmp_path):
     assert "model.layers.0.self_attn.q_proj.weight" in saved
     for name, value in expected.items():
         assert torch.equal(saved[name], value), name
+
+
+# ------------------------------------------------------------------------------ distributed
+
+
+@pytest.mark.slow
+def test_ddp_sensitivities_identical_on_every_rank_and_equal_to_one_process(tmp_path,
+                                                                           monkeypatch):
+    import json
+
+    from helpers import run_python
+
+    script = Path(__file__).resolve().parent / "ddp_scripts" / "calibration_ddp.py"
+    result = run_python(str(script), "--out", str(tmp_path / "ddp"), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / "ddp" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    sens = [torch.load(tmp_path / "ddp" / f"sens_rank{r}.pt") for r in (0, 1)]
+
+    # One process over the same 5 global batches (rank 0 had batches 0, 2, 4; rank 1: 1, 3),
+    # with the ranks' thread count (conv gradients are summed in a thread-dependent order).
+    torch.set_num_threads(1)
+    captured: dict[str, torch.Tensor] = {}
+    means = calibration._means
+    monkeypatch.setattr(calibration, "_means", lambda sums, n: captured.update(means(sums, n))
+                        or dict(captured))
+    callback = PalettizationCallback("w4", overrides={"linear": "w8"}, training="ste",
+                                     export_formats=(), calibration={"samples": 320})
+    hashes: list[str] = []
+
+    class Hash(pl.Callback):
+        def on_fit_start(self, trainer, pl_module):
+            hashes.append(palettized_state_hash(pl_module))
+
+    pl.seed_everything(0, verbose=False)
+    net = DigitsCNN()
+    pl.Trainer(accelerator="cpu", devices=1, max_steps=1, limit_val_batches=0, logger=False,
+               enable_progress_bar=False, enable_checkpointing=False,
+               default_root_dir=str(tmp_path / "one"), callbacks=[callback, Hash()]).fit(
+        net, DigitsDataModule(batch_size=64))
+
+    assert set(sens[0]) == set(captured) == {"net.0.weight", "net.2.weight", "net.5.weight",
+                                             "net.7.weight"}
+    for name, value in captured.items():
+        assert torch.equal(sens[0][name], sens[1][name]), name      # bit-identical ranks
+        assert torch.equal(sens[0][name], value), name               # == one process
+    for facts in ranks:
+        assert facts["calibration"]["samples"] == 320 and facts["calibration"]["batches"] == 5
+        assert facts["calibration"]["world_size"] == 2 and facts["calibration_runs"] == 1
+    assert set(ranks[0]["owners"].values()) == {0, 1}                 # sharded k-means
+    assert ranks[0]["hash_after_prepare"] == ranks[1]["hash_after_prepare"]
+    assert ranks[0]["hash_after_prepare"] == hashes[0]                 # == one process
+
+    resumed = run_python(str(script), "--out", str(tmp_path / "resumed"), "--ckpt",
+                         str(tmp_path / "ddp" / "last.ckpt"), timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for r in (0, 1):
+        facts = json.loads((tmp_path / "resumed" / f"rank{r}.json").read_text())
+        assert facts["calibration_runs"] == 0                         # restored, not recomputed
+        assert facts["report_calibration"] == ranks[0]["calibration"]  # rank 0's checkpoint
