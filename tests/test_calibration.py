@@ -159,8 +159,10 @@ def test_weighted_kmeans_uses_the_sensitivities(tmp_path):
         assert weighted(t_cal) < weighted(t_plain)               # what weighting optimizes
         assert calibration.compat.kmeans_sensitivities(t_cal) is None  # released after k-means
     report = cal.report()
-    assert report.calibration["batches"] == 4
+    assert report.to_dict()["calibration"]["batches"] == 4     # report.json's section
     assert report.metrics()["palettize/calibration_samples"] == 32.0
+    assert "- calibration: sensitivities computed (32 samples, 4 batches" in report.to_markdown()
+    assert plain.report().to_dict()["calibration"] is None
 
 
 def test_calibration_path_is_reused_and_bad_files_fail_in_one_line(tmp_path, monkeypatch):
@@ -342,3 +344,26 @@ def test_ddp_sensitivities_identical_on_every_rank_and_equal_to_one_process(tmp_
         facts = json.loads((tmp_path / "resumed" / f"rank{r}.json").read_text())
         assert facts["calibration_runs"] == 0                         # restored, not recomputed
         assert facts["report_calibration"] == ranks[0]["calibration"]  # rank 0's checkpoint
+
+
+@pytest.mark.slow
+def test_recipe_finetune_calibrates_before_its_post_training_perplexity(tmp_path):
+    import json
+
+    from coreai_palettize_plugins.hf import PalettizationTrainerCallback
+    from coreai_palettize_plugins.recipes import finetune
+
+    path = tmp_path / "sens.pt"
+    result = finetune(TINY_RECIPE, [
+        f"train.output_dir={tmp_path / 'run'}", "train.max_steps=2", "train.save_steps=2",
+        "data.max_train_blocks=32", "data.eval_fraction=0.02", "export.formats=[torch]",
+        "palettize.calibration.samples=16", f"palettize.calibration.path={path}",
+        "palettize.calibration.show_progress=false"])
+    stats = result.report.calibration
+    assert (stats["source"], stats["samples"], stats["batches"]) == ("computed", 16, 2)
+    callback = next(c for c in result.trainer.callback_handler.callbacks
+                    if isinstance(c, PalettizationTrainerCallback))
+    saved, meta = load_sensitivities(path, callback.engine.tensors())
+    assert meta["samples"] == 16 and len(saved) == len(callback.engine.tensors())
+    written = json.loads((Path(result.export_dir) / "report.json").read_text())
+    assert written["calibration"]["samples"] == 16
