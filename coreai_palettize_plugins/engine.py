@@ -25,7 +25,7 @@ import torch.nn as nn
 from coreai_opt.palettization import KMeansPalettizer
 
 from . import _coreai_compat as compat
-from . import distributed, strategies
+from . import calibration, distributed, strategies
 from ._inputs import CallSpec, as_call_spec, keyword_call
 from ._modelcopy import copy_for_export, materialize, meta_skeleton, model_device, tracing_forward
 from .coreai_config import config_to_yaml, to_coreai_config
@@ -98,6 +98,9 @@ class Palettization:
         """First torch function that consumed each parameter in attach's tracing forward."""
         self.tied: dict[str, str] = {}
         self.cluster_stats: distributed.ClusterStats | None = None
+        self.calibration_data: Callable[[], calibration.CalibrationData] | None = None
+        """``palettize.calibration``: returns the loss and training data (set by the adapters)."""
+        self.calibration_stats: calibration.CalibrationStats | None = None
         self._restored = False
         self._model_factory = model_factory
         self._skeleton: nn.Module | None = None
@@ -257,8 +260,14 @@ class Palettization:
         all ranks (``palettize.distributed``), every rank ending with the identical result."""
         self._require_attached()
         tensors = self.tensors()
+        calibrate = self.settings.calibration is not None and any(
+            not t.initialized for t in tensors)
+        if calibrate:  # sensitivity-weighted k-means: before it, on the dense weights
+            self.calibration_stats = calibration.calibrate(self, tensors)
         compat.end_deferral(tensors)
         self._cluster([t for t in tensors if not t.initialized])
+        if calibrate:
+            calibration.release(self, tensors)
         compat.finish_clustering(self.palettizer)
 
     def _cluster(self, pending: list[compat.PalettizedTensor]) -> None:
@@ -305,7 +314,10 @@ class Palettization:
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint needs besides the model's own state: the PAT step and config."""
-        return {"version": 1, "step": self.step, "config": config_to_yaml(self.config)}
+        state = {"version": 1, "step": self.step, "config": config_to_yaml(self.config)}
+        if self.calibration_stats is not None:
+            state["calibration"] = self.calibration_stats.to_dict()
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore from ``state_dict()``. The model's tensors come from its own state dict.
@@ -319,6 +331,8 @@ class Palettization:
                                        "than this run's; resume with the same palettize settings")
         if self.palettizer is not None:
             compat.set_step(self.palettizer, int(state.get("step", 0)))
+        if state.get("calibration"):
+            self.calibration_stats = calibration.CalibrationStats(**state["calibration"])
         self._restored = True
 
     def _require_attached(self) -> None:
@@ -375,7 +389,10 @@ class Palettization:
     def report(self) -> CompressionReport:
         """The compression report (whole-model sizes; dense weights with their reasons)."""
         self._require_clustered()
-        return build_report(self.model, **self._trace_record())
+        report = build_report(self.model, **self._trace_record())
+        if self.calibration_stats is not None:
+            report.calibration = self.calibration_stats.to_dict()
+        return report
 
     def _require_clustered(self) -> None:
         """Report and export read the palettized weights: never while clustering is deferred

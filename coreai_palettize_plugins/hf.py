@@ -33,6 +33,7 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 from . import distributed
 from ._batches import call_spec_from_batch
 from ._inputs import CallSpec
+from .calibration import CalibrationData, move_to_device
 from .engine import Palettization, as_example_inputs
 from .export import ExportResult
 from .report import CompressionReport
@@ -162,6 +163,8 @@ class PalettizationTrainerCallback(TrainerCallback):
         self.export_result: ExportResult | None = None
         self._trainer: weakref.ref | None = None
         self._warned_no_trainer = False
+        self._train_loader: Any = None
+        self._batch_size: int | None = None
 
     @property
     def trainer(self) -> Trainer | None:
@@ -214,6 +217,7 @@ class PalettizationTrainerCallback(TrainerCallback):
     def _attach(self, model: nn.Module, example_inputs: Any) -> None:
         with kv_cache_disabled(model):
             self.engine.attach(model, example_inputs)
+        self.engine.calibration_data = self._calibration_data
         if self.engine.tied and hasattr(model, "_tied_weights_keys"):
             _declare_tied(model, self.engine.tied)
 
@@ -253,6 +257,7 @@ class PalettizationTrainerCallback(TrainerCallback):
                 "", "the palettized structure was not built: pass example_inputs= to "
                 "PalettizationTrainerCallback, or call callback.attach_to_trainer(trainer) "
                 "before train()")
+        self._train_loader, self._batch_size = train_dataloader, args.per_device_train_batch_size
         # HF loaded any checkpoint with strict=False just before: verify, don't trust it.
         self.engine.ensure_clustered(expect_restored=state.global_step > 0)
         sample = self._inputs_from_dataset(self.engine.model,
@@ -267,6 +272,41 @@ class PalettizationTrainerCallback(TrainerCallback):
         self.engine.start_training(step=state.global_step)
         self.report = self.engine.report()
         self._log(state, self.report.metrics())
+
+    def _calibration_data(self) -> CalibrationData:
+        """``palettize.calibration``: ``Trainer.compute_loss`` (the model's own loss when the
+        callback does not know its Trainer) on batches of the train dataloader's dataset and
+        collate_fn; before ``train()`` (``engine.cluster()``), of the Trainer's train dataset
+        with its collator (columns the model does not take removed, as the Trainer does)."""
+        trainer, model = self.trainer, self.engine.model
+        device = next(model.parameters()).device
+
+        def loss(batch: Any, batch_idx: int) -> torch.Tensor:
+            inputs = move_to_device(batch, device)
+            if trainer is None:
+                outputs = model(**inputs)
+                return outputs["loss"] if isinstance(outputs, Mapping) else outputs[0]
+            with trainer.compute_loss_context_manager():
+                return trainer.compute_loss(model, inputs)
+
+        if self._train_loader is not None:
+            return CalibrationData.from_loader(loss, self._train_loader, self._batch_size)
+        if trainer is None or trainer.train_dataset is None:
+            raise PalettizeConfigError(
+                "calibration", "no training data yet: call callback.attach_to_trainer(trainer), "
+                "or let Trainer.train() calibrate at its start")
+        dataset, collate = trainer.train_dataset, trainer.data_collator
+        try:  # transformers-private, mirrors Trainer._get_dataloader (tested against 5.x)
+            import datasets
+
+            if isinstance(dataset, datasets.Dataset):
+                dataset = trainer._remove_unused_columns(dataset, description="calibration")
+            else:
+                collate = trainer._get_collator_with_removed_columns(collate, "calibration")
+        except ImportError:
+            collate = trainer._get_collator_with_removed_columns(collate, "calibration")
+        return CalibrationData(loss=loss, loader=None, dataset=dataset, collate_fn=collate,
+                               batch_size=trainer.args.per_device_train_batch_size)
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                     **kwargs: Any) -> None:

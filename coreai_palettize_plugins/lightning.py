@@ -28,10 +28,11 @@ from . import _coreai_compat as compat
 from . import distributed
 from ._batches import call_spec_from_batch
 from ._inputs import CallSpec
+from .calibration import CalibrationData
 from .engine import Palettization, as_example_inputs
 from .export import ExportResult
 from .report import CompressionReport
-from .settings import ConfigSource
+from .settings import ConfigSource, PalettizeConfigError
 
 __all__ = ["PalettizationCallback", "default_example_inputs"]
 
@@ -190,6 +191,7 @@ class PalettizationCallback(Callback):
             self._attach_on_palettized_load(trainer, pl_module, stage)
             return
         _check_strategy(trainer, self.engine)
+        self._provide_calibration_data(trainer, pl_module)
         if is_overridden("configure_model", pl_module):
             self._attach_after_configure_model(trainer, pl_module)
         else:
@@ -235,6 +237,48 @@ class PalettizationCallback(Callback):
             return result
 
         self._undo.append(_replace_method(pl_module, "load_state_dict", load_state_dict))
+
+    def _provide_calibration_data(self, trainer: pl.Trainer, pl_module: pl.LightningModule
+                                  ) -> None:
+        """``palettize.calibration``: the loss is ``training_step``'s (eval mode, batches moved by
+        the strategy, the precision plugin's autocast; ``self.log`` is a no-op meanwhile); the
+        data is the train dataloader's dataset and collate_fn (see ``calibration.py``)."""
+        if self.engine.settings.calibration is None:
+            return
+        if not pl_module.automatic_optimization:
+            raise PalettizeConfigError(
+                "calibration", "needs the training_step loss of automatic optimization; this "
+                "LightningModule optimizes manually: set palettize.calibration=null, or compute "
+                "sensitivities with calibration.compute_sensitivities and save them at "
+                "palettize.calibration.path")
+
+        def no_log(*args: Any, **kwargs: Any) -> None:
+            return None
+
+        def loss(batch: Any, batch_idx: int) -> torch.Tensor:
+            batch = trainer.strategy.batch_to_device(batch)
+            # self.log fails outside the fit loop's result collection: a no-op meanwhile.
+            undo = [_replace_method(pl_module, name, no_log) for name in ("log", "log_dict")]
+            try:
+                with trainer.precision_plugin.train_step_context():
+                    out = pl_module.training_step(batch, batch_idx)
+            finally:
+                for restore in reversed(undo):
+                    restore()
+            out = out.get("loss") if isinstance(out, Mapping) else out
+            if not isinstance(out, torch.Tensor):
+                raise PalettizeConfigError("calibration", "training_step returned no loss tensor "
+                                           f"(got {type(out).__name__})")
+            return out
+
+        def data() -> CalibrationData:
+            loader = trainer.fit_loop._data_source.dataloader()  # as _first_training_batch
+            if isinstance(loader, (Mapping, list, tuple)):
+                raise PalettizeConfigError("calibration", "needs one train DataLoader; this "
+                                           f"module returns a {type(loader).__name__} of them")
+            return CalibrationData.from_loader(loss, loader)
+
+        self.engine.calibration_data = data
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

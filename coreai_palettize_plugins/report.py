@@ -72,6 +72,8 @@ class CompressionReport:
     dense_bytes: int
     dense_fp16_bytes: int
     palettized_bytes: int
+    calibration: dict[str, Any] | None = None
+    """``palettize.calibration``: source (computed/loaded), samples, batches, seconds, ..."""
 
     @property
     def compression_ratio(self) -> float:
@@ -90,6 +92,9 @@ class CompressionReport:
             f"{prefix}palettized_layers": float(len(self.layers)),
             f"{prefix}skipped_layers": float(len(self.skipped)),
             f"{prefix}dense_layers": float(len(self.dense_layers)),
+            **({f"{prefix}calibration_seconds": float(self.calibration["seconds"]),
+                f"{prefix}calibration_samples": float(self.calibration["samples"])}
+               if self.calibration else {}),
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -112,6 +117,10 @@ class CompressionReport:
             f"at its dtype): {self.palettized_bytes / mib:.3f} MiB, ratio "
             f"{self.compression_ratio:.2f}x",
         ]
+        if self.calibration:
+            c = self.calibration
+            lines.append(f"- calibration: sensitivities {c['source']} ({c['samples']} samples, "
+                         f"{c['batches']} batches, {c['seconds']:.1f} s)")
         for key, value in (extra or {}).items():
             lines.append(f"- {key}: {value}")
         lines += [

@@ -17,6 +17,8 @@ key                       meaning
 ``num_workers``           k-means worker processes per rank
 ``distributed``           ``sharded`` or ``rank0``: who runs k-means under torch.distributed
 ``export``                ``formats`` (``coreai``, ``torch``) and ``dir``
+``calibration``           null (off) or ``{samples: N}`` / ``{batches: N}`` (+ ``path``,
+                          ``show_progress``): sensitivity-weighted k-means (``calibration.py``)
 ========================  =====================================================================
 
 A spec mapping has the keys ``preset`` (base), ``n_bits``, ``granularity`` (``per_tensor`` or
@@ -42,6 +44,7 @@ from typing import Any
 from coreai_opt.palettization import KMeansPalettizerConfig
 
 from ._utils import is_int
+from .calibration import CalibrationSettings, build_calibration
 from .checks import (
     DISTRIBUTED_MODES,
     EXPORT_FORMATS,
@@ -173,6 +176,7 @@ class PalettizeSettings:
     num_workers: int = 1
     distributed: str = "sharded"
     export: ExportSettings = field(default_factory=ExportSettings)
+    calibration: CalibrationSettings | None = None
     base_config: KMeansPalettizerConfig | None = field(
         default=None, repr=False, compare=False, metadata={"omegaconf_ignore": True})
 
@@ -183,6 +187,7 @@ class PalettizeSettings:
         self.preset = _to_plain(self.preset)
         self.schedule = _build(ScheduleSettings, self.schedule, "schedule")
         self.export = _build(ExportSettings, self.export, "export")
+        self.calibration = build_calibration(_to_plain(self.calibration))
         if self.preset is not None:
             check_value(self.preset, "preset", allow_inherit=False)
         for type_key, value in self.overrides.items():
@@ -338,8 +343,13 @@ def register_configs() -> None:
     (the package's one intended import side effect).
     """
     from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
 
-    ConfigStore.instance().store(group="palettize", name="base", node=PalettizeSettings)
+    node = OmegaConf.structured(PalettizeSettings)
+    # An all-null calibration node (off) rather than null: Hydra cannot override a key under a
+    # null node, so ``palettize.calibration.samples=8`` needs it to exist.
+    node.calibration = OmegaConf.structured(CalibrationSettings)
+    ConfigStore.instance().store(group="palettize", name="base", node=node)
 
 
 register_configs()  # the ``palettize`` YAML options extend ``palettize/base``

@@ -24,6 +24,11 @@ from .layouts import (
     traceable_experts,
     use_exportable_experts,
 )
+from .sensitivities import (
+    clear_kmeans_sensitivities,
+    kmeans_sensitivities,
+    set_kmeans_sensitivities,
+)
 from .structure import insert_parametrizations
 from .tensors import (
     KMEANS_ENTRY,
@@ -56,6 +61,7 @@ __all__ = [
     "PalettizedTensor",
     "apply_layouts",
     "centroids_shape",
+    "clear_kmeans_sensitivities",
     "cluster_tensors",
     "defer_clustering",
     "deferred",
@@ -69,12 +75,14 @@ __all__ = [
     "insert_parametrizations",
     "is_palettized_state",
     "is_prepared",
+    "kmeans_sensitivities",
     "lut_groups",
     "palettizable_ops",
     "prepare_from_state_dict",
     "record_first_consumers",
     "reshape_expert_luts",
     "resolved_module_configs",
+    "set_kmeans_sensitivities",
     "set_step",
     "storage_bits",
     "store_assignment",
