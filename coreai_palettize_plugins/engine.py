@@ -102,6 +102,10 @@ class Palettization:
         self._model_factory = model_factory
         self._skeleton: nn.Module | None = None
         self._training: Any = None
+        self.allocation: Any = None
+        """``budget.Allocation`` once ``palettize.budget`` was applied (before k-means)."""
+        self.sensitivities: dict[str, torch.Tensor] | None = None
+        """Per-weight sensitivities (``calibration``): the budget's objective weights by them."""
 
     # ---------------------------------------------------------------- structure
 
@@ -256,6 +260,7 @@ class Palettization:
         """Run k-means for every palettized weight that has no current centroids: once across
         all ranks (``palettize.distributed``), every rank ending with the identical result."""
         self._require_attached()
+        self.apply_budget()
         tensors = self.tensors()
         compat.end_deferral(tensors)
         self._cluster([t for t in tensors if not t.initialized])
@@ -280,6 +285,7 @@ class Palettization:
                 of silently re-clustering or re-deriving them.
         """
         self._require_attached()
+        self.apply_budget()  # on resume too: the restored LUTs have the allocated widths
         tensors = self.tensors()
         compat.end_deferral(tensors)  # restored or not, the fakes palettize from here on
         restored = [t.initialized and t.has_indices for t in tensors]
@@ -294,6 +300,17 @@ class Palettization:
                 f"{' ...' if len(missing) > 5 else ''}; it does not come from this config")
         self._restored = True
 
+    def apply_budget(self, sensitivities: Mapping[str, torch.Tensor] | None = None) -> None:
+        """With ``palettize.budget``: choose each weight's bits (rank 0, broadcast) and rebuild
+        the config with them, before k-means; once. ``sensitivities`` (default
+        ``self.sensitivities``, set by calibration first) weight the objective."""
+        if self.settings.budget is None or self.allocation is not None:
+            return
+        from .budget import apply_budget
+
+        self.allocation = apply_budget(self, sensitivities if sensitivities is not None
+                                       else self.sensitivities)
+
     def prepare(self, model: nn.Module, example_inputs: Any,
                 state_dict: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
         """Attach, then load ``state_dict`` (no k-means) or cluster. Returns ``model``."""
@@ -305,7 +322,10 @@ class Palettization:
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint needs besides the model's own state: the PAT step and config."""
-        return {"version": 1, "step": self.step, "config": config_to_yaml(self.config)}
+        state = {"version": 1, "step": self.step, "config": config_to_yaml(self.config)}
+        if self.allocation is not None:
+            state["budget"] = self.allocation.to_dict()
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore from ``state_dict()``. The model's tensors come from its own state dict.
@@ -313,6 +333,11 @@ class Palettization:
         Raises:
             PalettizeConfigError: the checkpoint was palettized with another config.
         """
+        if state.get("budget") is not None and self.allocation is None and self.attached:
+            from .budget import Allocation, apply_allocation
+
+            self.allocation = Allocation.from_dict(state["budget"])  # no k-means on resume
+            apply_allocation(self, self.allocation)
         saved = state.get("config")
         if saved is not None and saved != config_to_yaml(self.config):
             raise PalettizeConfigError("", "the checkpoint was palettized with a different config "
@@ -375,7 +400,10 @@ class Palettization:
     def report(self) -> CompressionReport:
         """The compression report (whole-model sizes; dense weights with their reasons)."""
         self._require_clustered()
-        return build_report(self.model, **self._trace_record())
+        report = build_report(self.model, **self._trace_record())
+        if self.allocation is not None:
+            report.budget = self.allocation.summary()
+        return report
 
     def _require_clustered(self) -> None:
         """Report and export read the palettized weights: never while clustering is deferred

@@ -25,6 +25,7 @@ from .layouts import (
     use_exportable_experts,
 )
 from .structure import insert_parametrizations
+from .trial import granularity_for, respec, trial_palettize
 from .tensors import (
     KMEANS_ENTRY,
     PalettizedTensor,
@@ -65,6 +66,7 @@ __all__ = [
     "finish_clustering",
     "flat_lut_positions",
     "function_name",
+    "granularity_for",
     "get_step",
     "insert_parametrizations",
     "is_palettized_state",
@@ -74,12 +76,14 @@ __all__ = [
     "prepare_from_state_dict",
     "record_first_consumers",
     "reshape_expert_luts",
+    "respec",
     "resolved_module_configs",
     "set_step",
     "storage_bits",
     "store_assignment",
     "tied_prefixes",
     "traceable_experts",
+    "trial_palettize",
     "use_exportable_experts",
     "widen_for_coreai",
 ]

@@ -1,0 +1,412 @@
+"""``palettize.budget``: per-layer bit widths chosen for a whole-model bits-per-weight target.
+
+    palettize:
+      preset: w4                       # the base: which weights are palettized, their layout
+      budget: {bits_per_weight: 3.5, choices: [2, 3, 4, 6, 8], cache: budget_errors.json}
+
+- Which weights: those the base config palettizes with a Linear/Conv op. Weights the base leaves
+  dense stay dense; weights matched by an explicit ``palettize.modules`` pattern keep that spec
+  (explicit modules win over the budget); tied weights, embeddings and other module-state specs
+  keep the base spec. Each fixed weight is listed with its reason, and all count in the total.
+- Cost: the whole-model bits per weight exactly as the report (``report.py``, coreai-opt's
+  ``bits_per_weight``) counts it: indices + LUTs (+ scales) of each palettized weight in whole
+  bytes, every other tensor at its dtype. The allocation never exceeds the target.
+- Objective: per layer, ``sum(s * (w - q(w))**2)`` with ``s`` the calibration sensitivities when
+  given (``allocate(..., sensitivities=)``; k-means is then sensitivity-weighted too), else the
+  plain squared error; ``q`` is coreai-opt's own k-means of that layer at that choice.
+- Allocator: exact multiple-choice knapsack (``knapsack.solve``; its docstring says why not greedy).
+- ``cache``: a JSON file of every layer's error and bits for every choice, keyed by name, shape,
+  dtype, a checksum of the weight (and sensitivities) and the spec: a new target needs no k-means.
+- Distributed: rank 0 computes, every rank applies the broadcast allocation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import time
+import warnings
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn as nn
+
+from . import _coreai_compat as compat
+from . import distributed
+from ._utils import is_int
+from .checks import VALID_N_BITS, PalettizeConfigError, choices
+from .knapsack import solve
+from .report import rest_of_model
+
+if TYPE_CHECKING:
+    from .engine import Palettization
+
+__all__ = ["Allocation", "BudgetSettings", "LayerChoice", "allocate", "apply_allocation",
+           "check_budget"]
+
+log = logging.getLogger(__name__)
+
+TOLERANCE = 0.05
+"""The allocation should land within this many bits per weight under the target."""
+CACHE_VERSION = 1
+_OP_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d,
+               nn.ConvTranspose2d, nn.ConvTranspose3d)
+_GRANULARITY_WORDS = ("base", "per_tensor")
+
+
+@dataclass
+class BudgetSettings:
+    """``palettize.budget``: ``bits_per_weight`` target (whole model), ``choices`` of n_bits,
+    ``granularity``: the layouts to choose among (``base``: the base config's, ``per_tensor``,
+    or an int group size along the base's axis; default ``[base]``), ``cache``: a JSON path."""
+
+    bits_per_weight: float
+    choices: list[int] = field(default_factory=lambda: [2, 3, 4, 6, 8])
+    granularity: list[Any] | None = None
+    cache: str | None = None
+
+    def __post_init__(self) -> None:
+        target = self.bits_per_weight
+        if isinstance(target, bool) or not isinstance(target, (int, float)) or target <= 0:
+            raise PalettizeConfigError("bits_per_weight",
+                                       f"must be a positive number, got {target!r}")
+        if not isinstance(self.choices, (list, tuple)) or not self.choices:
+            raise PalettizeConfigError("choices", "must be a non-empty list of n_bits; valid: "
+                                       f"{choices(VALID_N_BITS)}")
+        for n in self.choices:
+            if not is_int(n) or n not in VALID_N_BITS:
+                raise PalettizeConfigError("choices", f"invalid n_bits {n!r}; valid: "
+                                           f"{choices(VALID_N_BITS)}")
+        self.choices = sorted({int(n) for n in self.choices})
+        if target < self.choices[0]:
+            raise PalettizeConfigError("bits_per_weight", f"{target} is below the smallest "
+                                       f"choice ({self.choices[0]} bits); valid: "
+                                       f"{self.choices[0]} to {self.choices[-1]}")
+        if target > self.choices[-1]:
+            raise PalettizeConfigError("bits_per_weight", f"{target} is above the largest "
+                                       f"choice ({self.choices[-1]} bits); valid: "
+                                       f"{self.choices[0]} to {self.choices[-1]}")
+        layouts = ["base"] if self.granularity is None else self.granularity
+        if not isinstance(layouts, (list, tuple)) or not layouts:
+            raise PalettizeConfigError("granularity", "must be a non-empty list; valid entries: "
+                                       f"{choices(_GRANULARITY_WORDS)} or a group size (int)")
+        for g in layouts:
+            if not (g in _GRANULARITY_WORDS or (is_int(g) and g > 0)):
+                raise PalettizeConfigError("granularity", f"invalid entry {g!r}; valid: "
+                                           f"{choices(_GRANULARITY_WORDS)} or a group size "
+                                           "(positive int)")
+        self.granularity = None if self.granularity is None else list(layouts)
+        if self.cache is not None:
+            self.cache = os.fspath(self.cache)
+
+
+def check_budget(value: Any) -> BudgetSettings | None:
+    """``palettize.budget`` from null, a mapping or ``BudgetSettings``; errors name the key."""
+    if value is None or isinstance(value, BudgetSettings):
+        return value
+    if not isinstance(value, Mapping):
+        raise PalettizeConfigError("budget", "must be null or a mapping such as "
+                                   "{bits_per_weight: 3.5, choices: [2, 3, 4, 6, 8]}")
+    names = ("bits_per_weight", "choices", "granularity", "cache")
+    unknown = sorted(set(value) - set(names))
+    if unknown:
+        raise PalettizeConfigError(f"budget.{unknown[0]}", f"unknown key; valid: {choices(names)}")
+    if "bits_per_weight" not in value:
+        raise PalettizeConfigError("budget.bits_per_weight", "required (the whole-model target)")
+    try:
+        return BudgetSettings(**dict(value))
+    except PalettizeConfigError as e:
+        raise e.within("budget") from None
+
+
+# --------------------------------------------------------------------------------------------
+# The result
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LayerChoice:
+    """One weight's chosen spec; ``bits``: its storage (whole bytes, in bits)."""
+
+    name: str
+    module: str
+    numel: int
+    n_bits: int
+    group_size: int | None
+    axis: int | None
+    bits: int
+    error: float
+
+    @property
+    def layout(self) -> str:
+        return f"g{self.group_size} axis {self.axis}" if self.group_size else "per-tensor"
+
+    def spec(self) -> dict[str, Any]:
+        """The ``palettize.modules`` value for this module."""
+        if self.group_size is None:
+            return {"n_bits": self.n_bits, "granularity": "per_tensor"}
+        return {"n_bits": self.n_bits, "granularity": "per_grouped_channel",
+                "group_size": self.group_size, "axis": self.axis}
+
+
+@dataclass
+class Allocation:
+    """A budget's result. ``achieved`` counts the whole model like ``report().bits_per_weight``.
+    ``fixed``: palettized weights the budget did not choose for, with the reason."""
+
+    target: float
+    achieved: float
+    layers: list[LayerChoice]
+    fixed: dict[str, str]
+    total_error: float
+    seconds: float = 0.0
+    kmeans_runs: int = 0
+
+    def modules_block(self) -> dict[str, dict[str, Any]]:
+        """``{escaped module name: spec}``, a ``palettize.modules`` override block."""
+        return {re.escape(layer.module): layer.spec() for layer in self.layers}
+
+    def to_yaml(self, user_modules: Mapping[str, Any] | None = None) -> str:
+        """A YAML file with ``modules:`` (the explicit ``user_modules`` first, they win over the
+        budget) to put under a recipe's or Hydra config's ``palettize`` section."""
+        import yaml
+
+        header = (f"# palettize.budget: {self.target} bits/weight target, {self.achieved:.4f} "
+                  "achieved (whole model, LUTs included).\n# Use as palettize.modules "
+                  "(with the same preset) to reproduce this allocation without the budget.\n")
+        block = {**dict(user_modules or {}), **self.modules_block()}
+        return header + yaml.safe_dump({"modules": block}, sort_keys=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Allocation:
+        values = dict(data)
+        values["layers"] = [LayerChoice(**layer) for layer in values["layers"]]
+        return cls(**values)
+
+    def summary(self) -> dict[str, Any]:
+        """The report's ``budget`` entry."""
+        return {"target_bits_per_weight": self.target, "achieved_bits_per_weight": self.achieved,
+                "layers": {layer.name: layer.n_bits for layer in self.layers},
+                "fixed": dict(self.fixed), "total_error": self.total_error,
+                "seconds": self.seconds, "kmeans_runs": self.kmeans_runs}
+
+    def to_text(self) -> str:
+        width = max((len(n) for n in [*(x.name for x in self.layers), *self.fixed]), default=10)
+        lines = [f"budget {self.target} bits/weight: achieved {self.achieved:.4f} (whole model, "
+                 f"LUTs included); {len(self.layers)} weights allocated, {len(self.fixed)} fixed"]
+        for x in self.layers:
+            lines.append(f"  {x.name:<{width}}  {x.n_bits}-bit {x.layout:<14} "
+                         f"{x.bits / max(x.numel, 1):6.3f} bpw  error {x.error:.4g}")
+        lines += [f"  {name:<{width}}  fixed: {reason}" for name, reason in self.fixed.items()]
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Per-layer errors (coreai-opt k-means), cached
+# --------------------------------------------------------------------------------------------
+
+
+def _digest(tensor: torch.Tensor | None) -> str:
+    if tensor is None:
+        return "-"
+    data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+    return hashlib.blake2b(data.tobytes(), digest_size=16).hexdigest()
+
+
+def _layer_key(t: compat.PalettizedTensor, sensitivities: torch.Tensor | None) -> str:
+    fake, weight = t.fake, t.original
+    spec = [fake.cluster_dim, str(getattr(fake.lut_qspec, "dtype", None)),
+            fake.enable_per_channel_scale, type(fake.reshape_strategy).__name__]
+    parts = [t.name, list(weight.shape), str(weight.dtype), _digest(weight),
+             _digest(sensitivities), spec]
+    return hashlib.sha1(json.dumps(parts).encode()).hexdigest()
+
+
+def _options_for(t: compat.PalettizedTensor, budget: BudgetSettings
+                 ) -> list[tuple[int, int | None, int | None]]:
+    """``(n_bits, group_size or None, axis)`` per choice for this weight, cheapest layout first."""
+    base = t.fake.granularity
+    base_size, axis = getattr(base, "group_size", None), getattr(base, "axis", None)
+    layouts: list[tuple[int | None, int | None]] = []
+    for g in budget.granularity or ["base"]:
+        layout = ((base_size, axis if base_size else None) if g == "base" else
+                  (None, None) if g == "per_tensor" else (int(g), axis or 0))
+        if layout not in layouts:
+            layouts.append(layout)
+    return [(n, size, ax) for n in budget.choices for size, ax in layouts]
+
+
+def _option_key(n_bits: int, group_size: int | None, axis: int | None) -> str:
+    return f"{n_bits}:{'pt' if group_size is None else f'g{group_size}a{axis}'}"
+
+
+class _Cache:
+    """``{layer key: {option key: [error, bits or null]}}`` in a JSON file (or in memory)."""
+
+    def __init__(self, path: str | None) -> None:
+        self.path, self.entries, self.dirty = path, {}, False
+        if path and Path(path).is_file():
+            try:
+                data = json.loads(Path(path).read_text())
+                if data.get("version") == CACHE_VERSION:
+                    self.entries = data["layers"]
+                else:
+                    log.warning("palettize.budget.cache: %s has another version; recomputing", path)
+            except (OSError, ValueError, KeyError, AttributeError) as e:
+                warnings.warn(f"palettize.budget.cache: cannot read {path} ({e}); recomputing",
+                              stacklevel=3)
+
+    def save(self) -> None:
+        if not (self.path and self.dirty):
+            return
+        target = Path(self.path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"version": CACHE_VERSION, "layers": self.entries}))
+        tmp.replace(target)
+
+
+def _evaluate(t: compat.PalettizedTensor, options, sensitivities: torch.Tensor | None,
+              cache: _Cache) -> tuple[list[tuple[int, int | None, int | None, int, float]], int]:
+    """``[(n_bits, group_size, axis, bits, error)]`` for the compatible options; k-means runs."""
+    entry = cache.entries.setdefault(_layer_key(t, sensitivities), {"name": t.name})
+    weight = t.original.detach()
+    runs, out = 0, []
+    for n, size, axis in options:
+        key = _option_key(n, size, axis)
+        if key not in entry:
+            result = compat.trial_palettize(t.fake, weight, n, compat.granularity_for(size, axis),
+                                            sensitivities)
+            runs += 1
+            if result is None:
+                entry[key] = None
+            else:
+                quantized, bits = result
+                diff = (weight.double() - quantized.double()).pow(2)
+                if sensitivities is not None:
+                    diff = diff * sensitivities.to(diff.device, torch.float64)
+                entry[key] = [float(diff.sum()), bits]
+            cache.dirty = True
+        if entry[key] is not None:
+            error, bits = entry[key]
+            out.append((n, size, axis, 8 * math.ceil(bits / 8), error))
+    return out, runs
+
+
+# --------------------------------------------------------------------------------------------
+# Allocation
+# --------------------------------------------------------------------------------------------
+
+
+def _fixed_reason(engine: Palettization, t: compat.PalettizedTensor,
+                  user_modules: Mapping[str, Any]) -> str | None:
+    pattern = next((p for p in user_modules if re.fullmatch(p, t.module_name)), None)
+    if pattern is not None:
+        return f"palettize.modules.{pattern} (explicit modules win over the budget)"
+    if t.state_prefix in engine.tied or t.state_prefix in engine.tied.values():
+        return "tied weight (keeps the base spec)"
+    if not isinstance(t.module, _OP_MODULES):
+        return f"{type(t.module).__name__.removeprefix('Parametrized')} weight (the budget chooses for Linear/Conv weights)"
+    return None
+
+
+def allocate(engine: Palettization, sensitivities: Mapping[str, torch.Tensor] | None = None
+             ) -> Allocation:
+    """The allocation for ``engine.settings.budget`` on the attached, not yet clustered model
+    (this process only; ``apply_budget`` is the distributed entry point).
+
+    ``sensitivities``: ``{weight name: tensor shaped like the weight}`` (``calibration``).
+
+    Raises:
+        PalettizeConfigError: the target is below the smallest whole-model bpw the choices reach.
+    """
+    budget = check_budget(engine.settings.budget)
+    start = time.perf_counter()
+    tensors = engine.tensors()
+    cache = _Cache(budget.cache)
+    user_modules = engine.settings.modules
+    sens = dict(sensitivities or {})
+    rest_numel, rest_bytes, _ = rest_of_model(engine.model, tensors)
+    numel = rest_numel + sum(t.original.numel() for t in tensors)
+    fixed_bits = 8 * rest_bytes
+    fixed: dict[str, str] = {}
+    items, runs = [], 0
+    compat.ensure_kmeans_extension()
+    for t in tensors:
+        reason = _fixed_reason(engine, t, user_modules)
+        if reason is None:
+            options, n = _evaluate(t, _options_for(t, budget), sens.get(t.name), cache)
+            runs += n
+            if options:
+                items.append((t, sorted(options, key=lambda o: (o[3], o[0]))))
+                continue
+            reason = "no choice fits its shape (keeps the base spec)"
+        fixed[t.name] = reason
+        fixed_bits += 8 * math.ceil(compat.storage_bits(t) / 8)
+    cache.save()
+
+    budget_bits = math.floor(budget.bits_per_weight * numel) - fixed_bits
+    costs = [[o[3] for o in options] for _, options in items]
+    errors = [[o[4] for o in options] for _, options in items]
+    picked = solve(costs, errors, budget_bits)
+    if picked is None:
+        lowest = (fixed_bits + sum(min(c) for c in costs)) / numel
+        raise PalettizeConfigError(
+            "budget.bits_per_weight", f"{budget.bits_per_weight} is below the smallest "
+            f"whole-model bits per weight the choices {budget.choices} reach on this model "
+            f"({lowest:.4f}, LUTs and dense tensors included); valid: {math.ceil(lowest * 100) / 100}"
+            " or more")
+    layers = [LayerChoice(t.name, t.module_name, t.original.numel(), o[0], o[1], o[2], o[3], o[4])
+              for (t, options), c in zip(items, picked) for o in [options[c]]]
+    achieved = (fixed_bits + sum(x.bits for x in layers)) / numel
+    result = Allocation(target=float(budget.bits_per_weight), achieved=achieved, layers=layers,
+                        fixed=fixed, total_error=sum(x.error for x in layers),
+                        seconds=time.perf_counter() - start, kmeans_runs=runs)
+    highest = (fixed_bits + sum(max(c) for c in costs)) / numel
+    if achieved < budget.bits_per_weight - TOLERANCE:
+        warnings.warn(f"palettize.budget: achieved {achieved:.4f} bits/weight, more than "
+                      f"{TOLERANCE} under the target {budget.bits_per_weight}"
+                      + (f" (every allocated weight at its largest choice gives {highest:.4f})"
+                         if highest <= budget.bits_per_weight else
+                         " (the choices' steps are too coarse for this model)"), stacklevel=2)
+    return result
+
+
+def apply_allocation(engine: Palettization, allocation: Allocation) -> None:
+    """Switch the attached weights to the allocation and rebuild ``engine.config`` with its
+    ``modules`` block added after the explicit modules (the config is built after it)."""
+    from .coreai_config import to_coreai_config
+
+    by_name = {t.name: t for t in engine.tensors()}
+    missing = [x.name for x in allocation.layers if x.name not in by_name]
+    if missing:
+        raise RuntimeError(f"palettize.budget: the allocation names weights this model does not "
+                           f"palettize: {', '.join(missing[:5])}")
+    for x in allocation.layers:
+        compat.respec(by_name[x.name].fake, x.n_bits, compat.granularity_for(x.group_size, x.axis))
+    engine.settings.modules.update(allocation.modules_block())
+    engine.config = to_coreai_config(engine.settings, engine.model)
+
+
+def apply_budget(engine: Palettization, sensitivities: Mapping[str, torch.Tensor] | None = None
+                 ) -> Allocation:
+    """Rank 0 allocates, every rank applies the same allocation (a failure stops all ranks)."""
+    plain = None
+    with distributed.agree("palettize budget"):
+        if distributed.rank() == 0:
+            plain = allocate(engine, sensitivities).to_dict()
+    allocation = Allocation.from_dict(distributed.broadcast_object(plain))
+    apply_allocation(engine, allocation)
+    log.info("palettize: budget %.3f bits/weight -> %.4f achieved (%d k-means runs, %.1f s)",
+             allocation.target, allocation.achieved, allocation.kmeans_runs, allocation.seconds)
+    return allocation
