@@ -316,7 +316,8 @@ def _fixed_reason(engine: Palettization, t: compat.PalettizedTensor,
     if t.state_prefix in engine.tied or t.state_prefix in engine.tied.values():
         return "tied weight (keeps the base spec)"
     if not isinstance(t.module, _OP_MODULES):
-        return f"{type(t.module).__name__.removeprefix('Parametrized')} weight (the budget chooses for Linear/Conv weights)"
+        kind = type(t.module).__name__.removeprefix("Parametrized")
+        return f"{kind} weight (the budget chooses for Linear/Conv weights)"
     return None
 
 

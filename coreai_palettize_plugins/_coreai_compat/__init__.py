@@ -25,7 +25,6 @@ from .layouts import (
     use_exportable_experts,
 )
 from .structure import insert_parametrizations
-from .trial import granularity_for, respec, trial_palettize
 from .tensors import (
     KMEANS_ENTRY,
     PalettizedTensor,
@@ -46,6 +45,7 @@ from .tracing import (
     resolved_module_configs,
     storage_bits,
 )
+from .trial import granularity_for, respec, trial_palettize
 
 __all__ = [
     "COREAI_INDEX_BITS",
@@ -66,8 +66,8 @@ __all__ = [
     "finish_clustering",
     "flat_lut_positions",
     "function_name",
-    "granularity_for",
     "get_step",
+    "granularity_for",
     "insert_parametrizations",
     "is_palettized_state",
     "is_prepared",
@@ -76,8 +76,8 @@ __all__ = [
     "prepare_from_state_dict",
     "record_first_consumers",
     "reshape_expert_luts",
-    "respec",
     "resolved_module_configs",
+    "respec",
     "set_step",
     "storage_bits",
     "store_assignment",
