@@ -242,3 +242,38 @@ def test_cli_budget_prints_the_table_and_writes_the_block(tmp_path):
                      "--bits", "1", timeout=120)
     assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1].startswith(
         "error: palettize.budget.bits_per_weight: 1.0 is below the smallest choice")
+
+
+@pytest.mark.slow
+def test_two_rank_ddp_gets_one_allocation_and_resume_runs_no_kmeans(tmp_path):
+    """Lightning DDP, 2 gloo processes: rank 0 runs the trial k-means, both ranks apply the
+    same allocation; resuming from the checkpoint restores it without any k-means."""
+    from pathlib import Path
+
+    script = str(Path(__file__).resolve().parent / "ddp_scripts" / "lightning_budget.py")
+
+    def run(out, *args):
+        result = run_python(script, "--out", str(out), *args, timeout=300)
+        ranks = [json.loads((out / f"rank{r}.json").read_text())
+                 if (out / f"rank{r}.json").exists() else {} for r in (0, 1)]
+        return result, ranks
+
+    result, ranks = run(tmp_path / "first")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert ranks[0]["allocation"]["layers"] == ranks[1]["allocation"]["layers"]
+    assert ranks[0]["hash_after_prepare"] == ranks[1]["hash_after_prepare"]
+    assert ranks[0]["report_bits"] == ranks[1]["report_bits"]
+    assert 3.5 - TOLERANCE <= ranks[0]["report_bpw"] == ranks[1]["report_bpw"] <= 3.5
+    tensors = len(ranks[0]["report_bits"])
+    assert ranks[0]["allocation"]["kmeans_runs"] == tensors * 5  # trial runs on rank 0 only
+    assert len(ranks[1]["kmeans_at_prepare"]) <= tensors  # its share of the final clustering
+    assert len(ranks[0]["kmeans_at_prepare"]) + len(ranks[1]["kmeans_at_prepare"]) == \
+        tensors * 6
+
+    ckpt = tmp_path / "first" / "ckpt" / "epoch=0.ckpt"
+    result, resumed = run(tmp_path / "resumed", "--epochs", "2", "--ckpt", str(ckpt))
+    assert result.returncode == 0, result.stderr[-3000:]
+    for rank in (0, 1):
+        assert resumed[rank]["kmeans_total"] == []
+        assert resumed[rank]["allocation"] == ranks[0]["allocation"]
+        assert resumed[rank]["report_bits"] == ranks[0]["report_bits"]

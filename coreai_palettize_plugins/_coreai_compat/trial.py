@@ -48,9 +48,11 @@ def trial_palettize(template: _KMeansFakePalettize, weight: torch.Tensor, n_bits
 
 
 def respec(fake: _KMeansFakePalettize, n_bits: int, granularity) -> None:
-    """Switch a weight that has no centroids yet to ``n_bits`` / ``granularity`` (coreai-opt
-    reads both only when it clusters)."""
-    if fake.centroids is not None:
-        raise RuntimeError(f"{fake.tensor_fqn}: already clustered; cannot change its spec")
+    """Switch a weight to ``n_bits`` / ``granularity`` before k-means (coreai-opt reads both only
+    when it clusters), or to the spec of the centroids a checkpoint restored (resume)."""
+    centroids = fake.centroids
+    if centroids is not None and centroids.dim() >= 2 and centroids.shape[1] != 2 ** n_bits:
+        raise RuntimeError(f"{fake.tensor_fqn}: holds {centroids.shape[1]}-entry LUTs; cannot "
+                           f"switch it to {n_bits} bits")
     fake.n_bits = int(n_bits)
     fake.granularity = granularity
