@@ -277,3 +277,19 @@ def test_two_rank_ddp_gets_one_allocation_and_resume_runs_no_kmeans(tmp_path):
         assert resumed[rank]["kmeans_total"] == []
         assert resumed[rank]["allocation"] == ranks[0]["allocation"]
         assert resumed[rank]["report_bits"] == ranks[0]["report_bits"]
+
+
+@pytest.mark.slow
+def test_hydra_app_takes_a_budget_and_rejects_a_bad_one_in_one_line(tmp_path):
+    shown = run_python("examples/train.py", "palettize.budget={bits_per_weight: 3.5}",
+                       "--cfg", "job", timeout=120)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert "  budget:\n    bits_per_weight: 3.5\n" in shown.stdout
+    run_dir = tmp_path / "run"
+    bad = run_python("examples/train.py", "palettize.budget={bits_per_weight: 1, choices: [2, 4]}",
+                     f"hydra.run.dir={run_dir}", timeout=120)
+    assert bad.returncode == 1
+    assert bad.stderr.strip().splitlines() == [
+        "error: palettize.budget.bits_per_weight: 1 is below the smallest choice (2 bits); "
+        "valid: 2 to 4"]
+    assert not run_dir.exists()
