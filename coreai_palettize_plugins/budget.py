@@ -48,14 +48,16 @@ from .report import rest_of_model
 if TYPE_CHECKING:
     from .engine import Palettization
 
-__all__ = ["Allocation", "BudgetSettings", "LayerChoice", "allocate", "apply_allocation",
-           "check_budget"]
+__all__ = ["BLOCK_FILE", "Allocation", "BudgetSettings", "LayerChoice", "allocate",
+           "apply_allocation", "apply_budget", "check_budget", "restore_allocation", "write_block"]
 
 log = logging.getLogger(__name__)
 
 TOLERANCE = 0.05
 """The allocation should land within this many bits per weight under the target."""
 CACHE_VERSION = 1
+BLOCK_FILE = "budget_modules.yaml"
+"""Written beside the export: the allocation as a ``palettize.modules`` block."""
 _OP_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d,
                nn.ConvTranspose2d, nn.ConvTranspose3d)
 _GRANULARITY_WORDS = ("base", "per_tensor")
@@ -168,20 +170,22 @@ class Allocation:
     total_error: float
     seconds: float = 0.0
     kmeans_runs: int = 0
+    explicit_modules: dict[str, Any] = field(default_factory=dict)
+    """The settings' own ``modules`` (they win over the budget), first in ``to_yaml``."""
 
     def modules_block(self) -> dict[str, dict[str, Any]]:
         """``{escaped module name: spec}``, a ``palettize.modules`` override block."""
         return {re.escape(layer.module): layer.spec() for layer in self.layers}
 
-    def to_yaml(self, user_modules: Mapping[str, Any] | None = None) -> str:
-        """A YAML file with ``modules:`` (the explicit ``user_modules`` first, they win over the
-        budget) to put under a recipe's or Hydra config's ``palettize`` section."""
+    def to_yaml(self) -> str:
+        """A YAML file with ``modules:`` (the explicit modules first, they win over the budget)
+        to put under a recipe's or Hydra config's ``palettize`` section."""
         import yaml
 
         header = (f"# palettize.budget: {self.target} bits/weight target, {self.achieved:.4f} "
                   "achieved (whole model, LUTs included).\n# Use as palettize.modules "
                   "(with the same preset) to reproduce this allocation without the budget.\n")
-        block = {**dict(user_modules or {}), **self.modules_block()}
+        block = {**self.explicit_modules, **self.modules_block()}
         return header + yaml.safe_dump({"modules": block}, sort_keys=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -280,7 +284,7 @@ def _evaluate(t: compat.PalettizedTensor, options, sensitivities: torch.Tensor |
               cache: _Cache) -> tuple[list[tuple[int, int | None, int | None, int, float]], int]:
     """``[(n_bits, group_size, axis, bits, error)]`` for the compatible options; k-means runs."""
     entry = cache.entries.setdefault(_layer_key(t, sensitivities), {"name": t.name})
-    weight = t.original.detach()
+    weight = t.original.detach().cpu()  # coreai-opt clusters on the CPU
     runs, out = 0, []
     for n, size, axis in options:
         key = _option_key(n, size, axis)
@@ -294,7 +298,7 @@ def _evaluate(t: compat.PalettizedTensor, options, sensitivities: torch.Tensor |
                 quantized, bits = result
                 diff = (weight.double() - quantized.double()).pow(2)
                 if sensitivities is not None:
-                    diff = diff * sensitivities.to(diff.device, torch.float64)
+                    diff = diff * sensitivities.to("cpu", torch.float64)
                 entry[key] = [float(diff.sum()), bits]
             cache.dirty = True
         if entry[key] is not None:
@@ -372,7 +376,8 @@ def allocate(engine: Palettization, sensitivities: Mapping[str, torch.Tensor] | 
     achieved = (fixed_bits + sum(x.bits for x in layers)) / numel
     result = Allocation(target=float(budget.bits_per_weight), achieved=achieved, layers=layers,
                         fixed=fixed, total_error=sum(x.error for x in layers),
-                        seconds=time.perf_counter() - start, kmeans_runs=runs)
+                        seconds=time.perf_counter() - start, kmeans_runs=runs,
+                        explicit_modules=dict(user_modules))
     highest = (fixed_bits + sum(max(c) for c in costs)) / numel
     if achieved < budget.bits_per_weight - TOLERANCE:
         warnings.warn(f"palettize.budget: achieved {achieved:.4f} bits/weight, more than "
@@ -397,6 +402,32 @@ def apply_allocation(engine: Palettization, allocation: Allocation) -> None:
         compat.respec(by_name[x.name].fake, x.n_bits, compat.granularity_for(x.group_size, x.axis))
     engine.settings.modules.update(allocation.modules_block())
     engine.config = to_coreai_config(engine.settings, engine.model)
+
+
+def restore_allocation(engine: Palettization, saved: Mapping[str, Any]) -> Allocation:
+    """A checkpoint's allocation, applied without k-means (resume).
+
+    Raises:
+        PalettizeConfigError: this run's ``palettize.budget`` target differs from the saved one.
+    """
+    allocation = Allocation.from_dict(saved)
+    budget = engine.settings.budget
+    if budget is None or float(budget["bits_per_weight"]) != allocation.target:
+        raise PalettizeConfigError("budget", f"the checkpoint was palettized with a "
+                                   f"{allocation.target} bits/weight budget; resume with the same "
+                                   "palettize.budget")
+    apply_allocation(engine, allocation)
+    return allocation
+
+
+def write_block(allocation: Allocation, extra_files: Any = None) -> Any:
+    """An export ``extra_files`` callable that also writes ``budget_modules.yaml``."""
+    def write(directory: Path) -> None:
+        (Path(directory) / BLOCK_FILE).write_text(allocation.to_yaml())
+        if extra_files is not None:
+            extra_files(directory)
+
+    return write
 
 
 def apply_budget(engine: Palettization, sensitivities: Mapping[str, torch.Tensor] | None = None

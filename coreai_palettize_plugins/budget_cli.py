@@ -51,12 +51,11 @@ def run_budget(args: argparse.Namespace) -> str:
                                local_files_only=local.tokenizer)
     set_seed(recipe.training_args.seed)
     model = build_model(recipe.model, tokenizer, local_files_only=local.model)
-    user_modules = dict(engine.settings.modules)
     engine.attach(model, {"input_ids": torch.zeros(1, 8, dtype=torch.long)})
     allocation = apply_budget(engine)
     text = allocation.to_text()
     if args.output:
-        Path(args.output).write_text(allocation.to_yaml(user_modules))
+        Path(args.output).write_text(allocation.to_yaml())
         text += f"\nwrote {args.output}"
     return text
 

@@ -334,10 +334,9 @@ class Palettization:
             PalettizeConfigError: the checkpoint was palettized with another config.
         """
         if state.get("budget") is not None and self.allocation is None and self.attached:
-            from .budget import Allocation, apply_allocation
+            from .budget import restore_allocation
 
-            self.allocation = Allocation.from_dict(state["budget"])  # no k-means on resume
-            apply_allocation(self, self.allocation)
+            self.allocation = restore_allocation(self, state["budget"])  # no k-means
         saved = state.get("config")
         if saved is not None and saved != config_to_yaml(self.config):
             raise PalettizeConfigError("", "the checkpoint was palettized with a different config "
@@ -457,6 +456,10 @@ class Palettization:
         if directory is None:
             raise ValueError("no export directory: pass one or set palettize.export.dir")
         extra = set(strategies.strategy_state_keys(self.model))
+        if self.allocation is not None:  # + budget_modules.yaml, the allocation as modules:
+            from .budget import write_block
+
+            extra_files = write_block(self.allocation, extra_files)
         result = export_palettized(
             self.model,
             config=self.config,

@@ -225,6 +225,22 @@ def test_the_written_block_reproduces_the_config(clustered, tmp_path):
     assert replay.report().bits_per_weight == clustered.report().bits_per_weight
 
 
+def test_export_writes_the_block_and_report_json_has_the_budget(clustered, tmp_path):
+    result = clustered.export(tmp_path / "export", formats=["torch"])
+    report = json.loads((result.directory / "report.json").read_text())
+    assert report["budget"]["target_bits_per_weight"] == 3.5
+    assert report["budget"]["achieved_bits_per_weight"] == report["bits_per_weight"]
+    block = yaml.safe_load((result.directory / "budget_modules.yaml").read_text())["modules"]
+    assert block == clustered.allocation.modules_block()
+
+
+def test_resuming_with_another_budget_target_is_refused(clustered):
+    engine = engine_for(3.25)
+    with pytest.raises(PalettizeConfigError, match=r"palettize\.budget: the checkpoint was "
+                       r"palettized with a 3\.5 bits/weight budget"):
+        engine.load_state_dict(clustered.state_dict())
+
+
 @pytest.mark.slow
 def test_cli_budget_prints_the_table_and_writes_the_block(tmp_path):
     out = tmp_path / "allocation.yaml"
