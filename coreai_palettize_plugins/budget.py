@@ -22,8 +22,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import os
@@ -41,6 +39,7 @@ import torch.nn as nn
 from . import _coreai_compat as compat
 from . import distributed
 from ._utils import is_int
+from .budget_errors import ErrorCache, evaluate, options_for
 from .checks import VALID_N_BITS, PalettizeConfigError, choices
 from .knapsack import solve
 from .report import rest_of_model
@@ -49,13 +48,13 @@ if TYPE_CHECKING:
     from .engine import Palettization
 
 __all__ = ["BLOCK_FILE", "Allocation", "BudgetSettings", "LayerChoice", "allocate",
-           "apply_allocation", "apply_budget", "check_budget", "restore_allocation", "write_block"]
+           "allocation_from_state", "apply_allocation", "apply_budget", "check_budget",
+           "restore_allocation", "write_block"]
 
 log = logging.getLogger(__name__)
 
 TOLERANCE = 0.05
 """The allocation should land within this many bits per weight under the target."""
-CACHE_VERSION = 1
 BLOCK_FILE = "budget_modules.yaml"
 """Written beside the export: the allocation as a ``palettize.modules`` block."""
 _OP_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d,
@@ -144,7 +143,8 @@ class LayerChoice:
     group_size: int | None
     axis: int | None
     bits: int
-    error: float
+    error: float | None
+    """``sum(s * (w - q(w))**2)`` of this choice (None: read back from a checkpoint)."""
 
     @property
     def layout(self) -> str:
@@ -167,7 +167,7 @@ class Allocation:
     achieved: float
     layers: list[LayerChoice]
     fixed: dict[str, str]
-    total_error: float
+    total_error: float | None
     seconds: float = 0.0
     kmeans_runs: int = 0
     explicit_modules: dict[str, Any] = field(default_factory=dict)
@@ -210,101 +210,10 @@ class Allocation:
                  f"LUTs included); {len(self.layers)} weights allocated, {len(self.fixed)} fixed"]
         for x in self.layers:
             lines.append(f"  {x.name:<{width}}  {x.n_bits}-bit {x.layout:<14} "
-                         f"{x.bits / max(x.numel, 1):6.3f} bpw  error {x.error:.4g}")
+                         f"{x.bits / max(x.numel, 1):6.3f} bpw  error "
+                         + ("(from checkpoint)" if x.error is None else f"{x.error:.4g}"))
         lines += [f"  {name:<{width}}  fixed: {reason}" for name, reason in self.fixed.items()]
         return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------------------------
-# Per-layer errors (coreai-opt k-means), cached
-# --------------------------------------------------------------------------------------------
-
-
-def _digest(tensor: torch.Tensor | None) -> str:
-    if tensor is None:
-        return "-"
-    data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-    return hashlib.blake2b(data.tobytes(), digest_size=16).hexdigest()
-
-
-def _layer_key(t: compat.PalettizedTensor, sensitivities: torch.Tensor | None) -> str:
-    fake, weight = t.fake, t.original
-    spec = [fake.cluster_dim, str(getattr(fake.lut_qspec, "dtype", None)),
-            fake.enable_per_channel_scale, type(fake.reshape_strategy).__name__]
-    parts = [t.name, list(weight.shape), str(weight.dtype), _digest(weight),
-             _digest(sensitivities), spec]
-    return hashlib.sha1(json.dumps(parts).encode()).hexdigest()
-
-
-def _options_for(t: compat.PalettizedTensor, budget: BudgetSettings
-                 ) -> list[tuple[int, int | None, int | None]]:
-    """``(n_bits, group_size or None, axis)`` per choice for this weight, cheapest layout first."""
-    base = t.fake.granularity
-    base_size, axis = getattr(base, "group_size", None), getattr(base, "axis", None)
-    layouts: list[tuple[int | None, int | None]] = []
-    for g in budget.granularity or ["base"]:
-        layout = ((base_size, axis if base_size else None) if g == "base" else
-                  (None, None) if g == "per_tensor" else (int(g), axis or 0))
-        if layout not in layouts:
-            layouts.append(layout)
-    return [(n, size, ax) for n in budget.choices for size, ax in layouts]
-
-
-def _option_key(n_bits: int, group_size: int | None, axis: int | None) -> str:
-    return f"{n_bits}:{'pt' if group_size is None else f'g{group_size}a{axis}'}"
-
-
-class _Cache:
-    """``{layer key: {option key: [error, bits or null]}}`` in a JSON file (or in memory)."""
-
-    def __init__(self, path: str | None) -> None:
-        self.path, self.entries, self.dirty = path, {}, False
-        if path and Path(path).is_file():
-            try:
-                data = json.loads(Path(path).read_text())
-                if data.get("version") == CACHE_VERSION:
-                    self.entries = data["layers"]
-                else:
-                    log.warning("palettize.budget.cache: %s has another version; recomputing", path)
-            except (OSError, ValueError, KeyError, AttributeError) as e:
-                warnings.warn(f"palettize.budget.cache: cannot read {path} ({e}); recomputing",
-                              stacklevel=3)
-
-    def save(self) -> None:
-        if not (self.path and self.dirty):
-            return
-        target = Path(self.path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"version": CACHE_VERSION, "layers": self.entries}))
-        tmp.replace(target)
-
-
-def _evaluate(t: compat.PalettizedTensor, options, sensitivities: torch.Tensor | None,
-              cache: _Cache) -> tuple[list[tuple[int, int | None, int | None, int, float]], int]:
-    """``[(n_bits, group_size, axis, bits, error)]`` for the compatible options; k-means runs."""
-    entry = cache.entries.setdefault(_layer_key(t, sensitivities), {"name": t.name})
-    weight = t.original.detach().cpu()  # coreai-opt clusters on the CPU
-    runs, out = 0, []
-    for n, size, axis in options:
-        key = _option_key(n, size, axis)
-        if key not in entry:
-            result = compat.trial_palettize(t.fake, weight, n, compat.granularity_for(size, axis),
-                                            sensitivities)
-            runs += 1
-            if result is None:
-                entry[key] = None
-            else:
-                quantized, bits = result
-                diff = (weight.double() - quantized.double()).pow(2)
-                if sensitivities is not None:
-                    diff = diff * sensitivities.to("cpu", torch.float64)
-                entry[key] = [float(diff.sum()), bits]
-            cache.dirty = True
-        if entry[key] is not None:
-            error, bits = entry[key]
-            out.append((n, size, axis, 8 * math.ceil(bits / 8), error))
-    return out, runs
 
 
 # --------------------------------------------------------------------------------------------
@@ -338,7 +247,7 @@ def allocate(engine: Palettization, sensitivities: Mapping[str, torch.Tensor] | 
     budget = check_budget(engine.settings.budget)
     start = time.perf_counter()
     tensors = engine.tensors()
-    cache = _Cache(budget.cache)
+    cache = ErrorCache(budget.cache)
     user_modules = engine.settings.modules
     sens = dict(sensitivities or {})
     rest_numel, rest_bytes, _ = rest_of_model(engine.model, tensors)
@@ -350,7 +259,7 @@ def allocate(engine: Palettization, sensitivities: Mapping[str, torch.Tensor] | 
     for t in tensors:
         reason = _fixed_reason(engine, t, user_modules)
         if reason is None:
-            options, n = _evaluate(t, _options_for(t, budget), sens.get(t.name), cache)
+            options, n = evaluate(t, options_for(t, budget), sens.get(t.name), cache)
             runs += n
             if options:
                 items.append((t, sorted(options, key=lambda o: (o[3], o[0]))))
@@ -416,6 +325,51 @@ def restore_allocation(engine: Palettization, saved: Mapping[str, Any]) -> Alloc
         raise PalettizeConfigError("budget", f"the checkpoint was palettized with a "
                                    f"{allocation.target} bits/weight budget; resume with the same "
                                    "palettize.budget")
+    apply_allocation(engine, allocation)
+    return allocation
+
+
+def allocation_from_state(engine: Palettization) -> Allocation | None:
+    """The allocation a restored checkpoint holds, read from its LUT sizes (no k-means), applied;
+    None when nothing was restored. Each weight's choice is the budget option with as many LUT
+    entries and LUTs as its restored centroids.
+
+    Raises:
+        PalettizeConfigError: the restored allocation exceeds this run's target, or a weight's
+            LUTs match no option of this run's budget.
+    """
+    tensors = engine.tensors()
+    if not any(t.fake.centroids is not None for t in tensors):
+        return None
+    budget = check_budget(engine.settings.budget)
+    user_modules = dict(engine.settings.modules)
+    layers, fixed = [], {}
+    for t in tensors:
+        reason = _fixed_reason(engine, t, user_modules)
+        if reason is not None or t.fake.centroids is None:  # missing state: ensure_clustered says
+            fixed[t.name] = reason or "no restored state"
+            continue
+        entries, luts = t.fake.centroids.shape[1], t.fake.centroids.shape[0]
+        match = next(((n, size, axis) for n, size, axis in options_for(t, budget)
+                      if 2 ** n == entries and compat.lut_count(
+                          t.fake, t.original, compat.granularity_for(size, axis)) == luts), None)
+        if match is None:
+            raise PalettizeConfigError("budget", f"the checkpoint's {t.name} has {luts} LUTs of "
+                                       f"{entries} entries, no choice of this budget; resume with "
+                                       "the same palettize.budget")
+        compat.respec(t.fake, match[0], compat.granularity_for(match[1], match[2]))
+        bits = 8 * math.ceil(compat.storage_bits(t) / 8)
+        layers.append(LayerChoice(t.name, t.module_name, t.original.numel(), *match, bits, None))
+    rest_numel, rest_bytes, _ = rest_of_model(engine.model, tensors)
+    numel = rest_numel + sum(t.original.numel() for t in tensors)
+    total = 8 * rest_bytes + sum(8 * math.ceil(compat.storage_bits(t) / 8) for t in tensors)
+    allocation = Allocation(target=float(budget.bits_per_weight), achieved=total / numel,
+                            layers=layers, fixed=fixed, total_error=None,
+                            explicit_modules=user_modules)
+    if allocation.achieved > allocation.target:
+        raise PalettizeConfigError("budget", f"the checkpoint holds {allocation.achieved:.4f} "
+                                   f"bits/weight, above this run's target {allocation.target}; "
+                                   "resume with the same palettize.budget")
     apply_allocation(engine, allocation)
     return allocation
 

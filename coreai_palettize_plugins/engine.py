@@ -303,13 +303,15 @@ class Palettization:
     def apply_budget(self, sensitivities: Mapping[str, torch.Tensor] | None = None) -> None:
         """With ``palettize.budget``: choose each weight's bits (rank 0, broadcast) and rebuild
         the config with them, before k-means; once. ``sensitivities`` (default
-        ``self.sensitivities``, set by calibration first) weight the objective."""
+        ``self.sensitivities``, set by calibration first) weight the objective. After a restore,
+        the allocation is read from the restored LUTs instead."""
         if self.settings.budget is None or self.allocation is not None:
             return
-        from .budget import apply_budget
+        from .budget import allocation_from_state, apply_budget
 
-        self.allocation = apply_budget(self, sensitivities if sensitivities is not None
-                                       else self.sensitivities)
+        # A restored checkpoint (e.g. HF resume) holds the allocation in its LUT sizes.
+        self.allocation = allocation_from_state(self) or apply_budget(
+            self, sensitivities if sensitivities is not None else self.sensitivities)
 
     def prepare(self, model: nn.Module, example_inputs: Any,
                 state_dict: Mapping[str, torch.Tensor] | None = None) -> nn.Module:

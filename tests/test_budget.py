@@ -309,3 +309,43 @@ def test_hydra_app_takes_a_budget_and_rejects_a_bad_one_in_one_line(tmp_path):
         "error: palettize.budget.bits_per_weight: 1 is below the smallest choice (2 bits); "
         "valid: 2 to 4"]
     assert not run_dir.exists()
+
+
+@pytest.mark.slow
+def test_hf_trainer_budget_exports_reloads_and_resumes_without_kmeans(tmp_path, monkeypatch):
+    """HF Trainer: the allocation is applied at on_train_begin, the packed artifact reloads to the
+    same outputs, and a resume (allocation recomputed from the cache) runs no k-means."""
+    from helpers import TokenDataset
+    from transformers import Trainer, TrainingArguments
+
+    from coreai_palettize_plugins import load_palettized
+    from coreai_palettize_plugins.export import PACKED_NAME
+    from coreai_palettize_plugins.hf import PalettizationTrainerCallback
+
+    cache = tmp_path / "errors.json"
+
+    def run(out, resume=None):
+        callback = PalettizationTrainerCallback(
+            {**BASE, "budget": {"bits_per_weight": 3.5, "choices": CHOICES, "cache": str(cache)}},
+            export_formats=["torch"])
+        args = TrainingArguments(str(out), max_steps=4, per_device_train_batch_size=8,
+                                 learning_rate=1e-3, save_steps=2, report_to=[], use_cpu=True,
+                                 disable_tqdm=True, seed=0, save_strategy="steps")
+        trainer = Trainer(model=tiny_llama(), args=args, train_dataset=TokenDataset(),
+                          callbacks=[callback])
+        trainer.train(resume_from_checkpoint=resume)
+        return callback, trainer
+
+    callback, trainer = run(tmp_path / "full")
+    assert 3.5 - TOLERANCE <= callback.report.bits_per_weight <= 3.5
+    assert callback.report.budget["achieved_bits_per_weight"] == callback.report.bits_per_weight
+    loaded = load_palettized(tmp_path / "full" / "palettized")
+    x = torch.randint(0, 256, (2, 16))
+    trainer.model.eval()
+    assert (loaded(x).logits - trainer.model(x).logits).abs().max().item() == 0.0
+
+    counter = KMeansCounter(monkeypatch)
+    resumed, _ = run(tmp_path / "resumed", resume=str(tmp_path / "full/checkpoint-2"))
+    assert counter.calls == [] and resumed.engine.allocation.kmeans_runs == 0
+    assert ((tmp_path / "full/palettized" / PACKED_NAME).read_bytes()
+            == (tmp_path / "resumed/palettized" / PACKED_NAME).read_bytes())

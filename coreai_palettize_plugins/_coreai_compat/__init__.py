@@ -45,7 +45,7 @@ from .tracing import (
     resolved_module_configs,
     storage_bits,
 )
-from .trial import granularity_for, respec, trial_palettize
+from .trial import granularity_for, lut_count, respec, trial_palettize
 
 __all__ = [
     "COREAI_INDEX_BITS",
@@ -71,6 +71,7 @@ __all__ = [
     "insert_parametrizations",
     "is_palettized_state",
     "is_prepared",
+    "lut_count",
     "lut_groups",
     "palettizable_ops",
     "prepare_from_state_dict",

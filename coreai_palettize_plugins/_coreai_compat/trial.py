@@ -8,7 +8,7 @@ from coreai_opt.inspection._bpw_utils import tensor_storage_bits
 from coreai_opt.palettization.kmeans.kmeans_fake_palettize import _KMeansFakePalettize
 from coreai_opt.palettization.spec import PerGroupedChannelGranularity, PerTensorGranularity
 
-__all__ = ["granularity_for", "respec", "trial_palettize"]
+__all__ = ["granularity_for", "lut_count", "respec", "trial_palettize"]
 
 
 def granularity_for(group_size: int | None, axis: int | None):
@@ -27,6 +27,28 @@ def trial_palettize(template: _KMeansFakePalettize, weight: torch.Tensor, n_bits
     (``_cluster_to_centroids``, sensitivity-weighted when given) and nearest-centroid assignment;
     the bits are what ``coreai_opt.inspection.bits_per_weight`` counts (indices + LUTs + scales).
     None when the shape is incompatible with ``granularity``."""
+    fake = _new_fake(template, n_bits, granularity, sensitivities)
+    weight = weight.detach()
+    if not fake.check_compatible(weight):
+        return None
+    with torch.no_grad():
+        fake._initialize(weight)
+        quantized = fake.hard_assign(weight)
+    return quantized, int(tensor_storage_bits(weight, fake))
+
+
+def lut_count(template: _KMeansFakePalettize, weight: torch.Tensor, granularity) -> int | None:
+    """How many LUTs ``weight`` gets with ``granularity`` (None: incompatible shape); no data
+    is read (the blocks are cut from a meta copy, as coreai-opt's ``check_compatible`` does)."""
+    fake = _new_fake(template, template.n_bits, granularity, None)
+    if not fake.check_compatible(weight):
+        return None
+    blocks, _ = fake._reshape_and_block(weight.detach().to("meta"))
+    return len(blocks)
+
+
+def _new_fake(template: _KMeansFakePalettize, n_bits: int, granularity,
+              sensitivities: torch.Tensor | None) -> _KMeansFakePalettize:
     fake = _KMeansFakePalettize(
         n_bits=n_bits, lut_qspec=template.lut_qspec, granularity=granularity,
         cluster_dim=template.cluster_dim,
@@ -38,13 +60,7 @@ def trial_palettize(template: _KMeansFakePalettize, weight: torch.Tensor, n_bits
         sparsity_detection_threshold=template.sparsity_detection_threshold)
     fake.reshape_strategy = template.reshape_strategy  # the op's reshape (stateless mixin)
     fake.tensor_fqn = template.tensor_fqn
-    weight = weight.detach()
-    if not fake.check_compatible(weight):
-        return None
-    with torch.no_grad():
-        fake._initialize(weight)
-        quantized = fake.hard_assign(weight)
-    return quantized, int(tensor_storage_bits(weight, fake))
+    return fake
 
 
 def respec(fake: _KMeansFakePalettize, n_bits: int, granularity) -> None:
