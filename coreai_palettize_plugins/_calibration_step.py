@@ -131,6 +131,8 @@ def calibrate(engine: Palettization, tensors: list[compat.PalettizedTensor]) -> 
                                  str(meta.get("data", "")))
     else:
         sens, stats = _compute_everywhere(engine, tensors, settings)
+    if engine.settings.budget is not None:   # raw (not per-weight normalized): budget objective
+        engine.sensitivities = {t.name: sens[t.name] for t in tensors}
     compat.set_kmeans_sensitivities(tensors, {t.name: core.kmeans_weights(sens.pop(t.name))
                                               for t in tensors})
     stats.seconds = time.perf_counter() - started

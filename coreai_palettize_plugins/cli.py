@@ -5,6 +5,7 @@
     coreai-palettize inspect tiny-llama-offline preset=w3 [--json]    # dry run on the meta device
     coreai-palettize report outputs/.../palettized                    # table + report.png
     coreai-palettize recipes [cp NAME DEST]                           # list / copy packaged recipes
+    coreai-palettize budget tiny-llama-offline --bits 3.5 [-o alloc.yaml]  # per-layer bits
 
 A bad recipe prints ``error: <one line>`` to stderr and exits with status 1.
 """
@@ -35,6 +36,9 @@ def _parser() -> argparse.ArgumentParser:
                              help="OmegaConf dotlist overrides, e.g. train.max_steps=10 "
                              "palettize.preset=w6")
     _add_tool_commands(commands)
+    from .budget_cli import add_budget_command
+
+    add_budget_command(commands)
     return parser
 
 
@@ -89,7 +93,11 @@ def _run_tool(args: argparse.Namespace) -> int:
     from .settings import PalettizeConfigError
 
     try:
-        if args.command == "inspect":
+        if args.command == "budget":
+            from .budget_cli import run_budget
+
+            print(run_budget(args))
+        elif args.command == "inspect":
             result = inspect_target(args.target, args.overrides, dtype=args.dtype,
                                     input_shape=args.input_shape)
             print(result.to_json() if args.json else result.to_text(), end="" if args.json else "\n")
@@ -125,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     _quiet.install()  # before coreai-opt (torchao) is imported below
     args = _parser().parse_args(argv)
-    if args.command in ("inspect", "report", "recipes"):
+    if args.command in ("inspect", "report", "recipes", "budget"):
         return _run_tool(args)
     from .recipes import RecipeError, finetune, format_summary, load_recipe
     from .settings import PalettizeConfigError

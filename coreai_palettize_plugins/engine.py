@@ -105,6 +105,10 @@ class Palettization:
         self._model_factory = model_factory
         self._skeleton: nn.Module | None = None
         self._training: Any = None
+        self.allocation: Any = None
+        """``budget.Allocation`` once ``palettize.budget`` was applied (before k-means)."""
+        self.sensitivities: dict[str, torch.Tensor] | None = None
+        """Per-weight sensitivities (``calibration``): the budget's objective weights by them."""
 
     # ---------------------------------------------------------------- structure
 
@@ -264,6 +268,8 @@ class Palettization:
             not t.initialized for t in tensors)
         if calibrate:  # sensitivity-weighted k-means: before it, on the dense weights
             self.calibration_stats = calibration.calibrate(self, tensors)
+        self.apply_budget()  # after calibration: its sensitivities weight the budget's objective
+        self.sensitivities = None
         compat.end_deferral(tensors)
         self._cluster([t for t in tensors if not t.initialized])
         if calibrate:
@@ -290,11 +296,12 @@ class Palettization:
         """
         self._require_attached()
         tensors = self.tensors()
-        compat.end_deferral(tensors)  # restored or not, the fakes palettize from here on
         restored = [t.initialized and t.has_indices for t in tensors]
         if not (expect_restored or self._restored or any(restored)):
-            self.cluster()
+            self.cluster()  # calibration, budget, k-means
             return
+        self.apply_budget()  # resume: the allocation the restored LUTs were clustered with
+        compat.end_deferral(tensors)  # restored: the fakes palettize from here on
         missing = [t.name for t, ok in zip(tensors, restored) if not ok]
         if missing:
             raise RuntimeError(
@@ -302,6 +309,19 @@ class Palettization:
                 f"{len(missing)} weight(s): {', '.join(missing[:5])}"
                 f"{' ...' if len(missing) > 5 else ''}; it does not come from this config")
         self._restored = True
+
+    def apply_budget(self, sensitivities: Mapping[str, torch.Tensor] | None = None) -> None:
+        """With ``palettize.budget``: choose each weight's bits (rank 0, broadcast) and rebuild
+        the config with them, before k-means; once. ``sensitivities`` (default
+        ``self.sensitivities``, set by calibration first) weight the objective. After a restore,
+        the allocation is read from the restored LUTs instead."""
+        if self.settings.budget is None or self.allocation is not None:
+            return
+        from .budget import allocation_from_state, apply_budget
+
+        # A restored checkpoint (e.g. HF resume) holds the allocation in its LUT sizes.
+        self.allocation = allocation_from_state(self) or apply_budget(
+            self, sensitivities if sensitivities is not None else self.sensitivities)
 
     def prepare(self, model: nn.Module, example_inputs: Any,
                 state_dict: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
@@ -317,6 +337,8 @@ class Palettization:
         state = {"version": 1, "step": self.step, "config": config_to_yaml(self.config)}
         if self.calibration_stats is not None:
             state["calibration"] = self.calibration_stats.to_dict()
+        if self.allocation is not None:
+            state["budget"] = self.allocation.to_dict()
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -325,6 +347,10 @@ class Palettization:
         Raises:
             PalettizeConfigError: the checkpoint was palettized with another config.
         """
+        if state.get("budget") is not None and self.allocation is None and self.attached:
+            from .budget import restore_allocation
+
+            self.allocation = restore_allocation(self, state["budget"])  # no k-means
         saved = state.get("config")
         if saved is not None and saved != config_to_yaml(self.config):
             raise PalettizeConfigError("", "the checkpoint was palettized with a different config "
@@ -392,6 +418,8 @@ class Palettization:
         report = build_report(self.model, **self._trace_record())
         if self.calibration_stats is not None:
             report.calibration = self.calibration_stats.to_dict()
+        if self.allocation is not None:
+            report.budget = self.allocation.summary()
         return report
 
     def _require_clustered(self) -> None:
@@ -446,6 +474,10 @@ class Palettization:
         if directory is None:
             raise ValueError("no export directory: pass one or set palettize.export.dir")
         extra = set(strategies.strategy_state_keys(self.model))
+        if self.allocation is not None:  # + budget_modules.yaml, the allocation as modules:
+            from .budget import write_block
+
+            extra_files = write_block(self.allocation, extra_files)
         result = export_palettized(
             self.model,
             config=self.config,

@@ -71,6 +71,10 @@ def format_report(report: Mapping[str, Any]) -> str:
              f"{report.get('bits_per_weight', float('nan')):.3f} bits/weight; "
              f"{_size(report.get('dense_bytes', 0))} -> {_size(report.get('palettized_bytes', 0))}"
              f" ({ratio:.2f}x)", ""]
+    budget = report.get("budget")
+    if budget:  # palettize.budget: per-layer bits chosen for a whole-model target
+        lines[-1:-1] = [f"budget: target {budget.get('target_bits_per_weight')} bits/weight, "
+                        f"achieved {budget.get('achieved_bits_per_weight', float('nan')):.4f}"]
     headers = ("layer", "shape", "bits", "granularity", "bits/weight", "SQNR dB", "dense",
                "palettized")
     rows = [(r.get("name", "?"), _shape(r.get("shape")), str(r.get("n_bits", "")),

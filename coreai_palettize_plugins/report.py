@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from .settings import PalettizeSettings
 
 __all__ = ["CompressionReport", "DenseLayer", "LayerReport", "build_report", "check_overrides",
-           "dense_weights", "palettized_bytes"]
+           "dense_weights", "palettized_bytes", "rest_of_model"]
 
 @dataclass
 class LayerReport:
@@ -74,6 +74,9 @@ class CompressionReport:
     palettized_bytes: int
     calibration: dict[str, Any] | None = None
     """``palettize.calibration``: source (computed/loaded), samples, batches, seconds, ..."""
+    budget: dict[str, Any] | None = None
+    """``palettize.budget``'s target and achieved bits per weight, per-layer bits
+    (``budget.Allocation.summary``); None without a budget."""
 
     @property
     def compression_ratio(self) -> float:
@@ -86,7 +89,10 @@ class CompressionReport:
 
     def metrics(self, prefix: str = "palettize/") -> dict[str, float]:
         """Scalars for a trainer's logger (``ExportResult.metrics`` adds the export's)."""
-        return {
+        budget = ({f"{prefix}budget_target_bpw": float(self.budget["target_bits_per_weight"]),
+                   f"{prefix}budget_achieved_bpw": float(self.budget["achieved_bits_per_weight"])}
+                  if self.budget else {})
+        return {**budget,
             f"{prefix}bits_per_weight": float(self.bits_per_weight),
             f"{prefix}compression_ratio": float(self.compression_ratio),
             f"{prefix}palettized_layers": float(len(self.layers)),
@@ -121,6 +127,9 @@ class CompressionReport:
             c = self.calibration
             lines.append(f"- calibration: sensitivities {c['source']} ({c['samples']} samples, "
                          f"{c['batches']} batches, {c['seconds']:.1f} s)")
+        if self.budget:
+            lines.append(f"- budget: target {self.budget['target_bits_per_weight']} bits/weight, "
+                         f"achieved {self.budget['achieved_bits_per_weight']:.4f}")
         for key, value in (extra or {}).items():
             lines.append(f"- {key}: {value}")
         lines += [
@@ -179,6 +188,22 @@ def _sqnr_db(weight: torch.Tensor, palettized: torch.Tensor) -> float:
     return 10 * math.log10(max(signal, 1e-300) / noise)
 
 
+def rest_of_model(model: nn.Module, tensors: list[PalettizedTensor]) -> tuple[int, int, int]:
+    """``(elements, bytes, fp16 bytes)`` of everything in the state dict but the palettized
+    weights (parameters and persistent buffers, tied tensors once); a palettized weight's state
+    (original, indices, centroids) under any of its prefixes counts in its layer only."""
+    palettized_prefixes = (*(t.state_prefix for t in tensors), *tied_prefixes(model))
+    rest_numel = rest_bytes = rest_fp16 = 0
+    state, _ = unique_by_storage(model.state_dict(keep_vars=True))
+    for name, t in state.items():
+        if name.startswith(palettized_prefixes):
+            continue
+        rest_numel += t.numel()
+        rest_bytes += t.numel() * t.element_size()
+        rest_fp16 += t.numel() * (2 if t.is_floating_point() else t.element_size())
+    return rest_numel, rest_bytes, rest_fp16
+
+
 @torch.no_grad()
 def build_report(
     model: nn.Module,
@@ -213,19 +238,7 @@ def build_report(
             sqnr_db=_sqnr_db(original, quantized),
         ))
 
-    # Everything else in the state dict (parameters and persistent buffers), tied tensors once;
-    # a palettized weight's state (original, indices, centroids) under any of its prefixes is
-    # counted in its layer only.
-    palettized_prefixes = (*(t.state_prefix for t in tensors), *tied_prefixes(model))
-    rest_numel = rest_bytes = rest_fp16 = 0
-    state, _ = unique_by_storage(model.state_dict(keep_vars=True))
-    for name, t in state.items():
-        if name.startswith(palettized_prefixes):
-            continue
-        rest_numel += t.numel()
-        rest_bytes += t.numel() * t.element_size()
-        rest_fp16 += t.numel() * (2 if t.is_floating_point() else t.element_size())
-
+    rest_numel, rest_bytes, rest_fp16 = rest_of_model(model, tensors)
     numel = sum(r.numel for r in layers) + rest_numel
     packed_bytes = sum(r.palettized_bytes for r in layers) + rest_bytes
     return CompressionReport(

@@ -19,6 +19,8 @@ key                       meaning
 ``export``                ``formats`` (``coreai``, ``torch``) and ``dir``
 ``calibration``           null (off) or ``{samples: N}`` / ``{batches: N}`` (+ ``path``,
                           ``show_progress``): sensitivity-weighted k-means (``calibration.py``)
+``budget``                null, or per-layer bits for a whole-model target (``budget.py``):
+                          ``{bits_per_weight: 3.5, choices: [2, 3, 4, 6, 8]}``
 ========================  =====================================================================
 
 A spec mapping has the keys ``preset`` (base), ``n_bits``, ``granularity`` (``per_tensor`` or
@@ -177,6 +179,7 @@ class PalettizeSettings:
     distributed: str = "sharded"
     export: ExportSettings = field(default_factory=ExportSettings)
     calibration: CalibrationSettings | None = None
+    budget: Any = None
     base_config: KMeansPalettizerConfig | None = field(
         default=None, repr=False, compare=False, metadata={"omegaconf_ignore": True})
 
@@ -205,6 +208,7 @@ class PalettizeSettings:
             if not Path(self.config_file).is_file():
                 raise PalettizeConfigError("config_file", f"no such file: {self.config_file}")
         check_training(self.training)
+        self._check_budget()
         if not is_int(self.num_workers) or self.num_workers < 1:
             raise PalettizeConfigError("num_workers",
                                        f"must be an integer >= 1, got {self.num_workers!r}")
@@ -216,6 +220,12 @@ class PalettizeSettings:
                 "preset", "preset 'none' with no overrides or modules palettizes nothing; choose "
                 f"a preset ({choices(p for p in PRESETS if p != 'none')}) or add "
                 "palettize.overrides.<type>=<preset>")
+
+    def _check_budget(self) -> None:
+        from .budget import check_budget  # budget.py imports the report, which needs settings
+
+        budget = check_budget(_to_plain(self.budget))
+        self.budget = None if budget is None else dataclasses.asdict(budget)
 
     def _palettizes_anything(self) -> bool:
         if self.preset not in (None, "none") or self.config_file or self.base_config is not None:

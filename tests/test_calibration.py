@@ -191,9 +191,9 @@ def test_calibration_path_is_reused_and_bad_files_fail_in_one_line(tmp_path, mon
 # ------------------------------------------------------------------------------ Lightning
 
 
-def _fit(tmp_path, name, *, ckpt_path=None, epochs=1, **calibration_settings):
+def _fit(tmp_path, name, *, ckpt_path=None, epochs=1, budget=None, **calibration_settings):
     callback = PalettizationCallback("w4", overrides={"linear": "w8"}, training="ste",
-                                     export_formats=(),
+                                     export_formats=(), budget=budget,
                                      calibration={"samples": 96, "show_progress": False,
                                                   **calibration_settings})
     pl.seed_everything(0, verbose=False)
@@ -367,3 +367,31 @@ def test_recipe_finetune_calibrates_before_its_post_training_perplexity(tmp_path
     assert meta["samples"] == 16 and len(saved) == len(callback.engine.tensors())
     written = json.loads((Path(result.export_dir) / "report.json").read_text())
     assert written["calibration"]["samples"] == 16
+
+
+def test_calibration_sensitivities_weight_the_budget_and_resume_keeps_both(tmp_path, monkeypatch):
+    from coreai_palettize_plugins import budget
+
+    seen = []
+    allocate = budget.allocate
+    monkeypatch.setattr(budget, "allocate", lambda engine, sens=None: seen.append(sens) or
+                        allocate(engine, sens))
+    target = {"bits_per_weight": 4.0, "choices": [2, 4, 8]}
+    callback, net, _ = _fit(tmp_path, "full", epochs=2, budget=target)
+    (sens,) = seen
+    names = {t.name for t in callback.engine.tensors()}
+    assert sens is not None and set(sens) == names            # calibration came first
+    assert all(s.shape == t.original.shape for t in callback.engine.tensors()
+               for s in [sens[t.name]])
+    assert callback.engine.sensitivities is None               # released after k-means
+    report = callback.report
+    assert report.calibration["source"] == "computed"
+    assert report.budget["achieved_bits_per_weight"] <= 4.0   # coarse steps on a tiny CNN
+    assert abs(report.bits_per_weight - report.budget["achieved_bits_per_weight"]) < 1e-9
+
+    counter = KMeansCounter(monkeypatch)
+    resumed, resumed_net, _ = _fit(tmp_path, "resumed", epochs=2, budget=target,
+                                   ckpt_path=tmp_path / "full/ckpt/epoch=0.ckpt")
+    assert len(seen) == 1 and counter.calls == []              # no recalibration, no k-means
+    assert resumed.report.budget["layers"] == report.budget["layers"]
+    assert palettized_state_hash(resumed_net) == palettized_state_hash(net)

@@ -50,6 +50,7 @@ from .tracing import (
     resolved_module_configs,
     storage_bits,
 )
+from .trial import granularity_for, lut_count, respec, trial_palettize
 
 __all__ = [
     "COREAI_INDEX_BITS",
@@ -72,22 +73,26 @@ __all__ = [
     "flat_lut_positions",
     "function_name",
     "get_step",
+    "granularity_for",
     "insert_parametrizations",
     "is_palettized_state",
     "is_prepared",
     "kmeans_sensitivities",
+    "lut_count",
     "lut_groups",
     "palettizable_ops",
     "prepare_from_state_dict",
     "record_first_consumers",
     "reshape_expert_luts",
     "resolved_module_configs",
+    "respec",
     "set_kmeans_sensitivities",
     "set_step",
     "storage_bits",
     "store_assignment",
     "tied_prefixes",
     "traceable_experts",
+    "trial_palettize",
     "use_exportable_experts",
     "widen_for_coreai",
 ]
