@@ -9,7 +9,7 @@ point for w4 + linear=w8 and w4; w2 is expected to need the fine-tuning to recov
 default ``palettize.training`` is ``ste``; the ``training=frozen`` rows are coreai-opt's own
 strategy, for comparison.
 
-    python benchmarks/digits_accuracy.py [--seeds 0 1 2] [--quick]
+    python benchmarks/digits_accuracy.py [--seeds 0 1 2] [--configs NAME ...] [--quick]
 """
 
 from __future__ import annotations
@@ -71,6 +71,8 @@ def mean_sd(values: list[float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS),
+                        help="which rows to run (default: all)")
     parser.add_argument("--quick", action="store_true",
                         help="seed 0, w4 + linear=w8 only, 3 dense + 1 fine-tuning epochs")
     args = parser.parse_args()
@@ -80,7 +82,7 @@ def main() -> None:
                  "lightning.pytorch", "coreai_opt"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
-    seeds, configs, extra = args.seeds, CONFIGS, []
+    seeds, configs, extra = args.seeds, {k: CONFIGS[k] for k in args.configs}, []
     if args.quick:
         seeds, configs = [0], dict(list(CONFIGS.items())[:1])
         extra = ["dense_epochs=3", "finetune_epochs=1"]
