@@ -172,6 +172,7 @@ class PalettizeSettings:
     training: Any = "frozen"
     num_workers: int = 1
     distributed: str = "sharded"
+    compact: bool = True
     export: ExportSettings = field(default_factory=ExportSettings)
     base_config: KMeansPalettizerConfig | None = field(
         default=None, repr=False, compare=False, metadata={"omegaconf_ignore": True})
@@ -206,6 +207,8 @@ class PalettizeSettings:
         if self.distributed not in DISTRIBUTED_MODES:
             raise PalettizeConfigError("distributed", f"unknown mode {self.distributed!r}; "
                                        f"valid: {choices(DISTRIBUTED_MODES)}")
+        if not isinstance(self.compact, bool):
+            raise PalettizeConfigError("compact", f"must be true or false, got {self.compact!r}")
         if not self._palettizes_anything():
             raise PalettizeConfigError(
                 "preset", "preset 'none' with no overrides or modules palettizes nothing; choose "

@@ -8,6 +8,16 @@ counter on resume. These helpers do that with the least private surface; tests e
 Upstream request: ``prepare(..., cluster=False)`` + ``cluster()`` and a public step setter.
 """
 
+from .compact import (
+    CACHE_ENV,
+    CompactKMeansFakePalettize,
+    compact_support,
+    is_compact,
+    make_compact,
+    pack_bits,
+    storage_width,
+    unpack_bits,
+)
 from .exporting import COREAI_INDEX_BITS, widen_for_coreai
 from .kmeans import STALE_LOCK_SECONDS, cluster_tensors, ensure_kmeans_extension, finish_clustering
 from .layouts import (
@@ -35,6 +45,7 @@ from .tensors import (
     get_step,
     is_palettized_state,
     is_prepared,
+    palettized_prefixes,
     set_step,
     tied_prefixes,
 )
@@ -47,16 +58,19 @@ from .tracing import (
 )
 
 __all__ = [
+    "CACHE_ENV",
     "COREAI_INDEX_BITS",
     "EXPORTABLE_EXPERTS_IMPLEMENTATION",
     "KMEANS_ENTRY",
     "STALE_LOCK_SECONDS",
+    "CompactKMeansFakePalettize",
     "ExpertsGroupedChannel",
     "ExpertsLayout",
     "PalettizedTensor",
     "apply_layouts",
     "centroids_shape",
     "cluster_tensors",
+    "compact_support",
     "defer_clustering",
     "deferred",
     "end_deferral",
@@ -67,19 +81,25 @@ __all__ = [
     "function_name",
     "get_step",
     "insert_parametrizations",
+    "is_compact",
     "is_palettized_state",
     "is_prepared",
     "lut_groups",
+    "make_compact",
+    "pack_bits",
     "palettizable_ops",
+    "palettized_prefixes",
     "prepare_from_state_dict",
     "record_first_consumers",
     "reshape_expert_luts",
     "resolved_module_configs",
     "set_step",
     "storage_bits",
+    "storage_width",
     "store_assignment",
     "tied_prefixes",
     "traceable_experts",
+    "unpack_bits",
     "use_exportable_experts",
     "widen_for_coreai",
 ]
