@@ -110,7 +110,8 @@ class CompactBase:
             if isinstance(value, torch.Tensor) and value.numel():
                 state_dict[key] = value.new_empty(0)  # a dense checkpoint: frozen, not needed
             return
-        if prefix + "0.packed_indices" not in state_dict:
+        emptied = isinstance(value, torch.Tensor) and value.numel() == 0
+        if prefix + "0.packed_indices" not in state_dict and not emptied:
             return
         if not self.enabled or id(fake) not in self._eligible:
             raise PalettizeConfigError(
