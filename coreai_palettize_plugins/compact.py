@@ -41,10 +41,22 @@ __all__ = ["CompactBase", "compact_state_bytes"]
 SQNR_ATTR = "compact_sqnr_db"
 
 
+_HOOKED: list[Any] = []
+
+
+def _hook_optimizers() -> None:
+    """Once per process: optimizers drop their state of weights that became compact."""
+    if not _HOOKED:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        _HOOKED.append(register_optimizer_step_post_hook(compat.drop_emptied_optimizer_state))
+
+
 class CompactBase:
     """Makes one engine's eligible palettized weights compact (see the module docstring)."""
 
     def __init__(self, engine: Palettization) -> None:
+        _hook_optimizers()
         self.engine = engine
         self.enabled = bool(engine.settings.compact)
         model = engine.model

@@ -29,7 +29,8 @@ from coreai_opt.palettization.kmeans.kmeans_fake_palettize import _KMeansFakePal
 from coreai_opt.palettization.spec import PerGroupedChannelGranularity
 from coreai_opt.palettization.spec.fake_palettize import _FakePalettizeImplBase
 
-__all__ = ["CACHE_ENV", "CompactKMeansFakePalettize", "compact_support", "is_compact", "make_compact",
+__all__ = ["CACHE_ENV", "CompactKMeansFakePalettize", "compact_support",
+           "drop_emptied_optimizer_state", "is_compact", "make_compact",
            "pack_bits", "storage_width", "unpack_bits"]
 
 PACKED = "packed_indices"
@@ -296,6 +297,23 @@ def make_compact(fake: _KMeansFakePalettize, parametrizations: list[nn.Module],
     fake._indices_stale = False
     for plist in parametrizations:
         param = plist.original
-        param.requires_grad_(False)
-        param.grad = None
+        param.grad = None  # requires_grad stays: optimizer groups must match across resumes
         param.data = torch.empty(0, dtype=param.dtype, device=param.device)
+        param._plugin_emptied = True
+    global _EMPTIED_PENDING
+    _EMPTIED_PENDING = True
+
+
+_EMPTIED_PENDING = False
+
+
+def drop_emptied_optimizer_state(optimizer: torch.optim.Optimizer, *args: Any) -> None:
+    """Optimizer step post-hook: free the state (AdamW moments) an optimizer still holds for
+    dense weights that became compact (after a PAT warm-up, or loaded from a checkpoint)."""
+    global _EMPTIED_PENDING
+    if not _EMPTIED_PENDING:
+        return
+    for param in list(optimizer.state):
+        if getattr(param, "_plugin_emptied", False) and optimizer.state[param]:
+            optimizer.state[param] = {}
+    _EMPTIED_PENDING = False
