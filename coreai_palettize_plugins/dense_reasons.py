@@ -79,7 +79,7 @@ def dense_weights(
             (``_coreai_compat.resolved_module_configs``).
     """
     why = _Reasons(model, skipped, consumers, settings, module_configs)
-    palettized = {id(t.original) for t in fake_palettized_tensors(model)}
+    palettized = {id(t.parameter) for t in fake_palettized_tensors(model)}
     dense: list[DenseLayer] = []
     seen: set[int] = set()
     for module_name, module in why.modules.items():

@@ -90,7 +90,7 @@ def palettized_state_hash(model: torch.nn.Module) -> str:
 
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
-        if name.endswith((".centroids", ".indices")):
+        if name.endswith((".centroids", ".indices", ".packed_indices")):
             digest.update(name.encode())
             digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()

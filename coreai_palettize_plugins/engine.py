@@ -28,6 +28,7 @@ from . import _coreai_compat as compat
 from . import calibration, distributed, strategies
 from ._inputs import CallSpec, as_call_spec, keyword_call
 from ._modelcopy import copy_for_export, materialize, meta_skeleton, model_device, tracing_forward
+from .compact import CompactBase
 from .coreai_config import config_to_yaml, to_coreai_config
 from .dense_reasons import check_overrides, dense_weights
 from .export import ExportResult, export_palettized
@@ -109,6 +110,8 @@ class Palettization:
         """``budget.Allocation`` once ``palettize.budget`` was applied (before k-means)."""
         self.sensitivities: dict[str, torch.Tensor] | None = None
         """Per-weight sensitivities (``calibration``): the budget's objective weights by them."""
+        self.compact: CompactBase | None = None
+        """The compact base (``palettize.compact``), from ``attach``."""
 
     # ---------------------------------------------------------------- structure
 
@@ -155,6 +158,7 @@ class Palettization:
                 raise self._nothing_palettized(model, self.skipped)
             check_overrides(model, **self._trace_record())
             self._prepare_parameters()
+            self.compact = CompactBase(self)
         if distributed.rank() == 0:
             dense = [d for d in dense_weights(model, **self._trace_record()) if d.warned]
             if dense:
@@ -275,6 +279,7 @@ class Palettization:
         if calibrate:
             calibration.release(self, tensors)
         compat.finish_clustering(self.palettizer)
+        self.compact.update()
 
     def _cluster(self, pending: list[compat.PalettizedTensor]) -> None:
         if pending:
@@ -309,6 +314,7 @@ class Palettization:
                 f"{len(missing)} weight(s): {', '.join(missing[:5])}"
                 f"{' ...' if len(missing) > 5 else ''}; it does not come from this config")
         self._restored = True
+        self.compact.update()
 
     def apply_budget(self, sensitivities: Mapping[str, torch.Tensor] | None = None) -> None:
         """With ``palettize.budget``: choose each weight's bits (rank 0, broadcast) and rebuild
@@ -380,6 +386,7 @@ class Palettization:
         compat.set_step(self.palettizer, step)
         self._training = self.palettizer.training_mode()
         self._training.__enter__()
+        self.compact.update()
 
     def after_optimizer_step(self, step: int) -> None:
         """Advance the PAT schedule to optimizer step ``step`` and run the strategies' hooks.
@@ -394,6 +401,7 @@ class Palettization:
         self._cluster([t for t in tensors if not t.initialized])
         for t in tensors:
             strategies.hooks(t).after_optimizer_step(t, step)
+        self.compact.update()
 
     sync_step = after_optimizer_step  # the 0.1 name
 
@@ -486,7 +494,8 @@ class Palettization:
             factory=lambda: self._new_model(configure_model),
             formats=formats if formats is not None else self.settings.export.formats,
             report=self.report(),
-            state_dict={k: v for k, v in self.model.state_dict().items() if k not in extra},
+            state_dict=self.compact.dense_state_dict(
+                {k: v for k, v in self.model.state_dict().items() if k not in extra}),
             metadata=metadata,
             extra_files=extra_files,
             strict=strict,

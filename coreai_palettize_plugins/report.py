@@ -235,7 +235,8 @@ def build_report(
             dense_bytes=original.numel() * original.element_size(),
             palettized_bytes=packed,
             bits_per_weight=8 * packed / max(original.numel(), 1),
-            sqnr_db=_sqnr_db(original, quantized),
+            sqnr_db=(_recorded_sqnr(t) if _recorded_sqnr(t) is not None
+                     else _sqnr_db(original, quantized)),
         ))
 
     rest_numel, rest_bytes, rest_fp16 = rest_of_model(model, tensors)
@@ -250,3 +251,8 @@ def build_report(
         dense_fp16_bytes=sum(r.numel * 2 for r in layers) + rest_fp16,
         palettized_bytes=packed_bytes,
     )
+
+
+def _recorded_sqnr(tensor: PalettizedTensor) -> float | None:
+    """The SQNR a compact weight recorded when it dropped its dense weight (``compact.py``)."""
+    return getattr(tensor.fake, "compact_sqnr_db", None)

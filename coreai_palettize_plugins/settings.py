@@ -177,6 +177,7 @@ class PalettizeSettings:
     training: Any = "ste"
     num_workers: int = 1
     distributed: str = "sharded"
+    compact: bool = True
     export: ExportSettings = field(default_factory=ExportSettings)
     calibration: CalibrationSettings | None = None
     budget: Any = None
@@ -215,6 +216,8 @@ class PalettizeSettings:
         if self.distributed not in DISTRIBUTED_MODES:
             raise PalettizeConfigError("distributed", f"unknown mode {self.distributed!r}; "
                                        f"valid: {choices(DISTRIBUTED_MODES)}")
+        if not isinstance(self.compact, bool):
+            raise PalettizeConfigError("compact", f"must be true or false, got {self.compact!r}")
         if not self._palettizes_anything():
             raise PalettizeConfigError(
                 "preset", "preset 'none' with no overrides or modules palettizes nothing; choose "

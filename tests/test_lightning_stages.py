@@ -60,7 +60,7 @@ def test_layers_from_configure_model_train_palettized_and_export(tmp_path, monke
         "net.0.weight", "net.2.weight", "net.5.weight", "net.7.weight"]
     assert len(counter.calls) == 4 and t.global_step == 6
     optimized = {id(p) for g in t.optimizers[0].param_groups for p in g["params"]}
-    assert all(id(x.original) in optimized for x in callback.engine.tensors())
+    assert all(id(x.parameter) in optimized for x in callback.engine.tensors())
     assert "configure_model" not in vars(net)                 # the instance hook was removed
     assert is_overridden("configure_model", net)
     x = torch.randn(5, 1, 8, 8)

@@ -8,6 +8,17 @@ counter on resume. These helpers do that with the least private surface; tests e
 Upstream request: ``prepare(..., cluster=False)`` + ``cluster()`` and a public step setter.
 """
 
+from .compact import (
+    CACHE_ENV,
+    CompactKMeansFakePalettize,
+    compact_support,
+    drop_emptied_optimizer_state,
+    is_compact,
+    make_compact,
+    pack_bits,
+    storage_width,
+    unpack_bits,
+)
 from .exporting import COREAI_INDEX_BITS, widen_for_coreai
 from .kmeans import STALE_LOCK_SECONDS, cluster_tensors, ensure_kmeans_extension, finish_clustering
 from .layouts import (
@@ -40,6 +51,7 @@ from .tensors import (
     get_step,
     is_palettized_state,
     is_prepared,
+    palettized_prefixes,
     set_step,
     tied_prefixes,
 )
@@ -53,10 +65,12 @@ from .tracing import (
 from .trial import granularity_for, lut_count, respec, trial_palettize
 
 __all__ = [
+    "CACHE_ENV",
     "COREAI_INDEX_BITS",
     "EXPORTABLE_EXPERTS_IMPLEMENTATION",
     "KMEANS_ENTRY",
     "STALE_LOCK_SECONDS",
+    "CompactKMeansFakePalettize",
     "ExpertsGroupedChannel",
     "ExpertsLayout",
     "PalettizedTensor",
@@ -64,8 +78,10 @@ __all__ = [
     "centroids_shape",
     "clear_kmeans_sensitivities",
     "cluster_tensors",
+    "compact_support",
     "defer_clustering",
     "deferred",
+    "drop_emptied_optimizer_state",
     "end_deferral",
     "ensure_kmeans_extension",
     "fake_palettized_tensors",
@@ -75,12 +91,16 @@ __all__ = [
     "get_step",
     "granularity_for",
     "insert_parametrizations",
+    "is_compact",
     "is_palettized_state",
     "is_prepared",
     "kmeans_sensitivities",
     "lut_count",
     "lut_groups",
+    "make_compact",
+    "pack_bits",
     "palettizable_ops",
+    "palettized_prefixes",
     "prepare_from_state_dict",
     "record_first_consumers",
     "reshape_expert_luts",
@@ -89,10 +109,12 @@ __all__ = [
     "set_kmeans_sensitivities",
     "set_step",
     "storage_bits",
+    "storage_width",
     "store_assignment",
     "tied_prefixes",
     "traceable_experts",
     "trial_palettize",
+    "unpack_bits",
     "use_exportable_experts",
     "widen_for_coreai",
 ]

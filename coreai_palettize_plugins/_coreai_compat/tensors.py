@@ -16,7 +16,8 @@ from coreai_opt.palettization.kmeans.kmeans_fake_palettize import _KMeansFakePal
 
 __all__ = [
     "KMEANS_ENTRY", "PalettizedTensor", "defer_clustering", "deferred", "end_deferral",
-    "fake_palettized_tensors", "get_step", "is_palettized_state", "is_prepared", "set_step",
+    "fake_palettized_tensors", "get_step", "is_palettized_state", "is_prepared",
+    "palettized_prefixes", "set_step",
     "tied_prefixes",
 ]
 
@@ -49,6 +50,15 @@ class PalettizedTensor:
 
     @property
     def original(self) -> torch.Tensor:
+        """The dense weight; for a compact weight (``compact.py``), a zero-storage stand-in with
+        its shape, dtype and device."""
+        if getattr(self.fake, "dense_placeholder", None) is not None:
+            return self.fake.dense_placeholder()
+        return self.module.parametrizations[self.attr].original
+
+    @property
+    def parameter(self) -> torch.Tensor:
+        """The registered ``original`` Parameter (empty once the weight is compact)."""
         return self.module.parametrizations[self.attr].original
 
     @property
@@ -62,6 +72,9 @@ class PalettizedTensor:
         or a training strategy that always derives them from the dense weight."""
         if getattr(self.fake._training_strategy, "derives_indices", False):
             return True
+        packed = getattr(self.fake, "packed_indices", None)
+        if packed is not None:  # compact: the packed indices (never stale)
+            return packed.numel() > 0
         return self.fake.indices is not None and not self.fake._indices_stale
 
 
@@ -82,6 +95,12 @@ def fake_palettized_tensors(model: nn.Module) -> list[PalettizedTensor]:
     for tensor in _walk(model, remove_duplicate=True):
         found.setdefault(id(tensor.fake), tensor)
     return list(found.values())
+
+
+def palettized_prefixes(model: nn.Module) -> list[tuple[str, PalettizedTensor]]:
+    """``(state prefix, tensor)`` of every palettized weight under every name (tied aliases
+    included)."""
+    return [(t.state_prefix, t) for t in _walk(model, remove_duplicate=False)]
 
 
 def tied_prefixes(model: nn.Module) -> dict[str, str]:
