@@ -25,7 +25,7 @@ import torch.nn as nn
 from coreai_opt.palettization import KMeansPalettizer
 
 from . import _coreai_compat as compat
-from . import distributed, strategies
+from . import adapters, distributed, strategies
 from ._inputs import CallSpec, as_call_spec, keyword_call
 from ._modelcopy import copy_for_export, materialize, meta_skeleton, model_device, tracing_forward
 from .coreai_config import config_to_yaml, to_coreai_config
@@ -102,6 +102,8 @@ class Palettization:
         self._model_factory = model_factory
         self._skeleton: nn.Module | None = None
         self._training: Any = None
+        self.adapters: adapters.LoraAttachment | None = None
+        """The LoRA adapters on the palettized base (``palettize.adapters`` or a PeftModel)."""
 
     # ---------------------------------------------------------------- structure
 
@@ -140,7 +142,8 @@ class Palettization:
             self._check_module_patterns(model)
             # Extended for the model's linear-like modules (HF Conv1D, fused MoE experts): the
             # config checkpoints, the packed artifact and load_palettized carry.
-            self.config = to_coreai_config(self.settings, model)
+            self.config = adapters.exclude_adapter_layers(to_coreai_config(self.settings, model),
+                                                          model)
             if self._model_factory is None:
                 self._skeleton = copy_for_export(model)
             self._insert(model, example_inputs)
@@ -148,6 +151,9 @@ class Palettization:
                 raise self._nothing_palettized(model, self.skipped)
             check_overrides(model, **self._trace_record())
             self._prepare_parameters()
+            # After the structure, before the optimizer and DDP: LoRA on the frozen base.
+            self.adapters = adapters.attach(model, self.settings.adapters,
+                                            self.settings.training_strategy, self.tensors())
         if distributed.rank() == 0:
             dense = [d for d in dense_weights(model, **self._trace_record()) if d.warned]
             if dense:
@@ -441,10 +447,18 @@ class Palettization:
             metadata=metadata,
             extra_files=extra_files,
             strict=strict,
+            adapters=self._adapter_export(),
         )
         log.info("palettize: exported %s to %s", ", ".join(result.written) or "nothing",
                  result.directory)
         return result
+
+    def _adapter_export(self) -> adapters.AdapterExport | None:
+        if self.adapters is None:
+            return None
+        chosen = self.settings.adapters
+        return adapters.AdapterExport(self.adapters, merge=bool(chosen and chosen.merge),
+                                      refit_luts=bool(chosen and chosen.refit_luts))
 
     def finish_training(self, default_export_dir: str | Path, **export_kwargs: Any
                         ) -> ExportResult | None:

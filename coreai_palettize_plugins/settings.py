@@ -17,6 +17,7 @@ key                       meaning
 ``num_workers``           k-means worker processes per rank
 ``distributed``           ``sharded`` or ``rank0``: who runs k-means under torch.distributed
 ``export``                ``formats`` (``coreai``, ``torch``) and ``dir``
+``adapters``              null, or LoRA adapters on the frozen palettized base (``adapters.py``)
 ========================  =====================================================================
 
 A spec mapping has the keys ``preset`` (base), ``n_bits``, ``granularity`` (``per_tensor`` or
@@ -42,6 +43,7 @@ from typing import Any
 from coreai_opt.palettization import KMeansPalettizerConfig
 
 from ._utils import is_int
+from .adapters import AdapterSettings, build_adapter_settings, check_adapter_training
 from .checks import (
     DISTRIBUTED_MODES,
     EXPORT_FORMATS,
@@ -173,6 +175,8 @@ class PalettizeSettings:
     num_workers: int = 1
     distributed: str = "sharded"
     export: ExportSettings = field(default_factory=ExportSettings)
+    adapters: Any = None
+    """null or ``AdapterSettings`` (a mapping ``{type: lora, r, alpha, ...}`` is converted)."""
     base_config: KMeansPalettizerConfig | None = field(
         default=None, repr=False, compare=False, metadata={"omegaconf_ignore": True})
 
@@ -183,6 +187,7 @@ class PalettizeSettings:
         self.preset = _to_plain(self.preset)
         self.schedule = _build(ScheduleSettings, self.schedule, "schedule")
         self.export = _build(ExportSettings, self.export, "export")
+        self.adapters: AdapterSettings | None = build_adapter_settings(_to_plain(self.adapters))
         if self.preset is not None:
             check_value(self.preset, "preset", allow_inherit=False)
         for type_key, value in self.overrides.items():
@@ -200,6 +205,7 @@ class PalettizeSettings:
             if not Path(self.config_file).is_file():
                 raise PalettizeConfigError("config_file", f"no such file: {self.config_file}")
         check_training(self.training)
+        check_adapter_training(self.adapters, training_name(self.training))
         if not is_int(self.num_workers) or self.num_workers < 1:
             raise PalettizeConfigError("num_workers",
                                        f"must be an integer >= 1, got {self.num_workers!r}")
