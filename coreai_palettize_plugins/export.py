@@ -314,6 +314,8 @@ def export_palettized(
             adapters.after_pack(fresh, tmp)
             result.adapters = adapters.extra(report.palettized_bytes if report else None)
         result.rebuilt_max_abs_diff = max_abs_diff(expected, model_outputs(fresh, example_inputs))
+        if result.adapters.get("adapters_merged"):  # the error the merge introduced
+            result.adapters["merge_max_abs_diff"] = result.rebuilt_max_abs_diff
         # fp16 adapters (unmerged) round the LoRA branch; a merge re-assigns indices.
         if result.rebuilt_max_abs_diff > (1e-4 if adapters is None else 1e-2):
             log.warning("The model rebuilt for export differs from the trained one by %.3g "
