@@ -81,8 +81,8 @@ class AdapterSettings:
         target = [self.target] if isinstance(self.target, str) else self.target
         if (not isinstance(target, (list, tuple)) or not target
                 or not all(isinstance(t, str) and t for t in target)):
-            raise PalettizeConfigError("target", "must be a non-empty list of module-name "
-                                       f"suffixes (e.g. {list(DEFAULT_TARGETS[:2])}), got {self.target!r}")
+            raise PalettizeConfigError("target", "must be a non-empty list of module-name suffixes "
+                                       f"(e.g. {list(DEFAULT_TARGETS[:2])}), got {self.target!r}")
         self.target = list(target)
         for key in ("merge", "refit_luts"):
             if not isinstance(getattr(self, key), bool):

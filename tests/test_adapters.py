@@ -134,7 +134,8 @@ def test_export_aimodel_with_the_unmerged_branch_and_peft_reload(tmp_path):
     assert result.coreai_graph_max_abs_diff < 1e-4
     assert 0 < result.rebuilt_max_abs_diff < 2e-3
     extra = result.extra()
-    assert extra["adapters_params"] == 2 * 4 * (64 + 64 + 64 + 64 + 128 + 64)  # 2 layers, r=4: q, v, down
+    # 2 layers, r=4: q, v, down
+    assert extra["adapters_params"] == 2 * 4 * (64 + 64 + 64 + 64 + 128 + 64)
     assert extra["adapters_fp16_bytes"] == 2 * extra["adapters_params"]
     assert 0 < extra["base_palettized_bytes"] < result.report.palettized_bytes
     assert "adapters_fp16_bytes" in (tmp_path / "report.md").read_text()
@@ -195,6 +196,6 @@ def test_user_peft_model_palettizes_the_base_layers_and_keeps_adapters_dense(tmp
         reloaded = PeftModel.from_pretrained(load_palettized(tmp_path, lambda: tiny_llama(True)),
                                              tmp_path)
         assert torch.equal(reloaded(IDS).logits, peft_model(input_ids=IDS).logits)
-    with pytest.raises(PalettizeConfigError, match="^palettize.adapters: PeftModel already"):
+    with pytest.raises(PalettizeConfigError, match=r"^palettize\.adapters: PeftModel already"):
         Palettization("w4", training="frozen", adapters={}).attach(
             get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"])), {"input_ids": IDS})
