@@ -84,6 +84,7 @@ def _hf(out: Path, resume: str | None = None, **adapters):
 
 def test_hf_trains_adapters_and_resumes_without_kmeans(tmp_path, monkeypatch):
     callback, trainer = _hf(tmp_path / "full")
+    assert callback.export_result.extra()["adapters_layers"] == 6
     optimized = [p for g in trainer.optimizer.param_groups for p in g["params"]]
     names = {id(p): n for n, p in trainer.model.named_parameters()}
     assert optimized and all(".lora_" in names[id(p)] for p in optimized)
