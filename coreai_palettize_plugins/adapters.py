@@ -190,6 +190,16 @@ def attach(model: nn.Module, settings: AdapterSettings | None, strategy: str,
     return attachment
 
 
+def resume_hint(attachment: LoraAttachment | None) -> str:
+    """Why a Hugging Face checkpoint of a user's ``PeftModel`` cannot restore the palettized
+    base: ``Trainer`` saves a ``PeftModel``'s adapters only (``PeftModel.save_pretrained``)."""
+    if attachment is None or attachment.injected or not attachment.prefix:
+        return ""
+    return ("; transformers' Trainer saves only the adapters of a PeftModel, so its checkpoints "
+            "cannot restore the palettized base: pass the plain model with palettize.adapters "
+            "(the adapters are then injected in place and checkpointed with the base)")
+
+
 def _adopt(model: nn.Module, layers: dict[str, nn.Module]) -> LoraAttachment:
     configs = getattr(model, "peft_config", None) or {}
     names = {name for m in layers.values() for name in m.lora_A}

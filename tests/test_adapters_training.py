@@ -107,6 +107,25 @@ def test_hf_trains_adapters_and_resumes_without_kmeans(tmp_path, monkeypatch):
     assert config["r"] == 4 and sorted(config["target_modules"]) == ["q_proj", "up_proj", "v_proj"]
 
 
+def test_hf_resume_of_a_user_peft_model_fails_loudly(tmp_path):
+    """transformers saves a PeftModel's adapters only: the resume names the cause and the fix."""
+    from peft import LoraConfig, get_peft_model
+
+    def run(out: Path, resume: str | None = None) -> None:
+        model = get_peft_model(tiny_llama(True), LoraConfig(r=4, target_modules=["q_proj"]))
+        callback = PalettizationTrainerCallback("w4", training="frozen", export_formats=[])
+        args = TrainingArguments(str(out), max_steps=2, per_device_train_batch_size=8,
+                                 save_steps=2, report_to=[], use_cpu=True, disable_tqdm=True,
+                                 save_strategy="steps")
+        Trainer(model=model, args=args, train_dataset=TokenDataset(blocks=16),
+                callbacks=[callback]).train(resume_from_checkpoint=resume)
+
+    run(tmp_path / "a")
+    with pytest.raises(RuntimeError, match=r"no palettized state .* saves only the adapters of a "
+                       r"PeftModel.*pass the plain model with palettize.adapters"):
+        run(tmp_path / "b", resume=str(tmp_path / "a/checkpoint-2"))
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
