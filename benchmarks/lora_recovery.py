@@ -132,20 +132,29 @@ def run(cfg: dict, presets: Sequence[str], ranks: Sequence[int]) -> dict:
     return out
 
 
+def _state_bytes(memory: dict[str, int]) -> int:
+    """Weights + gradients + optimizer state (what grows with the model, not the batch)."""
+    return memory["weights"] + memory["grads"] + memory["optimizer"]
+
+
 def table(result: dict) -> str:
     lines = [f"dense held-out ppl {result['dense_ppl']:.3f}", "",
              "| preset | arm | lr | ppl after k-means | ppl after recovery | R | R / R(ste) "
-             "| trainable | vs ste | peak training MiB | vs ste | step ms |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| trainable | vs ste | peak training MiB | vs ste | without activations: MiB "
+             "| vs ste | step ms |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for preset, data in result["presets"].items():
         ste = data["arms"]["ste"]
+        ste_state = _state_bytes(ste["memory"])
         for name, row in data["arms"].items():
             mib = row["memory"]["total"] / 2**20
+            state = _state_bytes(row["memory"])
             lines.append(
                 f"| {preset} | {name} | {row['lr']:g} | {data['ptq_ppl']:.3f} | {row['ppl']:.3f} "
                 f"| {row['R']:.1%} | {row['R'] / ste['R']:.1%} | {row['trainable']:,} "
                 f"| {row['trainable'] / ste['trainable']:.1%} | {mib:.1f} "
                 f"| {row['memory']['total'] / ste['memory']['total']:.1%} "
+                f"| {state / 2**20:.1f} | {state / ste_state:.1%} "
                 f"| {row['step_s'] * 1e3:.0f} |")
     return "\n".join(lines)
 
@@ -162,7 +171,17 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="only the first learning rate of each arm")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=q.BENCH / "lora_recovery.json")
+    parser.add_argument("--report-only", type=Path, nargs="+", default=None,
+                        help="print the table of earlier results (JSON files, merged)")
     args = parser.parse_args(argv)
+    if args.report_only:
+        merged: dict[str, Any] = {"presets": {}}
+        for path in args.report_only:
+            data = json.loads(path.read_text())
+            merged["dense_ppl"] = data["dense_ppl"]
+            merged["presets"].update(data["presets"])
+        print(table(merged))
+        return
     torch.set_num_threads(args.threads)
     q.quiet()
     cfg = dict((q.QUICK if args.quick else q.FULL)["lm"])
