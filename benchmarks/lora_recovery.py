@@ -99,13 +99,15 @@ def finetune(model, engine, train, cfg: dict, lr: float) -> dict[str, Any]:
             "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
 
 
-def run(cfg: dict, presets: Sequence[str], ranks: Sequence[int]) -> dict:
+def run(cfg: dict, presets: Sequence[str], ranks: Sequence[int],
+        arm_names: Sequence[str] = ("frozen", "ste", "lora")) -> dict:
     torch.manual_seed(cfg["seed"])
     tokenizer, train, held_out = q.lm_data(cfg["seq_len"])
     dense, _ = q.lm_pretrained(cfg, tokenizer, train, held_out)
     dense_ppl = q.lm_eval(dense, held_out)["ppl"]
     q.log(f"dense held-out ppl {dense_ppl:.3f}")
-    arms = [("frozen", None), ("ste", None), *[("lora", r) for r in ranks]]
+    arms = [(a, None) for a in ("frozen", "ste") if a in arm_names]
+    arms += [("lora", r) for r in ranks] if "lora" in arm_names else []
     out: dict[str, Any] = {"dense_ppl": dense_ppl, "presets": {}}
     for preset in presets:
         rows: dict[str, Any] = {}
@@ -126,7 +128,7 @@ def run(cfg: dict, presets: Sequence[str], ranks: Sequence[int]) -> dict:
                       f"({stats['step_s'] * 1e3:.0f} ms/step)")
                 if best is None or ppl < best["ppl"]:
                     best = {"ppl": ppl, "lr": lr, **stats}
-            best["R"] = (ptq - best["ppl"]) / (ptq - dense_ppl)
+            best["R"] = (ptq - best["ppl"]) / (ptq - dense_ppl)  # recovery of the k-means gap
             rows[name] = best
         out["presets"][preset] = {"ptq_ppl": ptq, "arms": rows}
     return out
@@ -169,6 +171,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="dense pretraining steps (default: quality.py's)")
     parser.add_argument("--single-lr", action="store_true",
                         help="only the first learning rate of each arm")
+    parser.add_argument("--lr", nargs="+", default=[], metavar="ARM=LR",
+                        help="learning rates of an arm (frozen, ste, lora), e.g. lora=3e-3,1e-3")
+    parser.add_argument("--arms", nargs="+", default=["frozen", "ste", "lora"])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=q.BENCH / "lora_recovery.json")
     parser.add_argument("--report-only", type=Path, nargs="+", default=None,
@@ -176,21 +181,29 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.report_only:
         merged: dict[str, Any] = {"presets": {}}
-        for path in args.report_only:
+        for path in args.report_only:  # same pretrained model; per arm the best learning rate
             data = json.loads(path.read_text())
             merged["dense_ppl"] = data["dense_ppl"]
-            merged["presets"].update(data["presets"])
+            for preset, part in data["presets"].items():
+                into = merged["presets"].setdefault(preset, {"ptq_ppl": part["ptq_ppl"],
+                                                             "arms": {}})
+                for name, row in part["arms"].items():
+                    if name not in into["arms"] or row["ppl"] < into["arms"][name]["ppl"]:
+                        into["arms"][name] = row
         print(table(merged))
         return
     torch.set_num_threads(args.threads)
     q.quiet()
     cfg = dict((q.QUICK if args.quick else q.FULL)["lm"])
     cfg["lrs"] = {k: v[:1] for k, v in LRS.items()} if args.quick or args.single_lr else LRS
+    for item in args.lr:
+        arm, _, values = item.partition("=")
+        cfg["lrs"] = {**cfg["lrs"], arm: [float(v) for v in values.split(",")]}
     if args.steps:
         cfg["ft_steps"] = args.steps
     if args.pretrain_steps:
         cfg["pretrain_steps"] = args.pretrain_steps
-    result = run(cfg, args.presets, args.ranks)
+    result = run(cfg, args.presets, args.ranks, args.arms)
     result["config"] = {**cfg, "ranks": args.ranks, "presets": args.presets,
                         "threads": args.threads, "command": " ".join(sys.argv)}
     text = table(result)
