@@ -146,6 +146,8 @@ def table(result: dict) -> str:
              "| vs ste | step ms |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for preset, data in result["presets"].items():
+        if "ste" not in data["arms"]:  # e.g. an --arms lora run: merge it with --report-only
+            continue
         ste = data["arms"]["ste"]
         ste_state = _state_bytes(ste["memory"])
         for name, row in data["arms"].items():
@@ -177,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=q.BENCH / "lora_recovery.json")
     parser.add_argument("--report-only", type=Path, nargs="+", default=None,
-                        help="print the table of earlier results (JSON files, merged)")
+                        help="merge earlier results (JSON files) into --out and print the table")
     args = parser.parse_args(argv)
     if args.report_only:
         merged: dict[str, Any] = {"presets": {}}
@@ -190,7 +192,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                 for name, row in part["arms"].items():
                     if name not in into["arms"] or row["ppl"] < into["arms"][name]["ppl"]:
                         into["arms"][name] = row
-        print(table(merged))
+        merged["table"] = table(merged)
+        merged["sources"] = [json.loads(p.read_text()).get("config", {}) for p in args.report_only]
+        print(merged["table"])
+        args.out.write_text(json.dumps(merged, indent=1) + "\n")
         return
     torch.set_num_threads(args.threads)
     q.quiet()
@@ -206,9 +211,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     result = run(cfg, args.presets, args.ranks, args.arms)
     result["config"] = {**cfg, "ranks": args.ranks, "presets": args.presets,
                         "threads": args.threads, "command": " ".join(sys.argv)}
-    text = table(result)
-    print(text)
-    result["table"] = text
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    result["table"] = table(result)
+    print(result["table"])
     args.out.write_text(json.dumps(result, indent=1) + "\n")
 
 
