@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.utils.parametrize as parametrize
 
 from ._coreai_compat import fake_palettized_tensors, palettizable_ops
+from .adapters import ADAPTER_LAYER_PATTERN
 from .checks import EXPERTS, INHERIT, MODULE_TYPE_ALIASES, PalettizeConfigError, resolve_module_type
 from .linear_like import FUSED_EXPERTS, HF_CONV1D, experts_types
 
@@ -26,7 +27,7 @@ __all__ = ["SILENT_KINDS", "DenseLayer", "check_overrides", "dense_weights"]
 _PALETTIZABLE_TYPES = tuple(resolve_module_type(alias, alias) for alias in MODULE_TYPE_ALIASES)
 _MHA_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
 
-SILENT_KINDS = ("config", "embedding")
+SILENT_KINDS = ("config", "embedding", "adapter")
 """``DenseLayer.kind`` values the attach warning leaves out: the user's own config chose them."""
 
 
@@ -199,6 +200,8 @@ class _Reasons:
                  ) -> tuple[str, str]:
         if name in self.skipped:
             return "shape", f"skipped by coreai-opt: {self.skipped[name]}"
+        if re.fullmatch(ADAPTER_LAYER_PATTERN, module_name):
+            return "adapter", "LoRA adapter (dense, trained on the palettized base)"
         level, config = (self.configs.get(module_name, ("global", None))
                          if self.configs is not None else (None, None))
         if self.configs is not None and not _enabled(config):

@@ -25,7 +25,7 @@ import torch.nn as nn
 from coreai_opt.palettization import KMeansPalettizer
 
 from . import _coreai_compat as compat
-from . import calibration, distributed, strategies
+from . import adapters, calibration, distributed, strategies
 from ._inputs import CallSpec, as_call_spec, keyword_call
 from ._modelcopy import copy_for_export, materialize, meta_skeleton, model_device, tracing_forward
 from .compact import CompactBase
@@ -112,6 +112,8 @@ class Palettization:
         """Per-weight sensitivities (``calibration``): the budget's objective weights by them."""
         self.compact: CompactBase | None = None
         """The compact base (``palettize.compact``), from ``attach``."""
+        self.adapters: adapters.LoraAttachment | None = None
+        """The LoRA adapters on the palettized base (``palettize.adapters`` or a PeftModel)."""
 
     # ---------------------------------------------------------------- structure
 
@@ -150,7 +152,8 @@ class Palettization:
             self._check_module_patterns(model)
             # Extended for the model's linear-like modules (HF Conv1D, fused MoE experts): the
             # config checkpoints, the packed artifact and load_palettized carry.
-            self.config = to_coreai_config(self.settings, model)
+            self.config = adapters.exclude_adapter_layers(to_coreai_config(self.settings, model),
+                                                          model)
             if self._model_factory is None:
                 self._skeleton = copy_for_export(model)
             self._insert(model, example_inputs)
@@ -159,6 +162,9 @@ class Palettization:
             check_overrides(model, **self._trace_record())
             self._prepare_parameters()
             self.compact = CompactBase(self)
+            # After the structure, before the optimizer and DDP: LoRA on the frozen base.
+            self.adapters = adapters.attach(model, self.settings.adapters,
+                                            self.settings.training_strategy, self.tensors())
         if distributed.rank() == 0:
             dense = [d for d in dense_weights(model, **self._trace_record()) if d.warned]
             if dense:
@@ -499,10 +505,18 @@ class Palettization:
             metadata=metadata,
             extra_files=extra_files,
             strict=strict,
+            adapters=self._adapter_export(),
         )
         log.info("palettize: exported %s to %s", ", ".join(result.written) or "nothing",
                  result.directory)
         return result
+
+    def _adapter_export(self) -> adapters.AdapterExport | None:
+        if self.adapters is None:
+            return None
+        chosen = self.settings.adapters
+        return adapters.AdapterExport(self.adapters, merge=bool(chosen and chosen.merge),
+                                      refit_luts=bool(chosen and chosen.refit_luts))
 
     def finish_training(self, default_export_dir: str | Path, **export_kwargs: Any
                         ) -> ExportResult | None:

@@ -83,6 +83,8 @@ class ExportResult:
     """Max abs output difference between the trained model and the copy rebuilt for export."""
     coreai_graph_max_abs_diff: float | None = None
     """Max abs output difference between that copy and the graph handed to coreai-torch."""
+    adapters: dict[str, Any] = field(default_factory=dict)
+    """LoRA adapters (``adapters.AdapterExport.extra``): sizes, and a merge's error."""
 
     def extra(self) -> dict[str, Any]:
         """The export's checks and sizes as flat keys (``report.json``'s ``extra`` section)."""
@@ -91,6 +93,7 @@ class ExportResult:
             out["rebuilt_model_max_abs_diff"] = self.rebuilt_max_abs_diff
         if self.coreai_graph_max_abs_diff is not None:
             out["coreai_graph_max_abs_diff"] = self.coreai_graph_max_abs_diff
+        out.update(self.adapters)
         out.update({f"{fmt}_artifact_bytes": size for fmt, size in self.artifact_bytes.items()})
         if "coreai" in self.artifact_bytes and self.report is not None:
             out["coreai_vs_floor"] = round(self.artifact_bytes["coreai"]
@@ -276,6 +279,7 @@ def export_palettized(
     metadata: Mapping[str, Any] | None = None,
     extra_files: Callable[[Path], None] | None = None,
     strict: bool = False,
+    adapters: Any = None,
 ) -> ExportResult:
     """Export a prepared model to ``directory`` atomically.
 
@@ -284,6 +288,8 @@ def export_palettized(
     ``extra_files(tmp_dir)`` may add files (an HF config, a tokenizer) before the rename.
     ``example_inputs``: a ``CallSpec``, a tensor, a tuple (positional) or a mapping (keywords).
     With ``strict``, a format that fails raises ``ExportError`` after the others are written.
+    ``adapters`` (an ``adapters.AdapterExport``): the base is rebuilt and packed without the
+    LoRA layers, which are then merged into it or written beside it and traced unmerged.
     """
     directory = Path(directory)
     result = ExportResult(directory=directory, report=report)
@@ -291,19 +297,31 @@ def export_palettized(
     state = {k: v.detach().cpu()
              for k, v in (state_dict if state_dict is not None else model.state_dict()).items()}
     expected = model_outputs(model, example_inputs)
+    if adapters is not None:
+        state, factory = adapters.base_state(state), adapters.base_factory(factory)
 
     with atomic_directory(directory) as tmp:
         fresh, palettizer = rebuild_prepared(factory, config, example_inputs, state)
-        result.rebuilt_max_abs_diff = max_abs_diff(expected, model_outputs(fresh, example_inputs))
-        if result.rebuilt_max_abs_diff > 1e-4:
-            log.warning("The model rebuilt for export differs from the trained one by %.3g "
-                        "(max abs output difference)", result.rebuilt_max_abs_diff)
+        if adapters is not None:
+            adapters.before_pack(fresh)
         if "torch" in formats:
             try:
                 write_packed(fresh, config, example_inputs, tmp, metadata)
                 result.written["torch"] = tmp / PACKED_NAME
             except Exception as e:
                 result.errors["torch"] = one_line(e)
+        if adapters is not None:
+            adapters.after_pack(fresh, tmp)
+            result.adapters = adapters.extra(report.palettized_bytes if report else None)
+        result.rebuilt_max_abs_diff = max_abs_diff(expected, model_outputs(fresh, example_inputs))
+        if result.adapters.get("adapters_merged"):  # the error the merge introduced
+            result.adapters["merge_max_abs_diff"] = result.rebuilt_max_abs_diff
+        # fp16 adapters (unmerged) round the LoRA branch; a merge re-assigns indices.
+        if result.rebuilt_max_abs_diff > (1e-4 if adapters is None else 1e-2):
+            log.warning("The model rebuilt for export differs from the trained one by %.3g "
+                        "(max abs output difference%s)", result.rebuilt_max_abs_diff,
+                        "; the adapters were merged" if result.adapters.get("adapters_merged")
+                        else "")
         if extra_files is not None:
             extra_files(tmp)
         if "coreai" in formats:

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from . import distributed
+from . import adapters, distributed
 from ._batches import call_spec_from_batch
 from ._inputs import CallSpec
 from .calibration import CalibrationData, move_to_device
@@ -259,7 +259,10 @@ class PalettizationTrainerCallback(TrainerCallback):
                 "before train()")
         self._train_loader, self._batch_size = train_dataloader, args.per_device_train_batch_size
         # HF loaded any checkpoint with strict=False just before: verify, don't trust it.
-        self.engine.ensure_clustered(expect_restored=state.global_step > 0)
+        try:
+            self.engine.ensure_clustered(expect_restored=state.global_step > 0)
+        except RuntimeError as e:  # e.g. a PeftModel's checkpoint: transformers saves adapters only
+            raise RuntimeError(f"{e}{adapters.resume_hint(self.engine.adapters)}") from None
         sample = self._inputs_from_dataset(self.engine.model,
                                            getattr(train_dataloader, "dataset", None),
                                            getattr(train_dataloader, "collate_fn", None))

@@ -13,7 +13,8 @@ key                       meaning
 ``config_file``           a coreai-opt YAML file (``kmeans_palettization_config:``); replaces
                           ``preset`` as the base that overrides and modules apply to
 ``schedule.start_step``   optimizer step at which palettization turns on (coreai-opt PATSchedule)
-``training``              how palettized weights train (default ``ste``; ``frozen`` = coreai-opt's own)
+``training``              how palettized weights train (default ``ste``, ``frozen`` with
+                          ``adapters``; ``frozen`` is coreai-opt's own)
 ``num_workers``           k-means worker processes per rank
 ``distributed``           ``sharded`` or ``rank0``: who runs k-means under torch.distributed
 ``export``                ``formats`` (``coreai``, ``torch``) and ``dir``
@@ -21,6 +22,7 @@ key                       meaning
                           ``show_progress``): sensitivity-weighted k-means (``calibration.py``)
 ``budget``                null, or per-layer bits for a whole-model target (``budget.py``):
                           ``{bits_per_weight: 3.5, choices: [2, 3, 4, 6, 8]}``
+``adapters``              null, or LoRA adapters on the frozen palettized base (``adapters.py``)
 ========================  =====================================================================
 
 A spec mapping has the keys ``preset`` (base), ``n_bits``, ``granularity`` (``per_tensor`` or
@@ -46,6 +48,7 @@ from typing import Any
 from coreai_opt.palettization import KMeansPalettizerConfig
 
 from ._utils import is_int
+from .adapters import AdapterSettings, build_adapter_settings, check_adapter_training
 from .calibration import CalibrationSettings, build_calibration
 from .checks import (
     DISTRIBUTED_MODES,
@@ -158,6 +161,10 @@ def _default_overrides() -> dict[str, Any]:
     return dict.fromkeys([*MODULE_TYPE_ALIASES, *LINEAR_LIKE_ALIASES], INHERIT)
 
 
+DEFAULT_TRAINING = "ste"
+"""``palettize.training`` unless set; with ``palettize.adapters`` the base trains ``frozen``."""
+
+
 @dataclass
 class PalettizeSettings:
     """Typed schema of the ``palettize`` group (Hydra ``palettize/base``); validates itself.
@@ -174,13 +181,15 @@ class PalettizeSettings:
     modules: dict[str, Any] = field(default_factory=dict)
     config_file: str | None = None
     schedule: ScheduleSettings = field(default_factory=ScheduleSettings)
-    training: Any = "ste"
+    training: Any = DEFAULT_TRAINING
     num_workers: int = 1
     distributed: str = "sharded"
     compact: bool = True
     export: ExportSettings = field(default_factory=ExportSettings)
     calibration: CalibrationSettings | None = None
     budget: Any = None
+    adapters: Any = None
+    """null or ``AdapterSettings`` (a mapping ``{type: lora, r, alpha, ...}`` is converted)."""
     base_config: KMeansPalettizerConfig | None = field(
         default=None, repr=False, compare=False, metadata={"omegaconf_ignore": True})
 
@@ -192,6 +201,7 @@ class PalettizeSettings:
         self.schedule = _build(ScheduleSettings, self.schedule, "schedule")
         self.export = _build(ExportSettings, self.export, "export")
         self.calibration = build_calibration(_to_plain(self.calibration))
+        self.adapters: AdapterSettings | None = build_adapter_settings(_to_plain(self.adapters))
         if self.preset is not None:
             check_value(self.preset, "preset", allow_inherit=False)
         for type_key, value in self.overrides.items():
@@ -210,6 +220,9 @@ class PalettizeSettings:
                 raise PalettizeConfigError("config_file", f"no such file: {self.config_file}")
         check_training(self.training)
         self._check_budget()
+        if self.adapters is not None and self.training == DEFAULT_TRAINING:
+            self.training = "frozen"  # adapters train on a frozen base; the default ste would not
+        check_adapter_training(self.adapters, training_name(self.training))
         if not is_int(self.num_workers) or self.num_workers < 1:
             raise PalettizeConfigError("num_workers",
                                        f"must be an integer >= 1, got {self.num_workers!r}")

@@ -41,6 +41,8 @@ def test_cfg_job_shows_the_palettize_section():
      "inherit, null or a spec mapping"),
     ("palettize.overrides.linear={n_bits: 5}",
      "error: palettize.overrides.linear.n_bits: 5 is not supported; valid: 1, 2, 3, 4, 6, 8"),
+    ("palettize.adapters={type: dora}",
+     "error: palettize.adapters.type: unknown adapter type 'dora'; valid: lora"),
     ("+palettize.modules.encoder=w8",
      "error: palettize.modules.encoder: matches no module of DigitsCNN (re.fullmatch); module "
      "names look like: net, net.0, net.1"),

@@ -36,11 +36,13 @@ from coreai_palettize_plugins.recipes import (
 from coreai_palettize_plugins.settings import PalettizeConfigError
 
 TINY = "tiny-llama-offline"
+TINY_LORA = "tiny-llama-offline-lora"
 HUB_RECIPES = {
     "smollm2-135m-wikitext": "HuggingFaceTB/SmolLM2-135M",
     "qwen2.5-0.5b-wikitext": "Qwen/Qwen2.5-0.5B",
     "llama-3.2-1b-wikitext": "meta-llama/Llama-3.2-1B",
 }
+HUB_RECIPES.update({f"{name}-lora": repo for name, repo in HUB_RECIPES.items()})
 
 
 def small_run(output_dir: Path, *extra: str) -> list[str]:
@@ -71,7 +73,7 @@ def test_shipped_corpus_tokenizer_and_recipes():
         "<s>", "</s>", "<pad>", "<unk>")
     sample = corpus[:2000]
     assert tokenizer.decode(tokenizer(sample)["input_ids"]) == sample  # byte-level: lossless
-    assert set(packaged_recipes()) == {TINY, *HUB_RECIPES}
+    assert set(packaged_recipes()) == {TINY, TINY_LORA, *HUB_RECIPES}
     link = Path(__file__).resolve().parents[1] / "recipes"   # `finetune recipes/<name>.yaml`
     assert link.is_symlink() and os.readlink(link) == "coreai_palettize_plugins/recipes/packaged"
     assert sorted(p.name for p in link.iterdir()) == sorted(p.name for p in RECIPES_DIR.iterdir())
@@ -362,6 +364,30 @@ def test_resume_from_checkpoint_skips_kmeans_and_matches(tiny_run, tmp_path):
     assert resumed.perplexity.finetuned == pytest.approx(results.perplexity.finetuned, rel=1e-6)
     assert ((tmp_path / "resumed/palettized/palettized.safetensors").read_bytes()
             == (out / "palettized/palettized.safetensors").read_bytes())
+
+
+def test_lora_recipe_trains_only_the_adapters_and_exports_them(tmp_path):
+    from peft import PeftModel
+
+    results = finetune(TINY_LORA, small_run(tmp_path / "run"))
+    export = tmp_path / "run/palettized"
+    for name in ("model.aimodel", "palettized.safetensors", "adapter_config.json",
+                 "adapter_model.safetensors"):
+        assert (export / name).exists(), name
+    assert results.export_errors == {}
+    model = results.trainer.model.eval()
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert len(trainable) == 4 * 7 * 2 and all(".lora_" in n for n in trainable)
+    p = results.perplexity
+    assert p.finetuned < p.palettized                  # 4 steps of the adapters alone
+    blocks = eval_blocks_of(small_run(tmp_path / "run"))[:2]
+    with torch.no_grad():
+        reloaded = PeftModel.from_pretrained(load_palettized(export), export)
+        assert torch.equal(reloaded(input_ids=blocks).logits, model(input_ids=blocks).logits)
+    report = json.loads((export / "report.json").read_text())["extra"]
+    assert report["adapters_params"] == sum(p.numel() for n, p in model.named_parameters()
+                                            if ".lora_" in n)
+    assert 0 < report["base_palettized_bytes"] < results.palettized_bytes
 
 
 def test_pretrained_local_model_dir_without_export(tmp_path):
