@@ -8,6 +8,7 @@ counter on resume. These helpers do that with the least private surface; tests e
 Upstream request: ``prepare(..., cluster=False)`` + ``cluster()`` and a public step setter.
 """
 
+from .derived import DerivedIndicesFakePalettize, derive_indices_on_read, drop_indices, forget_derived
 from .exporting import COREAI_INDEX_BITS, widen_for_coreai
 from .kmeans import STALE_LOCK_SECONDS, cluster_tensors, ensure_kmeans_extension, finish_clustering
 from .layouts import (
@@ -15,12 +16,12 @@ from .layouts import (
     ExpertsGroupedChannel,
     ExpertsLayout,
     apply_layouts,
+    assignment_indices,
     centroids_shape,
     flat_lut_positions,
     lut_groups,
     prepare_from_state_dict,
     reshape_expert_luts,
-    store_assignment,
     traceable_experts,
     use_exportable_experts,
 )
@@ -51,19 +52,24 @@ __all__ = [
     "EXPORTABLE_EXPERTS_IMPLEMENTATION",
     "KMEANS_ENTRY",
     "STALE_LOCK_SECONDS",
+    "DerivedIndicesFakePalettize",
     "ExpertsGroupedChannel",
     "ExpertsLayout",
     "PalettizedTensor",
     "apply_layouts",
+    "assignment_indices",
     "centroids_shape",
     "cluster_tensors",
     "defer_clustering",
     "deferred",
+    "derive_indices_on_read",
+    "drop_indices",
     "end_deferral",
     "ensure_kmeans_extension",
     "fake_palettized_tensors",
     "finish_clustering",
     "flat_lut_positions",
+    "forget_derived",
     "function_name",
     "get_step",
     "insert_parametrizations",
@@ -77,7 +83,6 @@ __all__ = [
     "resolved_module_configs",
     "set_step",
     "storage_bits",
-    "store_assignment",
     "tied_prefixes",
     "traceable_experts",
     "use_exportable_experts",
