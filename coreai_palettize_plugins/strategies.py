@@ -182,6 +182,7 @@ CACHE_ENV = "COREAI_PALETTIZE_STE_CACHE"
 """Set to ``0`` to re-assign on every forward (the uncached path, for benchmarks)."""
 
 _CACHE_ATTR = "_plugin_ste_cache"
+_LIVE = "_plugin_ste_training"  # set by a training forward, cleared by ``finish``
 
 
 def _cache_key(module, weight: torch.Tensor) -> tuple:
@@ -262,12 +263,14 @@ class StraightThroughStrategy(StrategyHooks, TrainingStrategy):
         self.lut_update_every = lut_update_every
 
     def palettized(self, module, weight: torch.Tensor) -> torch.Tensor:
-        """The palettized weight without a gradient path (eval forward, report, export)."""
-        assign = cached_assign_nearest if _cache_enabled() else assign_nearest
+        """The palettized weight without a gradient path (eval forward, report, export). While
+        training it is cached like the training forward's; after ``finish`` nothing is kept."""
+        live = _cache_enabled() and module.__dict__.get(_LIVE, False)
         with torch.no_grad():
-            return assign(module, weight)
+            return (cached_assign_nearest if live else assign_nearest)(module, weight)
 
     def train_forward(self, module, weight: torch.Tensor) -> torch.Tensor:
+        module.__dict__[_LIVE] = True
         assign = cached_assign_nearest if _cache_enabled() else assign_nearest
         return _StraightThrough.apply(weight, assign(module, weight))
 
@@ -293,6 +296,7 @@ class StraightThroughStrategy(StrategyHooks, TrainingStrategy):
 
     def finish(self, t: compat.PalettizedTensor) -> None:
         drop_cache(t.fake)   # the export derives the indices from the final weights
+        t.fake.__dict__.pop(_LIVE, None)
 
 
 class TrainableLUTStrategy(StrategyHooks, TrainingStrategy):

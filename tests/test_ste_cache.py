@@ -155,3 +155,103 @@ def test_counting_midpoints_equals_searchsorted(clusters):
     chosen = distances.gather(2, expected.unsqueeze(-1)).squeeze(-1)
     # a nearest centroid (up to the rounding of a midpoint, for the values on one)
     assert torch.all(chosen <= distances.min(dim=2).values + 1e-6)
+
+
+def model_state_bytes(model: torch.nn.Module) -> int:
+    """Parameters and buffers, each storage once, plus any tensor a fake keeps in its own
+    attributes (caches): what stays resident between optimizer steps."""
+    storages = {}
+    tensors = [*model.parameters(), *model.buffers()]
+    for module in model.modules():
+        tensors += [v for v in vars(module).values() if torch.is_tensor(v)]
+        tensors += [x for v in vars(module).values() if isinstance(v, tuple) for x in v
+                    if torch.is_tensor(x)]
+    for tensor in tensors:
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
+def test_hf_gradient_accumulation_assigns_once_per_optimizer_step_and_stores_no_indices(
+        monkeypatch, tmp_path):
+    from helpers import TokenDataset, tiny_llama
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from coreai_palettize_plugins import load_palettized
+    from coreai_palettize_plugins.hf import PalettizationTrainerCallback
+
+    calls = counting(monkeypatch)
+    seen: list[tuple[int, int, int]] = []
+
+    class Record(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            calls[0] = 0          # after the palettization callback's own begin-of-training work
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            tensors = callback.engine.tensors()
+            seen.append((calls[0], sum(t.fake.indices is not None for t in tensors),
+                         sum(strategies._CACHE_ATTR in vars(t.fake) for t in tensors)))
+
+    model = tiny_llama(tied=True)
+    dense_bytes = model_state_bytes(model)
+    callback = PalettizationTrainerCallback("w4", training="ste", export_formats=["torch"])
+    args = TrainingArguments(str(tmp_path), max_steps=3, per_device_train_batch_size=2,
+                             gradient_accumulation_steps=ACCUMULATE, learning_rate=1e-3,
+                             report_to=[], use_cpu=True, disable_tqdm=True, save_strategy="no",
+                             logging_steps=1)
+    trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(blocks=24),
+                      callbacks=[callback, Record()])
+    trainer.train()
+    n = len(callback.engine.tensors())
+    assert n >= 8
+    # One assignment per palettized weight per optimizer step (of 4 micro-batches each), and
+    # between steps neither indices nor a cached palettized weight are resident.
+    assert [c for c, _, _ in seen] == [n, 2 * n, 3 * n]
+    assert [(i, c) for _, i, c in seen] == [(0, 0)] * 3
+    assert model_state_bytes(model) <= 1.05 * dense_bytes
+    x = torch.randint(0, 256, (2, 8))
+    loaded = load_palettized(tmp_path / "palettized")            # exported from derived indices
+    assert torch.equal(loaded(x).logits, model.eval()(x).logits)
+
+
+def test_checkpoint_report_and_export_get_exact_derived_indices(tmp_path):
+    from helpers import tiny_llama
+
+    from coreai_palettize_plugins import load_palettized
+
+    model = tiny_llama(tied=True)
+    engine = Palettization({"preset": PRESET, "training": "ste"})
+    x = torch.randint(0, 256, (2, 8))
+    engine.prepare(model, x)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    engine.start_training(0)
+    for step in (1, 2):
+        model(input_ids=x, labels=x).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        engine.after_optimizer_step(step)
+    tensors = engine.tensors()
+    assert all(t.fake.indices is None for t in tensors)
+    state = model.state_dict()
+    assert all(t.fake.indices is None for t in tensors)              # derived, not kept
+    for t in tensors:
+        indices = state[f"{t.state_prefix}0.indices"]
+        assert indices.dtype == torch.uint8
+        # the indices of the current weights: they rebuild exactly the eval forward's weight
+        rebuilt = t.fake._palettize(t.fake.lut, indices, t.original)
+        assert torch.equal(rebuilt, strategies.assign_nearest(t.fake, t.original))
+    for alias, source in engine.tied.items():                       # one tensor for a tie
+        assert state[f"{alias}0.indices"] is state[f"{source}0.indices"]
+    engine.stop_training()
+    report = engine.report()                  # SQNR of the weights the derived indices give
+    assert [layer.name for layer in report.layers] == [t.name for t in tensors]
+    assert all(layer.sqnr_db > 0 for layer in report.layers)
+    model.eval()
+    expected = model(x).logits
+    resumed = tiny_llama(tied=True, seed=1)
+    Palettization({"preset": PRESET, "training": "ste"}).prepare(resumed, x, state_dict=state)
+    assert torch.equal(resumed.eval()(x).logits, expected)         # exact resume
+    engine.export(tmp_path, formats=["torch"])
+    loaded = load_palettized(tmp_path, lambda: tiny_llama(tied=True, seed=2))
+    assert torch.equal(loaded(x).logits, expected)
+    assert all(t.fake.indices is None and strategies._CACHE_ATTR not in vars(t.fake)
+               for t in tensors)                    # after training: nothing kept either

@@ -7,9 +7,9 @@ step's assignment. ``derive_indices_on_read`` makes a fake hold no ``indices`` b
 
 - its eval forward (``hard_assign``, also what the report and the packed artifact call) asks the
   strategy for the palettized weight instead of gathering stored indices;
-- ``state_dict()`` (checkpoints, export, the report, the DDP broadcast of a clustered fake) still
-  has ``<prefix>.indices``: a post-hook on the parametrized module derives them from the current
-  dense weight; a loaded ``indices`` entry is dropped again after ``load_state_dict``.
+- ``state_dict()`` (checkpoints, export, the report) still has ``<prefix>.indices``, derived
+  from the current dense weight when it is saved; a loaded ``indices`` entry is dropped again
+  after ``load_state_dict``.
 
 The strategy provides ``palettized(fake, weight)`` and ``derive_indices(fake, weight)``.
 """
@@ -17,10 +17,8 @@ The strategy provides ``palettized(fake, weight)`` and ``derive_indices(fake, we
 from __future__ import annotations
 
 import weakref
-from typing import Any
 
 import torch
-import torch.nn as nn
 from coreai_opt.palettization.kmeans.kmeans_fake_palettize import _KMeansFakePalettize
 
 from .tensors import PalettizedTensor
@@ -37,6 +35,16 @@ class DerivedIndicesFakePalettize(_KMeansFakePalettize):
 
     def hard_assign(self, weight: torch.Tensor) -> torch.Tensor:
         return self._training_strategy.palettized(self, weight)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        """``<prefix>indices`` derived from the dense weight, which the parametrization list
+        saved just before (``<list prefix>original``; absent when the fake's own state is
+        saved alone, e.g. for the DDP broadcast, where every rank derives them itself)."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        owner, _, position = prefix[:-1].rpartition(".")
+        weight = destination.get(f"{owner}.original" if owner else "original")
+        if position == "0" and weight is not None and self.centroids is not None:
+            destination[prefix + "indices"] = _derived(self, weight)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -60,30 +68,10 @@ def forget_derived(fake: _KMeansFakePalettize) -> None:
 
 
 def derive_indices_on_read(t: PalettizedTensor) -> None:
-    """Make ``t`` store no indices from now on (idempotent). The state-dict hook sits on the
-    parametrization list, which tied aliases share, so every alias's key gets the indices."""
-    fake = t.fake
-    if type(fake) is _KMeansFakePalettize:
-        fake.__class__ = DerivedIndicesFakePalettize
-    drop_indices(fake)
-    plist = t.module.parametrizations[t.attr]
-    if not any(hook is _add_derived_indices for hook in plist._state_dict_hooks.values()):
-        plist._register_state_dict_hook(_add_derived_indices)
-
-
-def _add_derived_indices(plist: nn.Module, state_dict: dict[str, Any], prefix: str,
-                         local_metadata: Any) -> None:
-    """State-dict post-hook of a ``ParametrizationList``: ``<prefix><i>.indices`` derived from
-    the current dense weight for each fake that stores none."""
-    value = plist.original
-    for i, fake in enumerate(plist):
-        if isinstance(fake, DerivedIndicesFakePalettize):
-            key = f"{prefix}{i}.indices"
-            if fake.centroids is not None and key not in state_dict:
-                state_dict[key] = _derived(fake, value)
-            return
-        with torch.no_grad():
-            value = fake(value)
+    """Make ``t`` store no indices from now on (idempotent; tied aliases share the fake)."""
+    if type(t.fake) is _KMeansFakePalettize:
+        t.fake.__class__ = DerivedIndicesFakePalettize
+    drop_indices(t.fake)
 
 
 def _derived(fake: DerivedIndicesFakePalettize, weight: torch.Tensor) -> torch.Tensor:
