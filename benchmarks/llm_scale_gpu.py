@@ -155,7 +155,7 @@ def main() -> None:
         if "error" in r:
             print(f"| {arm} | failed | | |")
             continue
-        print(f"| {arm} | {cell(r, "model_state_mib", 1)} | "
+        print(f"| {arm} | {cell(r, 'model_state_mib', 1)} | "
               f"{cell(r, 'max_memory_allocated_gib', 2)} | {cell(r, 'step_s', 3)} |")
     if any("error" in r for r in results.values()):
         sys.exit(1)
