@@ -6,7 +6,7 @@ Two Llama shapes built from ``LlamaConfig`` (no downloads), fp32, tied embedding
 ``27m`` (hidden 512, 8 layers, vocab 4096) and ``110m`` (hidden 768, 12 layers, vocab 32000).
 Arms: ``dense``, ``frozen``, ``ste``, ``lut``, each driven through the package's engine exactly as
 the callbacks drive it (``Palettization.attach`` -> ``ensure_clustered`` -> ``start_training`` ->
-``after_optimizer_step`` after each AdamW step).
+``before_optimizer_step`` / ``after_optimizer_step`` around each AdamW step).
 
 Every (shape, arm, round) runs in its own subprocess (one CPU thread), so peak RSS is per arm.
 Per arm it measures:
@@ -136,6 +136,8 @@ def worker(shape: str, arm: str, steps: int, settings: dict) -> dict:
         begin = time.perf_counter()
         for t in tokens:
             (model(input_ids=t, labels=t).loss / accumulate).backward()
+        if engine is not None:
+            engine.before_optimizer_step()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1

@@ -7,9 +7,10 @@ A ~0.65B Llama built from config (hidden 1536, 24 layers, 12 heads / 4 KV heads,
 4096, vocab 32000, tied embeddings) in bf16, batch 8 x 1024, AdamW, ``w4``. Arms ``dense``,
 ``frozen``, ``ste``, ``lut``, each in its own subprocess, driven through the package's engine as
 the callbacks drive it (``attach`` -> ``ensure_clustered`` -> ``start_training`` ->
-``after_optimizer_step``). k-means runs once: the first palettized arm saves the clustered model
-state, the others load it (``Palettization.prepare(..., state_dict=...)``; centroids and indices
-do not depend on the training strategy). Per arm: ``torch.cuda.max_memory_allocated`` over the
+``before_optimizer_step`` / ``after_optimizer_step``). k-means runs once: the first
+palettized arm saves the clustered model state, the others load it
+(``Palettization.prepare(..., state_dict=...)``; centroids and indices do not depend on the
+training strategy). Per arm: ``torch.cuda.max_memory_allocated`` over the
 training steps, the model state after ``prepare``, and the median step time after one untimed
 step. Writes ``llm_scale_gpu.json`` into ``--out`` (default ``$OUT``, else ``benchmarks/``) and
 prints a markdown table with ratios to dense.
@@ -87,6 +88,8 @@ def worker(arm: str, args: argparse.Namespace) -> dict:
             torch.cuda.synchronize()
         begin = time.perf_counter()
         model(input_ids=tokens, labels=tokens).loss.backward()
+        if engine is not None:
+            engine.before_optimizer_step()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if engine is not None:

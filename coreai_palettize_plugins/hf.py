@@ -268,6 +268,10 @@ class PalettizationTrainerCallback(TrainerCallback):
         self.report = self.engine.report()
         self._log(state, self.report.metrics())
 
+    def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState,
+                              control: TrainerControl, **kwargs: Any) -> None:
+        self.engine.before_optimizer_step()
+
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                     **kwargs: Any) -> None:
         # Called once per optimizer step (micro-batches of gradient accumulation are substeps).

@@ -19,7 +19,8 @@ carry the plugin's lifecycle hooks.
   ``centroids`` buffer after every optimizer step.
 
 The engine calls, for each palettized weight, ``hooks(t).prepare_parameters(t)`` (before the
-optimizer and DDP), ``after_cluster(t)``, ``after_optimizer_step(t, step)`` and ``finish(t)``
+optimizer and DDP), ``after_cluster(t)``, ``before_optimizer_step(t)``,
+``after_optimizer_step(t, step)`` and ``finish(t)``
 (torchtitan's converter / ``post_optimizer_hook`` shape). A new strategy is one class.
 Every strategy keeps the exported model truly palettized: at most ``2**n_bits`` values per LUT.
 """
@@ -142,6 +143,9 @@ class StrategyHooks:
 
     def after_cluster(self, t: compat.PalettizedTensor) -> None:
         """k-means (re)set ``t``'s centroids."""
+
+    def before_optimizer_step(self, t: compat.PalettizedTensor) -> None:
+        """After the last backward, before the optimizer step."""
 
     def after_optimizer_step(self, t: compat.PalettizedTensor, step: int) -> None:
         """After optimizer step ``step``."""
@@ -282,6 +286,9 @@ class StraightThroughStrategy(StrategyHooks, TrainingStrategy):
 
     def after_cluster(self, t: compat.PalettizedTensor) -> None:
         compat.drop_indices(t.fake)        # k-means' own assignment: derived from here on
+
+    def before_optimizer_step(self, t: compat.PalettizedTensor) -> None:
+        drop_cache(t.fake)   # the step changes the weights: free the palettized copy first
 
     @torch.no_grad()
     def after_optimizer_step(self, t: compat.PalettizedTensor, step: int) -> None:

@@ -181,10 +181,15 @@ def test_hf_gradient_accumulation_assigns_once_per_optimizer_step_and_stores_no_
 
     calls = counting(monkeypatch)
     seen: list[tuple[int, int, int]] = []
+    dropped: list[int] = []
 
     class Record(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
             calls[0] = 0          # after the palettization callback's own begin-of-training work
+
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            dropped.append(sum(strategies._CACHE_ATTR in vars(t.fake)
+                               for t in callback.engine.tensors()))
 
         def on_step_end(self, args, state, control, model=None, **kwargs):
             tensors = callback.engine.tensors()
@@ -207,6 +212,7 @@ def test_hf_gradient_accumulation_assigns_once_per_optimizer_step_and_stores_no_
     # between steps neither indices nor a cached palettized weight are resident.
     assert [c for c, _, _ in seen] == [n, 2 * n, 3 * n]
     assert [(i, c) for _, i, c in seen] == [(0, 0)] * 3
+    assert dropped == [0] * 3          # the cache is freed before the optimizer step runs
     assert model_state_bytes(model) <= 1.05 * dense_bytes
     x = torch.randint(0, 256, (2, 8))
     loaded = load_palettized(tmp_path / "palettized")            # exported from derived indices
