@@ -17,7 +17,8 @@ Per arm it measures:
 - model state (parameters + buffers + tensors cached on modules, each storage once) and AdamW
   state, between optimizer steps after the first step;
 - median step time (after one untimed step) at batch 4 x 128, 4 x 512, and gradient
-  accumulation 4 over 4 x 128 micro-batches;
+  accumulation 4 over 4 x 128 micro-batches, as wall time and as the process's CPU time (one
+  thread: the table shows CPU time, which a shared, loaded machine inflates far less);
 - peak RSS of the whole run.
 
 Rounds run the arms in a rotating order so the machine's noise hits every arm alike; times are
@@ -129,11 +130,11 @@ def worker(shape: str, arm: str, steps: int, settings: dict) -> dict:
     generator = torch.Generator().manual_seed(1)
     step = 0
 
-    def train_step(batch: int, seq: int, accumulate: int) -> float:
+    def train_step(batch: int, seq: int, accumulate: int) -> tuple[float, float]:
         nonlocal step
         tokens = [torch.randint(0, vocab, (batch, seq), generator=generator)
                   for _ in range(accumulate)]
-        begin = time.perf_counter()
+        begin, cpu = time.perf_counter(), time.process_time()
         for t in tokens:
             (model(input_ids=t, labels=t).loss / accumulate).backward()
         if engine is not None:
@@ -143,7 +144,7 @@ def worker(shape: str, arm: str, steps: int, settings: dict) -> dict:
         step += 1
         if engine is not None:
             engine.after_optimizer_step(step)
-        return time.perf_counter() - begin
+        return time.perf_counter() - begin, time.process_time() - cpu
 
     times = {}
     for name, (batch, seq, accumulate) in settings.items():
@@ -154,7 +155,8 @@ def worker(shape: str, arm: str, steps: int, settings: dict) -> dict:
                 [v for s in optimizer.state.values() for v in s.values()
                  if torch.is_tensor(v) and v.numel() > 1]) / MiB
         times[name] = [train_step(batch, seq, accumulate) for _ in range(steps)]
-    result["step_s"] = times
+    result["step_s"] = {name: [wall for wall, _ in t] for name, t in times.items()}
+    result["step_cpu_s"] = {name: [cpu for _, cpu in t] for name, t in times.items()}
     result["peak_rss_mib"] = _status("VmHWM") / MiB   # since the model was built (if reset)
     result["baseline_rss_mib"] = baseline / MiB
     return result
@@ -178,10 +180,11 @@ def run_arm(shape: str, arm: str, steps: int, quick: bool, settings: dict) -> di
 def summarize(runs: list[dict], settings: dict) -> dict:
     """Per arm: memory from the first round, times as medians over every round and step."""
     first = runs[0]
-    out = {k: v for k, v in first.items() if k != "step_s"}
+    out = {k: v for k, v in first.items() if k not in ("step_s", "step_cpu_s")}
     out["peak_rss_mib"] = max(r["peak_rss_mib"] for r in runs)
-    out["step_s"] = {name: statistics.median(t for r in runs for t in r["step_s"][name])
-                     for name in settings}
+    for key in ("step_s", "step_cpu_s"):
+        out[key] = {name: statistics.median(t for r in runs for t in r[key][name])
+                    for name in settings}
     return out
 
 
@@ -192,7 +195,7 @@ def table(shape: str, arms: dict[str, dict], settings: dict) -> str:
         return f"{value / base:.2f}x" if base else "-"
 
     head = ["arm", "model state MiB", "AdamW state MiB", "peak RSS MiB", "prepare peak MiB "
-            "(goal)"] + [f"step {name} s" for name in settings]
+            "(goal)"] + [f"step {name} CPU s" for name in settings]
     lines = [f"### {shape} ({dense['params'] / 1e6:.1f}M parameters, fp32, {PRESET})", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for arm, r in arms.items():
@@ -203,7 +206,7 @@ def table(shape: str, arms: dict[str, dict], settings: dict) -> str:
                  f"{r['optimizer_state_mib']:.1f}",
                  f"{r['peak_rss_mib']:.0f} ({ratio(r['peak_rss_mib'], dense['peak_rss_mib'])})",
                  prep]
-        cells += [f"{r['step_s'][n]:.2f} ({ratio(r['step_s'][n], dense['step_s'][n])})"
+        cells += [f"{r['step_cpu_s'][n]:.2f} ({ratio(r['step_cpu_s'][n], dense['step_cpu_s'][n])})"
                   for n in settings]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
