@@ -261,3 +261,35 @@ def test_checkpoint_report_and_export_get_exact_derived_indices(tmp_path):
     assert torch.equal(loaded(x).logits, expected)
     assert all(t.fake.indices is None and strategies._CACHE_ATTR not in vars(t.fake)
                for t in tensors)                    # after training: nothing kept either
+
+
+def test_lightning_gradient_accumulation_assigns_once_per_optimizer_step(monkeypatch, tmp_path):
+    import lightning.pytorch as pl
+
+    from coreai_palettize_plugins.demo.digits import DigitsCNN, DigitsDataModule
+    from coreai_palettize_plugins.lightning import PalettizationCallback
+
+    calls = counting(monkeypatch)
+    seen: list[tuple[int, int, int]] = []
+
+    class Record(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            calls[0] = 0
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            cached = sum(strategies._CACHE_ATTR in vars(t.fake) for t in callback.engine.tensors())
+            seen.append((trainer.global_step, calls[0], cached))
+
+    pl.seed_everything(0, verbose=False)
+    callback = PalettizationCallback({"preset": PRESET, "training": "ste"}, export_formats=())
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=12,
+                         limit_val_batches=0, accumulate_grad_batches=ACCUMULATE, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False, callbacks=[callback, Record()],
+                         default_root_dir=tmp_path)
+    trainer.fit(DigitsCNN(), DigitsDataModule())
+    n = len(callback.engine.tensors())
+    # 12 micro-batches, 3 optimizer steps: one assignment per weight per step, and the cached
+    # palettized weights are gone before each optimizer step runs.
+    assert seen == [(0, n, 0), (1, 2 * n, 0), (2, 3 * n, 0)]
+    assert all(t.fake.indices is None for t in callback.engine.tensors())
