@@ -26,7 +26,9 @@ from .tensors import PalettizedTensor
 __all__ = ["DerivedIndicesFakePalettize", "derive_indices_on_read", "drop_indices",
            "forget_derived"]
 
-_LAST = "_plugin_last_derived"
+_LAST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""fake -> (stamp, weak reference to its last derived indices): kept outside the module, so
+pickling and copying a model never meet a weak reference."""
 
 
 class DerivedIndicesFakePalettize(_KMeansFakePalettize):
@@ -64,7 +66,7 @@ def drop_indices(fake: _KMeansFakePalettize) -> None:
 def forget_derived(fake: _KMeansFakePalettize) -> None:
     """Forget the last derived indices (the dense weight changes; fused optimizers do not bump
     its version counter)."""
-    fake.__dict__.pop(_LAST, None)
+    _LAST.pop(fake, None)
 
 
 def derive_indices_on_read(t: PalettizedTensor) -> None:
@@ -79,12 +81,12 @@ def _derived(fake: DerivedIndicesFakePalettize, weight: torch.Tensor) -> torch.T
     so a tied alias's key holds the same tensor (stored once)."""
     base = weight._base if weight._base is not None else weight
     stamp = (base._version, weight.data_ptr(), id(fake.centroids), fake.centroids._version)
-    last = fake.__dict__.get(_LAST)
+    last = _LAST.get(fake)
     if last is not None and last[0] == stamp:
         tensor = last[1]()
         if tensor is not None:
             return tensor
     with torch.no_grad():
         tensor = fake._training_strategy.derive_indices(fake, weight.detach())
-    fake.__dict__[_LAST] = (stamp, weakref.ref(tensor))
+    _LAST[fake] = (stamp, weakref.ref(tensor))
     return tensor
