@@ -4,6 +4,7 @@
     engine.attach(model, example_inputs)       # palettized structure, before wrap and optimizer
     engine.ensure_clustered()                  # k-means, unless a checkpoint restored the state
     engine.start_training(step)                # coreai-opt training mode + PAT schedule
+    engine.before_optimizer_step()             # after the last backward of each step
     engine.after_optimizer_step(step)          # after each optimizer step
     engine.finish_training("out/")             # leave training mode; export on rank 0
 
@@ -393,6 +394,13 @@ class Palettization:
         self._training = self.palettizer.training_mode()
         self._training.__enter__()
         self.compact.update()
+
+    def before_optimizer_step(self) -> None:
+        """After the last backward of an optimizer step: the strategies free what only the
+        forwards needed (``ste``'s cached palettized weights), so the step itself runs with
+        dense-level memory."""
+        for t in self.tensors():
+            strategies.hooks(t).before_optimizer_step(t)
 
     def after_optimizer_step(self, step: int) -> None:
         """Advance the PAT schedule to optimizer step ``step`` and run the strategies' hooks.

@@ -311,6 +311,10 @@ class PalettizationTrainerCallback(TrainerCallback):
         return CalibrationData(loss=loss, loader=None, dataset=dataset, collate_fn=collate,
                                batch_size=trainer.args.per_device_train_batch_size)
 
+    def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState,
+                              control: TrainerControl, **kwargs: Any) -> None:
+        self.engine.before_optimizer_step()
+
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                     **kwargs: Any) -> None:
         # Called once per optimizer step (micro-batches of gradient accumulation are substeps).

@@ -317,6 +317,11 @@ class PalettizationCallback(Callback):
         self.engine.start_training(step=trainer.global_step)
 
     @override
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                                 optimizer: Any) -> None:
+        self.engine.before_optimizer_step()
+
+    @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
         # global_step counts optimizer steps, so gradient accumulation is handled.

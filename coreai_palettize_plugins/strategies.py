@@ -11,15 +11,16 @@ carry the plugin's lifecycle hooks.
   LUT changed since the last forward (once per optimizer step: gradient-accumulation
   micro-batches and no-grad forwards reuse the palettized weight), and every
   ``lut_update_every`` optimizer steps each centroid moves to the mean of the weights assigned to
-  it (one Lloyd step; ``0`` keeps the LUT fixed). After the last step, indices are re-derived
-  from the final weights, so the export matches the trained weights.
+  it (one Lloyd step; ``0`` keeps the LUT fixed). No indices are stored: checkpoints, the
+  report and the export derive them from the current dense weights when they read them.
 - ``lut``: trainable centroids, fixed indices. Each centroid's gradient is the sum of the
   gradients of the weights mapped to it (a 1-D gather). Dense weights are frozen. Centroids live
   in a ``trainable_lut`` parameter created before the optimizer and copied into coreai-opt's
   ``centroids`` buffer after every optimizer step.
 
 The engine calls, for each palettized weight, ``hooks(t).prepare_parameters(t)`` (before the
-optimizer and DDP), ``after_cluster(t)``, ``after_optimizer_step(t, step)`` and ``finish(t)``
+optimizer and DDP), ``after_cluster(t)``, ``before_optimizer_step(t)``,
+``after_optimizer_step(t, step)`` and ``finish(t)``
 (torchtitan's converter / ``post_optimizer_hook`` shape). A new strategy is one class.
 Every strategy keeps the exported model truly palettized: at most ``2**n_bits`` values per LUT.
 """
@@ -143,6 +144,9 @@ class StrategyHooks:
     def after_cluster(self, t: compat.PalettizedTensor) -> None:
         """k-means (re)set ``t``'s centroids."""
 
+    def before_optimizer_step(self, t: compat.PalettizedTensor) -> None:
+        """After the last backward, before the optimizer step."""
+
     def after_optimizer_step(self, t: compat.PalettizedTensor, step: int) -> None:
         """After optimizer step ``step``."""
 
@@ -182,6 +186,7 @@ CACHE_ENV = "COREAI_PALETTIZE_STE_CACHE"
 """Set to ``0`` to re-assign on every forward (the uncached path, for benchmarks)."""
 
 _CACHE_ATTR = "_plugin_ste_cache"
+_LIVE = "_plugin_ste_training"  # set by a training forward, cleared by ``finish``
 
 
 def _cache_key(module, weight: torch.Tensor) -> tuple:
@@ -204,28 +209,25 @@ def _same_key(a: tuple, b: tuple) -> bool:
 def cached_assign_nearest(module, weight: torch.Tensor) -> torch.Tensor:
     """``assign_nearest`` once per dense-weight change: between optimizer steps (the
     micro-batches of gradient accumulation, forwards without gradient) the palettized weight
-    and the stored indices are reused. The cached tensor is built under ``no_grad``, so it
-    holds no autograd graph; the straight-through function takes it as a constant."""
+    is reused. The cached tensor is built under ``no_grad``, so it holds no autograd graph; the
+    straight-through function takes it as a constant. The optimizer step drops it."""
     key = _cache_key(module, weight)
     cached = getattr(module, _CACHE_ATTR, None)
     if (cached is not None and _same_key(cached[0], key)
-            and cached[1]._version == cached[2]                    # output not written in place
-            and (cached[3] is None or (module.indices is cached[3]
-                                       and module.indices._version == cached[4]))):
+            and cached[1]._version == cached[2]):                  # output not written in place
         return cached[1]
     palettized = assign_nearest(module, weight)
     if torch.is_inference_mode_enabled():               # an inference tensor can't train later
         module.__dict__.pop(_CACHE_ATTR, None)
         return palettized
-    indices = None if module._indices_stale else module.indices   # None: coreai-opt's to derive
-    module.__dict__[_CACHE_ATTR] = (key, palettized, palettized._version, indices,
-                                    None if indices is None else indices._version)
+    module.__dict__[_CACHE_ATTR] = (key, palettized, palettized._version)
     return palettized
 
 
 def drop_cache(module) -> None:
-    """Free the cached palettized weight (after training)."""
+    """Free the cached palettized weight and forget the last derived indices."""
     module.__dict__.pop(_CACHE_ATTR, None)
+    compat.forget_derived(module)
 
 
 def _cache_enabled() -> bool:
@@ -234,18 +236,29 @@ def _cache_enabled() -> bool:
 
 @torch.no_grad()
 def assign_nearest(module, weight: torch.Tensor) -> torch.Tensor:
-    """Re-assign every weight to its nearest centroid; return the palettized weight. The exact
-    assignment becomes the module's indices, so eval and export use the same one."""
+    """Re-assign every weight to its nearest centroid; return the palettized weight. Nothing is
+    stored: ``derive_indices`` gives the same assignment as indices when they are read."""
     vectors, context = module.vectorize(weight.detach())
     assignment = nearest_centroids(module.centroids, vectors)
-    palettized = module.devectorize(gather_centroids(module.centroids, assignment), context)
-    if not compat.store_assignment(module, assignment, context):
-        module._indices_stale = True  # coreai-opt re-derives them from the current weight
-    return palettized
+    return module.devectorize(gather_centroids(module.centroids, assignment), context)
+
+
+@torch.no_grad()
+def derive_indices(module, weight: torch.Tensor) -> torch.Tensor:
+    """The indices of ``weight`` in coreai-opt's layout: the assignment ``assign_nearest`` uses
+    (scalar LUTs without per-channel scales), else coreai-opt's own nearest-centroid
+    derivation (as for its stale indices)."""
+    vectors, context = module.vectorize(weight.detach())
+    return compat.assignment_indices(module, nearest_centroids(module.centroids, vectors),
+                                     context, weight)
 
 
 class StraightThroughStrategy(StrategyHooks, TrainingStrategy):
-    """Forward: nearest-centroid palettized weight. Backward: identity to the dense weight."""
+    """Forward: nearest-centroid palettized weight. Backward: identity to the dense weight.
+
+    Stores no indices: the eval forward reuses the training forward's palettized weight, and
+    ``state_dict()`` derives the indices from the dense weight (``compat.derive_indices_on_read``).
+    """
 
     derives_indices = True  # indices are re-derived from the dense weight, never restored
     trains_dense_weight = True
@@ -253,12 +266,29 @@ class StraightThroughStrategy(StrategyHooks, TrainingStrategy):
     def __init__(self, lut_update_every: int = 0) -> None:
         self.lut_update_every = lut_update_every
 
+    def palettized(self, module, weight: torch.Tensor) -> torch.Tensor:
+        """The palettized weight without a gradient path (eval forward, report, export). While
+        training it is cached like the training forward's; after ``finish`` nothing is kept."""
+        live = _cache_enabled() and module.__dict__.get(_LIVE, False)
+        with torch.no_grad():
+            return (cached_assign_nearest if live else assign_nearest)(module, weight)
+
     def train_forward(self, module, weight: torch.Tensor) -> torch.Tensor:
+        module.__dict__[_LIVE] = True
         assign = cached_assign_nearest if _cache_enabled() else assign_nearest
         return _StraightThrough.apply(weight, assign(module, weight))
 
+    derive_indices = staticmethod(derive_indices)
+
     def prepare_parameters(self, t: compat.PalettizedTensor) -> None:
         _check_supported(t, "ste")
+        compat.derive_indices_on_read(t)
+
+    def after_cluster(self, t: compat.PalettizedTensor) -> None:
+        compat.drop_indices(t.fake)        # k-means' own assignment: derived from here on
+
+    def before_optimizer_step(self, t: compat.PalettizedTensor) -> None:
+        drop_cache(t.fake)   # the step changes the weights: free the palettized copy first
 
     @torch.no_grad()
     def after_optimizer_step(self, t: compat.PalettizedTensor, step: int) -> None:
@@ -272,9 +302,8 @@ class StraightThroughStrategy(StrategyHooks, TrainingStrategy):
             lloyd_step(fake.centroids, vectors)
 
     def finish(self, t: compat.PalettizedTensor) -> None:
-        drop_cache(t.fake)
-        if t.fake.centroids is not None:
-            assign_nearest(t.fake, t.original)
+        drop_cache(t.fake)   # the export derives the indices from the final weights
+        t.fake.__dict__.pop(_LIVE, None)
 
 
 class TrainableLUTStrategy(StrategyHooks, TrainingStrategy):

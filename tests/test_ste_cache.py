@@ -52,7 +52,7 @@ def accumulate(monkeypatch, *, cache: bool, training="ste", fused: bool = False)
         engine.sync_step(step)
         model.eval()
         with torch.no_grad():
-            outputs.append(model(x))                       # eval: the stored indices
+            outputs.append(model(x))                       # eval: assigns, or reuses
         model.train()
         with torch.no_grad():
             outputs.append(model(x))                       # training mode, no gradient
@@ -69,12 +69,12 @@ def test_one_assignment_per_optimizer_step_and_the_same_training(monkeypatch, tr
                                             fused=fused)
     uncached, per_step_uncached, state_uncached, _ = accumulate(monkeypatch, cache=False,
                                                                 training=training, fused=fused)
-    # Step 1 assigns before its first micro-batch; later steps' first micro-batch reuses
-    # nothing (the optimizer step changed every weight), then 3 micro-batches, the eval forward
-    # and the no-grad forward reuse it: exactly one assignment per weight per optimizer step,
-    # plus one for the weights after the last step (the no-grad forward after it).
+    # Step 1's first micro-batch assigns, the other 3 reuse it; after each optimizer step the
+    # eval forward assigns the new weights once, and the no-grad forward and the next step's
+    # micro-batches reuse that: exactly one assignment per weight per optimizer step (plus the
+    # initial one of step 1).
     assert per_step == [2 * n] + [n] * (STEPS - 1)          # step 1 also covers after-step 1
-    assert per_step_uncached == [(ACCUMULATE + 1) * n] * STEPS
+    assert per_step_uncached == [(ACCUMULATE + 2) * n] * STEPS
     assert len(cached) == len(uncached)
     assert all(torch.equal(a, b) for a, b in zip(cached, uncached))
     assert state.keys() == state_uncached.keys()
@@ -107,8 +107,7 @@ def test_cache_reuses_until_the_weight_changes_in_place(monkeypatch):
         t.original.add_(0.05 * torch.randn_like(t.original))       # an optimizer-like update
     moved = strategy.train_forward(t.fake, t.original)
     assert calls[0] == 2
-    indices = t.fake.indices.clone()
-    assert torch.equal(moved, fresh(t)) and torch.equal(t.fake.indices, indices)
+    assert torch.equal(moved, fresh(t)) and t.fake.indices is None     # nothing stored
     assert not torch.equal(moved, first)
     engine.stop_training()
     assert strategies._CACHE_ATTR not in t.fake.__dict__              # freed after training
@@ -130,7 +129,7 @@ def test_cache_invalidates_after_a_lloyd_lut_update(monkeypatch):
     engine.stop_training()
 
 
-def test_cache_invalidates_when_new_centroids_or_indices_replace_the_old(monkeypatch):
+def test_cache_invalidates_when_new_centroids_replace_the_old(monkeypatch):
     engine, t = prepared()
     strategy = t.fake._training_strategy
     strategy.train_forward(t.fake, t.original)
@@ -138,15 +137,7 @@ def test_cache_invalidates_when_new_centroids_or_indices_replace_the_old(monkeyp
     t.fake.centroids = t.fake.centroids.clone() * 1.5               # re-clustering: a new tensor
     assert torch.equal(strategy.train_forward(t.fake, t.original), fresh(t))
     assert calls[0] == 2                                            # the forward, then fresh()
-    t.fake.indices = torch.zeros_like(t.fake.indices)               # someone else's indices
-    strategy.train_forward(t.fake, t.original)
-    assert calls[0] == 3 and torch.equal(t.fake.indices, fresh_indices(t))
     engine.stop_training()
-
-
-def fresh_indices(t) -> torch.Tensor:
-    strategies.assign_nearest(t.fake, t.original)
-    return t.fake.indices
 
 
 @pytest.mark.parametrize("clusters", [2, 4, 8, 16])
@@ -164,3 +155,141 @@ def test_counting_midpoints_equals_searchsorted(clusters):
     chosen = distances.gather(2, expected.unsqueeze(-1)).squeeze(-1)
     # a nearest centroid (up to the rounding of a midpoint, for the values on one)
     assert torch.all(chosen <= distances.min(dim=2).values + 1e-6)
+
+
+def model_state_bytes(model: torch.nn.Module) -> int:
+    """Parameters and buffers, each storage once, plus any tensor a fake keeps in its own
+    attributes (caches): what stays resident between optimizer steps."""
+    storages = {}
+    tensors = [*model.parameters(), *model.buffers()]
+    for module in model.modules():
+        tensors += [v for v in vars(module).values() if torch.is_tensor(v)]
+        tensors += [x for v in vars(module).values() if isinstance(v, tuple) for x in v
+                    if torch.is_tensor(x)]
+    for tensor in tensors:
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
+def test_hf_gradient_accumulation_assigns_once_per_optimizer_step_and_stores_no_indices(
+        monkeypatch, tmp_path):
+    from helpers import TokenDataset, tiny_llama
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from coreai_palettize_plugins import load_palettized
+    from coreai_palettize_plugins.hf import PalettizationTrainerCallback
+
+    calls = counting(monkeypatch)
+    seen: list[tuple[int, int, int]] = []
+    dropped: list[int] = []
+
+    class Record(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            calls[0] = 0          # after the palettization callback's own begin-of-training work
+
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            dropped.append(sum(strategies._CACHE_ATTR in vars(t.fake)
+                               for t in callback.engine.tensors()))
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            tensors = callback.engine.tensors()
+            seen.append((calls[0], sum(t.fake.indices is not None for t in tensors),
+                         sum(strategies._CACHE_ATTR in vars(t.fake) for t in tensors)))
+
+    model = tiny_llama(tied=True)
+    dense_bytes = model_state_bytes(model)
+    callback = PalettizationTrainerCallback("w4", training="ste", export_formats=["torch"])
+    args = TrainingArguments(str(tmp_path), max_steps=3, per_device_train_batch_size=2,
+                             gradient_accumulation_steps=ACCUMULATE, learning_rate=1e-3,
+                             report_to=[], use_cpu=True, disable_tqdm=True, save_strategy="no",
+                             logging_steps=1)
+    trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(blocks=24),
+                      callbacks=[callback, Record()])
+    trainer.train()
+    n = len(callback.engine.tensors())
+    assert n >= 8
+    # One assignment per palettized weight per optimizer step (of 4 micro-batches each), and
+    # between steps neither indices nor a cached palettized weight are resident.
+    assert [c for c, _, _ in seen] == [n, 2 * n, 3 * n]
+    assert [(i, c) for _, i, c in seen] == [(0, 0)] * 3
+    assert dropped == [0] * 3          # the cache is freed before the optimizer step runs
+    assert model_state_bytes(model) <= 1.05 * dense_bytes
+    x = torch.randint(0, 256, (2, 8))
+    loaded = load_palettized(tmp_path / "palettized")            # exported from derived indices
+    assert torch.equal(loaded(x).logits, model.eval()(x).logits)
+
+
+def test_checkpoint_report_and_export_get_exact_derived_indices(tmp_path):
+    from helpers import tiny_llama
+
+    from coreai_palettize_plugins import load_palettized
+
+    model = tiny_llama(tied=True)
+    engine = Palettization({"preset": PRESET, "training": "ste"})
+    x = torch.randint(0, 256, (2, 8))
+    engine.prepare(model, x)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    engine.start_training(0)
+    for step in (1, 2):
+        model(input_ids=x, labels=x).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        engine.after_optimizer_step(step)
+    tensors = engine.tensors()
+    assert all(t.fake.indices is None for t in tensors)
+    state = model.state_dict()
+    assert all(t.fake.indices is None for t in tensors)              # derived, not kept
+    for t in tensors:
+        indices = state[f"{t.state_prefix}0.indices"]
+        assert indices.dtype == torch.uint8
+        # the indices of the current weights: they rebuild exactly the eval forward's weight
+        rebuilt = t.fake._palettize(t.fake.lut, indices, t.original)
+        assert torch.equal(rebuilt, strategies.assign_nearest(t.fake, t.original))
+    for alias, source in engine.tied.items():                       # one tensor for a tie
+        assert state[f"{alias}0.indices"] is state[f"{source}0.indices"]
+    engine.stop_training()
+    report = engine.report()                  # SQNR of the weights the derived indices give
+    assert [layer.name for layer in report.layers] == [t.name for t in tensors]
+    assert all(layer.sqnr_db > 0 for layer in report.layers)
+    model.eval()
+    expected = model(x).logits
+    resumed = tiny_llama(tied=True, seed=1)
+    Palettization({"preset": PRESET, "training": "ste"}).prepare(resumed, x, state_dict=state)
+    assert torch.equal(resumed.eval()(x).logits, expected)         # exact resume
+    engine.export(tmp_path, formats=["torch"])
+    loaded = load_palettized(tmp_path, lambda: tiny_llama(tied=True, seed=2))
+    assert torch.equal(loaded(x).logits, expected)
+    assert all(t.fake.indices is None and strategies._CACHE_ATTR not in vars(t.fake)
+               for t in tensors)                    # after training: nothing kept either
+
+
+def test_lightning_gradient_accumulation_assigns_once_per_optimizer_step(monkeypatch, tmp_path):
+    import lightning.pytorch as pl
+
+    from coreai_palettize_plugins.demo.digits import DigitsCNN, DigitsDataModule
+    from coreai_palettize_plugins.lightning import PalettizationCallback
+
+    calls = counting(monkeypatch)
+    seen: list[tuple[int, int, int]] = []
+
+    class Record(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            calls[0] = 0
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            cached = sum(strategies._CACHE_ATTR in vars(t.fake) for t in callback.engine.tensors())
+            seen.append((trainer.global_step, calls[0], cached))
+
+    pl.seed_everything(0, verbose=False)
+    callback = PalettizationCallback({"preset": PRESET, "training": "ste"}, export_formats=())
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=12,
+                         limit_val_batches=0, accumulate_grad_batches=ACCUMULATE, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False, callbacks=[callback, Record()],
+                         default_root_dir=tmp_path)
+    trainer.fit(DigitsCNN(), DigitsDataModule())
+    n = len(callback.engine.tensors())
+    # 12 micro-batches, 3 optimizer steps: one assignment per weight per step, and the cached
+    # palettized weights are gone before each optimizer step runs.
+    assert seen == [(0, n, 0), (1, 2 * n, 0), (2, 3 * n, 0)]
+    assert all(t.fake.indices is None for t in callback.engine.tensors())

@@ -21,9 +21,8 @@ from .tensors import PalettizedTensor
 
 __all__ = [
     "EXPORTABLE_EXPERTS_IMPLEMENTATION", "ExpertsGroupedChannel", "ExpertsLayout",
-    "apply_layouts", "centroids_shape", "flat_lut_positions", "lut_groups",
-    "prepare_from_state_dict", "reshape_expert_luts", "store_assignment", "traceable_experts",
-    "use_exportable_experts",
+    "apply_layouts", "assignment_indices", "centroids_shape", "flat_lut_positions", "lut_groups",
+    "prepare_from_state_dict", "reshape_expert_luts", "traceable_experts", "use_exportable_experts",
 ]
 
 
@@ -74,22 +73,18 @@ def flat_lut_positions(fake: _KMeansFakePalettize, weight: torch.Tensor):
 
 
 @torch.no_grad()
-def store_assignment(fake: _KMeansFakePalettize, assignment: torch.Tensor, context) -> bool:
-    """Write a ``(P, N)`` nearest-centroid assignment as the module's indices (uint8).
-
-    Only for scalar LUTs without per-channel scales, whose index layout is the weight layout;
-    returns False otherwise (the caller marks the indices stale for coreai-opt to re-derive).
-    """
+def assignment_indices(fake: _KMeansFakePalettize, assignment: torch.Tensor, context,
+                       weight: torch.Tensor) -> torch.Tensor:
+    """A ``(P, N)`` nearest-centroid assignment of ``weight`` as indices in coreai-opt's layout
+    (uint8). Scalar LUTs without per-channel scales lay the assignment out directly (kept on its
+    device: a copy to the CPU would sync the GPU); other layouts take coreai-opt's own
+    nearest-centroid derivation (what it does for stale indices)."""
     if fake.cluster_dim != 1 or fake.enable_per_channel_scale:
-        return False
+        return fake._assign_indices(weight, fake.centroids)
     groups = fake._from_cluster_vectors(assignment.to(torch.uint8).unsqueeze(-1),
                                         *context.block_shape)
     grid = fake._merge_groups(groups, context.axis)
-    layout = fake.reshape_strategy.reshape_to_original(grid, context.axis, context.weight_shape)
-    # Kept on the compute device: a copy to the CPU here would sync the GPU every forward.
-    fake.indices = layout
-    fake._indices_stale = False
-    return True
+    return fake.reshape_strategy.reshape_to_original(grid, context.axis, context.weight_shape)
 
 
 class ExpertsLayout(_PalettizationSupportMixin):
