@@ -70,22 +70,23 @@ def arm(dense, train, held_out, config: dict, training: str = "ste"
 
 
 def run(samples: int, ft_steps: int, ft_lr: float, ft_targets: list[float], ft_uniform: bool,
-        ft_plain_budget: list[float], cache: Path, sens_dir: str) -> dict[str, Any]:
+        ft_plain_budget: list[float], cache: Path, sens_dir: str, ft_seed: int = 0
+        ) -> dict[str, Any]:
     cfg = dict(q.FULL["lm"])
     torch.manual_seed(cfg["seed"])
     tokenizer, train, held_out = q.lm_data(cfg["seq_len"])
     dense, pre = q.lm_pretrained(cfg, tokenizer, train, held_out)
     res: dict[str, Any] = {"dense": q.lm_eval(dense, held_out)}
     q.log(f"dense ppl {res['dense']['ppl']:.3f}")
-    ft_cfg = {**cfg, "ft_steps": ft_steps}
+    ft_cfg = {**cfg, "ft_steps": ft_steps, "seed": cfg["seed"] + ft_seed}
     if ft_steps:
         model = copy.deepcopy(dense)
-        torch.manual_seed(cfg["seed"] + 2000)
+        torch.manual_seed(ft_cfg["seed"] + 2000)
         secs = q.lm_finetune(model, None, train, ft_cfg, ft_lr)
         res["dense+ft"] = {**q.lm_eval(model, held_out), "ft_seconds": secs}
         q.log(f"dense + {ft_steps} steps: ppl {res['dense+ft']['ppl']:.3f}")
     def finetune(name: str, model: torch.nn.Module, engine: Palettization) -> None:
-        torch.manual_seed(cfg["seed"] + 2000)
+        torch.manual_seed(ft_cfg["seed"] + 2000)
         secs = q.lm_finetune(model, engine, train, ft_cfg, ft_lr)
         res[f"{name} +ft"] = {**q.lm_eval(model, held_out), "ft_seconds": secs,
                               "bits_per_weight": engine.report().bits_per_weight}
@@ -199,6 +200,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ft-targets", type=float, nargs="*", default=list(TARGETS))
     parser.add_argument("--ft-plain-budget", type=float, nargs="*", default=[3.5],
                         help="plain-objective budgets also fine-tuned (controls)")
+    parser.add_argument("--ft-seed", type=int, default=0,
+                        help="offset of the fine-tune's data order and RNG seed")
     parser.add_argument("--no-ft-uniform", action="store_true",
                         help="do not fine-tune the uniform w2/w3/w4 arms")
     parser.add_argument("--out", type=Path, default=q.BENCH / "quality_lowbit_results.json")
@@ -212,11 +215,11 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as sens_dir:
         payload = run(args.samples, args.ft_steps, args.ft_lr, args.ft_targets,
                       not args.no_ft_uniform, args.ft_plain_budget,
-                      q.CACHE / "budget_errors.json", sens_dir)
+                      q.CACHE / "budget_errors.json", sens_dir, args.ft_seed)
     payload.update(command=command, goals=goals(payload["results"]),
                    config={"samples": args.samples, "batch": BATCH, "ft_steps": args.ft_steps,
-                           "ft_lr": args.ft_lr, "choices": CHOICES, "base": BASE,
-                           "llama": q.LLAMA},
+                           "ft_lr": args.ft_lr, "ft_seed": args.ft_seed, "choices": CHOICES,
+                           "base": BASE, "llama": q.LLAMA},
                    wall_seconds=time.time() - t0, environment=q.environment())
     args.out.write_text(json.dumps(payload, indent=1, default=str) + "\n", encoding="utf-8")
     plot(payload["results"], args.plot)
