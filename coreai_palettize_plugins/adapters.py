@@ -394,7 +394,7 @@ def merge_into_palettized(base: nn.Module, adapter_state: Mapping[str, torch.Ten
     re-assigned to the nearest centroid (after ``lloyd_steps`` re-fits of the LUT with
     ``refit_luts``). Returns the error: ``merge_rel_error`` = ||merged - palettized(merged)|| /
     ||delta|| over all layers (0: the merge is exact; 1: as lossy as dropping the adapters)."""
-    from .strategies import assign_nearest, lloyd_step
+    from .strategies import derive_indices, lloyd_step
 
     tensors = {t.module_name: t for t in compat.fake_palettized_tensors(base)}
     err = delta_norm = 0.0
@@ -409,9 +409,11 @@ def merge_into_palettized(base: nn.Module, adapter_state: Mapping[str, torch.Ten
             vectors, _ = t.fake.vectorize(merged)
             for _ in range(lloyd_steps):
                 lloyd_step(t.fake.centroids, vectors)
-        if t.original.shape == merged.shape:  # a dense master weight (the compact base has none)
+        if not compat.is_compact(t.fake):  # a dense master weight (the compact base has none)
             t.original.copy_(merged)
-        assign_nearest(t.fake, merged)
+        # Indices of the merged weight, stored in the fake's own layout (packed when compact).
+        t.fake.indices = derive_indices(t.fake, merged).to(t.fake.centroids.device)
+        t.fake._indices_stale = False
         err += float((module.weight.detach().float() - merged.float()).pow(2).sum())
         delta_norm += float(delta.pow(2).sum())
     rel = (err / delta_norm) ** 0.5 if delta_norm > 0 else 0.0

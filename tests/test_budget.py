@@ -150,7 +150,9 @@ def test_each_layer_gets_the_error_of_its_choice_from_coreai_opt_kmeans(clustere
             continue
         q = t.fake.hard_assign(t.original.detach())
         error = float((t.original.detach().double() - q.double()).pow(2).sum())
-        assert error == pytest.approx(chosen.error, rel=1e-6)
+        # rel 1e-4: the trial ran coreai-opt's own assignment; an ste weight's fake assigns by
+        # midpoints (the same nearest centroid up to float ties at a boundary).
+        assert error == pytest.approx(chosen.error, rel=1e-4)   # another n_bits: far more
 
 
 def test_a_new_target_reuses_the_cache_and_runs_no_trial_kmeans(clustered, cache_file,

@@ -36,11 +36,13 @@ def test_agree_without_process_group_reraises_the_original():
         raise ValueError("boom")
 
 
-def reference_hash() -> str:
-    """Single-process prepare of the model the Lightning script builds."""
+def reference_hash(training: str = "frozen") -> str:
+    """Single-process prepare of the model the Lightning script builds (``--training frozen``
+    by default there: a compact base, packed indices)."""
     pl.seed_everything(0, verbose=False)
     model = DigitsCNN()
-    Palettization("w4", overrides={"linear": "w8"}).prepare(model, model.example_input_array)
+    Palettization("w4", overrides={"linear": "w8"}, training=training).prepare(
+        model, model.example_input_array)
     return palettized_state_hash(model)
 
 
@@ -188,8 +190,8 @@ def test_lightning_ddp_reads_before_fit_start_cluster_each_weight_once_across_ra
     for facts in ranks:
         assert facts["kmeans_in_setup"] == [] and facts["setup_reads_dense"]
         assert facts["kmeans_in_configure_optimizers"] == [] and facts["decay_holds_originals"]
-        assert facts["hash_after_prepare"] == reference_hash()
-    assert ranks[0]["hash_at_end"] == ranks[1]["hash_at_end"] != reference_hash()   # ste trained
+        assert facts["hash_after_prepare"] == reference_hash("ste")  # the script's default
+    assert ranks[0]["hash_at_end"] == ranks[1]["hash_at_end"] != reference_hash("ste")  # trained
     weights = ["net.0.weight", "net.2.weight", "net.5.weight", "net.7.weight"]
     assert sorted(ranks[0]["kmeans_total"] + ranks[1]["kmeans_total"]) == weights  # once each
     assert ranks[0]["kmeans_total"] and ranks[1]["kmeans_total"]                  # sharded
