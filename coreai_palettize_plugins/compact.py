@@ -107,9 +107,11 @@ class CompactBase:
     def _make_compact(self, t: compat.PalettizedTensor) -> None:
         from .report import _sqnr_db
 
-        original = t.parameter
-        setattr(t.fake, SQNR_ATTR, _sqnr_db(original, t.fake.hard_assign(original)))
+        original = t.parameter.detach()  # keeps the dense values alive until the SQNR is taken
         compat.make_compact(t.fake, self.lists[id(t.fake)], train_lut=_train_lut(t.fake))
+        # From the compact rebuild (one weight-sized tensor in the LUT's dtype), not coreai-opt's
+        # hard_assign (which adds an int64 index per weight): prepare's peak memory stays low.
+        setattr(t.fake, SQNR_ATTR, _sqnr_db(original, t.fake.rebuild()))
 
     def _load_pre_hook(self, module: nn.Module, state_dict: dict[str, Any], prefix: str,
                        *args: Any) -> None:

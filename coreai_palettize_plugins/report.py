@@ -179,10 +179,15 @@ def palettized_bytes(tensor: PalettizedTensor) -> int:
 
 
 @torch.no_grad()
-def _sqnr_db(weight: torch.Tensor, palettized: torch.Tensor) -> float:
-    w = weight.detach().double()
-    noise = (w - palettized.detach().double()).pow(2).sum().item()
-    signal = w.pow(2).sum().item()
+def _sqnr_db(weight: torch.Tensor, palettized: torch.Tensor, chunk: int = 1 << 20) -> float:
+    """Signal-to-quantization-noise ratio in dB, accumulated in float64 over chunks of ``chunk``
+    elements (no float64 copy of a whole weight)."""
+    w_flat, p_flat = weight.detach().reshape(-1), palettized.detach().reshape(-1)
+    noise = signal = 0.0
+    for start in range(0, w_flat.numel(), chunk):
+        w = w_flat[start:start + chunk].double()
+        noise += (w - p_flat[start:start + chunk].double()).pow_(2).sum().item()
+        signal += w.pow_(2).sum().item()
     if noise == 0:
         return float("inf")
     return 10 * math.log10(max(signal, 1e-300) / noise)
@@ -223,7 +228,7 @@ def build_report(
     layers = []
     for t in tensors:
         original = t.original
-        quantized = t.fake.hard_assign(original)
+        recorded = _recorded_sqnr(t)
         packed = palettized_bytes(t)
         layers.append(LayerReport(
             name=t.name,
@@ -235,8 +240,8 @@ def build_report(
             dense_bytes=original.numel() * original.element_size(),
             palettized_bytes=packed,
             bits_per_weight=8 * packed / max(original.numel(), 1),
-            sqnr_db=(_recorded_sqnr(t) if _recorded_sqnr(t) is not None
-                     else _sqnr_db(original, quantized)),
+            sqnr_db=(recorded if recorded is not None
+                     else _sqnr_db(original, t.fake.hard_assign(original))),
         ))
 
     rest_numel, rest_bytes, rest_fp16 = rest_of_model(model, tensors)
