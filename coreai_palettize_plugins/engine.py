@@ -279,7 +279,7 @@ class Palettization:
             not t.initialized for t in tensors)
         if calibrate:  # sensitivity-weighted k-means: before it, on the dense weights
             self.calibration_stats = calibration.calibrate(self, tensors)
-        self.apply_budget()  # after calibration: its sensitivities weight the budget's objective
+        self._apply_budget()  # after calibration: its sensitivities weight the budget's objective
         self.sensitivities = None
         compat.end_deferral(tensors)
         self._cluster([t for t in tensors if not t.initialized])
@@ -312,7 +312,7 @@ class Palettization:
         if not (expect_restored or self._restored or any(restored)):
             self.cluster()  # calibration, budget, k-means
             return
-        self.apply_budget()  # resume: the allocation the restored LUTs were clustered with
+        self._apply_budget()  # resume: the allocation the restored LUTs were clustered with
         compat.end_deferral(tensors)  # restored: the fakes palettize from here on
         missing = [t.name for t, ok in zip(tensors, restored) if not ok]
         if missing:
@@ -323,18 +323,17 @@ class Palettization:
         self._restored = True
         self.compact.update()
 
-    def apply_budget(self, sensitivities: Mapping[str, torch.Tensor] | None = None) -> None:
+    def _apply_budget(self) -> None:
         """With ``palettize.budget``: choose each weight's bits (rank 0, broadcast) and rebuild
-        the config with them, before k-means; once. ``sensitivities`` (default
-        ``self.sensitivities``, set by calibration first) weight the objective. After a restore,
-        the allocation is read from the restored LUTs instead."""
+        the config with them, before k-means; once. ``self.sensitivities`` (set by calibration
+        first) weight the objective. After a restore, the allocation is read from the restored
+        LUTs instead."""
         if self.settings.budget is None or self.allocation is not None:
             return
         from .budget import allocation_from_state, apply_budget
 
         # A restored checkpoint (e.g. HF resume) holds the allocation in its LUT sizes.
-        self.allocation = allocation_from_state(self) or apply_budget(
-            self, sensitivities if sensitivities is not None else self.sensitivities)
+        self.allocation = allocation_from_state(self) or apply_budget(self, self.sensitivities)
 
     def prepare(self, model: nn.Module, example_inputs: Any,
                 state_dict: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
