@@ -55,6 +55,10 @@ def _hook_optimizers() -> None:
 class CompactBase:
     """Makes one engine's eligible palettized weights compact (see the module docstring)."""
 
+    def __deepcopy__(self, memo: dict) -> CompactBase:
+        """Shared, not copied: a deep copy of the model (EMA, SWA) keeps its load hooks."""
+        return self
+
     def __init__(self, engine: Palettization) -> None:
         _hook_optimizers()
         self.engine = engine
@@ -117,7 +121,11 @@ class CompactBase:
                        *args: Any) -> None:
         """Per parametrization list: a compact checkpoint makes the weight compact before its
         state loads; a dense one loads into a compact weight without its dense tensor."""
-        fake = self._fake_of[id(module)]
+        fake = self._fake_of.get(id(module))
+        if fake is None:  # a deep copy of the model (EMA, SWA): its own fake, already as it is
+            fake = next((f for f in module if compat.is_compact(f)), None)
+            if fake is None:
+                return
         key = prefix + "original"
         value = state_dict.get(key)
         if compat.is_compact(fake):

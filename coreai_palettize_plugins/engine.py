@@ -40,6 +40,7 @@ __all__ = ["CallSpec", "Palettization", "PalettizationWarning", "as_example_inpu
 
 log = logging.getLogger(__name__)
 
+
 class PalettizationWarning(UserWarning):
     """A layer the config asked for was left dense, or similar surprises."""
 
@@ -248,6 +249,11 @@ class Palettization:
             raise self._nothing_palettized(model, skipped)
 
     check = validate_for  # the 0.1 name
+
+    def __deepcopy__(self, memo: dict) -> Palettization:
+        """The engine is shared, not copied, when a model holding its hooks is deep-copied (an
+        EMA or SWA copy): it holds the palettizer's live training state."""
+        return self
 
     def _fill_tied_keys(self, module, state_dict, prefix, *args) -> None:
         """Checkpoints may hold a tied weight's palettized state once (HF drops duplicates):

@@ -65,3 +65,29 @@ def test_framework_private_access_still_exists():
     assert hasattr(trainer.fit_loop._data_source, "dataloader")
     keys = tiny_llama(tied=True)._tied_weights_keys
     assert isinstance(keys, dict) and keys                    # transformers 5: {alias regex: source}
+
+
+@pytest.mark.parametrize("training", ["ste", "frozen", "lut"])
+def test_a_training_model_can_be_deep_copied_like_an_ema_or_swa_copy(training):
+    """EMA/SWA callbacks deep-copy the model mid-training: the engine (and its coreai-opt
+    training state) is shared by the copy's hooks, not copied; the copy computes the same
+    outputs and loads the original's state."""
+    import copy
+
+    import torch
+    from helpers import tiny_llama
+
+    model = tiny_llama(tied=True)
+    ids = model.dummy_inputs["input_ids"][:1]
+    engine = Palettization("w4", training=training)
+    engine.prepare(model, ids)
+    engine.start_training()
+    twin = copy.deepcopy(model)
+    model.eval()
+    twin.eval()
+    with torch.no_grad():
+        assert torch.equal(twin(ids).logits, model(ids).logits)
+    twin.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(twin(ids).logits, model(ids).logits)
+    engine.stop_training()
