@@ -33,7 +33,7 @@ from torch.nn.utils import parametrize
 
 from . import _coreai_compat as compat
 from ._utils import is_int
-from .checks import PalettizeConfigError, choices
+from .checks import PalettizeConfigError, build_section, choices, section_mapping
 
 __all__ = ["ADAPTER_TYPES", "AdapterExport", "AdapterSettings", "LoraAttachment", "attach",
            "build_adapter_settings", "check_adapter_training", "exclude_adapter_layers",
@@ -104,17 +104,9 @@ def build_adapter_settings(value: Any) -> AdapterSettings | None:
     """
     if value is None or isinstance(value, AdapterSettings):
         return value
-    if not isinstance(value, Mapping):
-        raise PalettizeConfigError("adapters", f"must be null or a mapping ({{type: lora, r: 16, "
-                                   f"...}}), got {value!r}")
-    names = [f.name for f in dataclasses.fields(AdapterSettings)]
-    unknown = sorted(set(value) - set(names))
-    if unknown:
-        raise PalettizeConfigError(f"adapters.{unknown[0]}", f"unknown key; valid: {choices(names)}")
-    try:
-        return AdapterSettings(**value)
-    except PalettizeConfigError as e:
-        raise e.within("adapters") from None
+    section = section_mapping(AdapterSettings, value, "adapters", f"must be null or a mapping "
+                              f"({{type: lora, r: 16, ...}}), got {value!r}")
+    return build_section(AdapterSettings, section, "adapters")
 
 
 def check_adapter_training(adapters: AdapterSettings | None, strategy: str) -> None:

@@ -40,7 +40,7 @@ from . import _coreai_compat as compat
 from . import distributed
 from ._utils import is_int
 from .budget_errors import ErrorCache, evaluate, options_for
-from .checks import VALID_N_BITS, PalettizeConfigError, choices
+from .checks import VALID_N_BITS, PalettizeConfigError, build_section, choices, section_mapping
 from .knapsack import solve
 from .report import rest_of_model
 
@@ -112,19 +112,11 @@ def check_budget(value: Any) -> BudgetSettings | None:
     """``palettize.budget`` from null, a mapping or ``BudgetSettings``; errors name the key."""
     if value is None or isinstance(value, BudgetSettings):
         return value
-    if not isinstance(value, Mapping):
-        raise PalettizeConfigError("budget", "must be null or a mapping such as "
-                                   "{bits_per_weight: 3.5, choices: [2, 3, 4, 6, 8]}")
-    names = ("bits_per_weight", "choices", "granularity", "cache")
-    unknown = sorted(set(value) - set(names))
-    if unknown:
-        raise PalettizeConfigError(f"budget.{unknown[0]}", f"unknown key; valid: {choices(names)}")
-    if "bits_per_weight" not in value:
+    section = section_mapping(BudgetSettings, value, "budget", "must be null or a mapping such "
+                              "as {bits_per_weight: 3.5, choices: [2, 3, 4, 6, 8]}")
+    if "bits_per_weight" not in section:
         raise PalettizeConfigError("budget.bits_per_weight", "required (the whole-model target)")
-    try:
-        return BudgetSettings(**dict(value))
-    except PalettizeConfigError as e:
-        raise e.within("budget") from None
+    return build_section(BudgetSettings, dict(section), "budget")
 
 
 # --------------------------------------------------------------------------------------------

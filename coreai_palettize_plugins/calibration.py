@@ -45,7 +45,7 @@ import torch.nn as nn
 from . import _coreai_compat as compat
 from . import distributed
 from ._utils import is_int
-from .checks import PalettizeConfigError, choices
+from .checks import PalettizeConfigError, build_section, choices, section_mapping
 
 __all__ = ["CalibrationData", "CalibrationSettings", "CalibrationStats", "build_calibration",
            "calibrate", "compute_sensitivities", "kmeans_weights", "load_sensitivities",
@@ -102,18 +102,12 @@ def build_calibration(value: Any) -> CalibrationSettings | None:
         return value
     if dataclasses_like(value):
         value = asdict(value)
-    if not isinstance(value, Mapping):
-        raise PalettizeConfigError("calibration", f"must be null or a mapping with one of "
-                                   f"samples, batches (keys: {choices(KEYS)}), got {value!r}")
-    unknown = sorted(str(k) for k in value if k not in KEYS)
-    if unknown:
-        raise PalettizeConfigError(f"calibration.{unknown[0]}", f"unknown key; valid: {choices(KEYS)}")
-    if all(value.get(k) is None for k in ("samples", "batches", "path")):
+    section = section_mapping(CalibrationSettings, value, "calibration", f"must be null or a "
+                              f"mapping with one of samples, batches (keys: {choices(KEYS)}), "
+                              f"got {value!r}")
+    if all(section.get(k) is None for k in ("samples", "batches", "path")):
         return None  # the Hydra schema's all-null node
-    try:
-        return CalibrationSettings(**value)
-    except PalettizeConfigError as e:
-        raise e.within("calibration") from None
+    return build_section(CalibrationSettings, section, "calibration")
 
 
 def dataclasses_like(value: Any) -> bool:

@@ -4,6 +4,7 @@ error type, and the checks of single values. Pure: no coreai-opt object is built
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -26,6 +27,7 @@ __all__ = [
     "TRAINING_STRATEGY_KEYS",
     "VALID_N_BITS",
     "PalettizeConfigError",
+    "build_section",
     "check_export_formats",
     "check_module_type",
     "check_training",
@@ -33,6 +35,7 @@ __all__ = [
     "choices",
     "normalize_spec",
     "resolve_module_type",
+    "section_mapping",
     "training_name",
     "training_options",
 ]
@@ -274,3 +277,23 @@ def check_export_formats(formats: Any, key: str) -> list[str]:
             raise PalettizeConfigError(key,
                                        f"unknown format {fmt!r}; valid: {choices(EXPORT_FORMATS)}")
     return list(formats)
+
+
+def section_mapping(cls: type, value: Any, key: str, not_mapping: str) -> Mapping[str, Any]:
+    """``value`` checked as the mapping of dataclass section ``cls`` at ``key``: a mapping
+    (else ``not_mapping`` is the message) whose keys are all fields of ``cls``."""
+    if not isinstance(value, Mapping):
+        raise PalettizeConfigError(key, not_mapping)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(str(k) for k in value if k not in names)
+    if unknown:
+        raise PalettizeConfigError(f"{key}.{unknown[0]}", f"unknown key; valid: {choices(names)}")
+    return value
+
+
+def build_section(cls: type, value: Mapping[str, Any], key: str) -> Any:
+    """``cls(**value)``; a ``PalettizeConfigError`` of its own checks is re-rooted at ``key``."""
+    try:
+        return cls(**value)
+    except PalettizeConfigError as e:
+        raise e.within(key) from None

@@ -38,6 +38,7 @@ objects.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 from collections.abc import Mapping
@@ -61,6 +62,7 @@ from .checks import (
     TRAINING_STRATEGY_KEYS,
     VALID_N_BITS,
     PalettizeConfigError,
+    build_section,
     check_export_formats,
     check_module_type,
     check_training,
@@ -68,6 +70,7 @@ from .checks import (
     choices,
     normalize_spec,
     resolve_module_type,
+    section_mapping,
     training_name,
 )
 
@@ -115,16 +118,8 @@ def _build(cls: type, value: Any, key: str) -> Any:
     if isinstance(value, cls):
         return value
     plain = _to_plain(value) if value is not None else {}
-    if not isinstance(plain, Mapping):
-        raise PalettizeConfigError(key, f"must be a mapping, got {value!r}")
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(plain) - set(names))
-    if unknown:
-        raise PalettizeConfigError(f"{key}.{unknown[0]}", f"unknown key; valid: {choices(names)}")
-    try:
-        return cls(**plain)
-    except PalettizeConfigError as e:
-        raise e.within(key) from None
+    section = section_mapping(cls, plain, key, f"must be a mapping, got {value!r}")
+    return build_section(cls, section, key)
 
 
 # --------------------------------------------------------------------------------------------
@@ -222,6 +217,9 @@ class PalettizeSettings:
         self._check_budget()
         if self.adapters is not None and self.training == DEFAULT_TRAINING:
             self.training = "frozen"  # adapters train on a frozen base; the default ste would not
+            logging.getLogger(__name__).info(
+                "palettize: adapters set: the palettized base trains frozen (palettize.training "
+                "default ste does not apply)")
         check_adapter_training(self.adapters, training_name(self.training))
         if not is_int(self.num_workers) or self.num_workers < 1:
             raise PalettizeConfigError("num_workers",
