@@ -24,6 +24,7 @@ from coreai_opt import ExportBackend
 from coreai_opt.palettization import KMeansPalettizer, KMeansPalettizerConfig
 
 from ._coreai_compat import fake_palettized_tensors, prepare_from_state_dict
+from ._export_files import finish_interrupted
 from ._inputs import CallSpec, as_call_spec, keyword_call
 from ._modelcopy import tracing_forward
 from ._utils import dtype_from_name, dtype_name, unique_by_storage
@@ -192,6 +193,7 @@ def _read_manifest(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
     directory = Path(path)
     if directory.is_file():
         directory = directory.parent
+    finish_interrupted(directory)  # an export's commit cut short: finish it first
     manifest_path = directory / MANIFEST_NAME
     if not manifest_path.is_file():
         raise FileNotFoundError(f"{manifest_path} not found: not a palettized export directory")
