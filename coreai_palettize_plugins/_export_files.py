@@ -306,24 +306,28 @@ def staged_export(directory: str | os.PathLike) -> Iterator[StagedExport]:
         directory.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError) as e:
         raise NotADirectoryError(f"palettize export: {directory} is not a directory") from e
-    with export_lock(directory):
-        _recover(directory)
-        staging = directory / f".palettize-export.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial"
-        staging.mkdir()
-        staged = StagedExport(directory, staging, read_completion(directory))
-        try:
-            yield staged
-            if staged.commit_enabled:
-                staged.commit()
-        except OSError as e:
-            if e.errno == errno.ENOSPC and not staged.journal_written:
-                raise OSError(e.errno, f"palettize export to {directory}: no space left on "
-                              f"device{_free_space_hint(directory)}; the previous export there "
-                              "is unchanged") from e
-            raise
-        finally:
-            if not staged.journal_written:  # else the journal needs it to finish the commit
-                _remove(staging)
+    journal_written = False
+    try:
+        with export_lock(directory):
+            _recover(directory)
+            staging = directory / f".palettize-export.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial"
+            staged: StagedExport | None = None
+            try:
+                staging.mkdir()
+                staged = StagedExport(directory, staging, read_completion(directory))
+                yield staged
+                if staged.commit_enabled:
+                    staged.commit()
+            finally:
+                journal_written = staged is not None and staged.journal_written
+                if not journal_written:  # else the journal needs it to finish the commit
+                    _remove(staging)
+    except OSError as e:
+        if e.errno == errno.ENOSPC and not journal_written:
+            raise OSError(e.errno, f"palettize export to {directory}: no space left on "
+                          f"device{_free_space_hint(directory)}; the previous export there "
+                          "is unchanged") from e
+        raise
 
 
 def _apply_umask(root: Path) -> None:

@@ -15,10 +15,12 @@ consensus point, so every rank raises promptly instead of waiting in a collectiv
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import os
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -40,6 +42,7 @@ __all__ = [
     "broadcast_object",
     "check_parallelism",
     "cluster",
+    "on_rank_zero",
     "palettized_state_hash",
     "plan_owners",
     "rank",
@@ -60,6 +63,38 @@ def rank() -> int:
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+_rank_zero_calls = itertools.count()
+
+
+def on_rank_zero(step: Callable[[], Any], *, what: str, poll_s: float = 0.2) -> Any:
+    """``step()`` on global rank 0; the other ranks wait for it without a deadline (polling the
+    process group's store), so a step longer than the process group's timeout (a long export)
+    is never cut short by a barrier timing out. A failure on rank 0 is raised on every rank.
+    If rank 0 dies, the store (or the launcher) ends the wait. Returns ``step()`` on rank 0 and
+    None on the others; without a process group it just runs ``step()``."""
+    if not _active():
+        return step()
+    store = dist.distributed_c10d._get_default_store()
+    key = f"palettize/{what}/{next(_rank_zero_calls)}"
+    if rank() == 0:
+        outcome = "failed: interrupted"
+        try:
+            value = step()
+            outcome = "ok"
+            return value
+        except BaseException as e:
+            outcome = f"failed: {one_line(e)}"
+            raise
+        finally:
+            store.set(key, outcome)
+    while not store.check([key]):
+        time.sleep(poll_s)
+    outcome = store.get(key).decode()
+    if outcome != "ok":
+        raise RuntimeError(f"palettize: {what} {outcome.replace('failed: ', 'failed on rank 0: ')}")
+    return None
 
 
 def world_size() -> int:

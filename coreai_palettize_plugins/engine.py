@@ -32,7 +32,7 @@ from ._modelcopy import copy_for_export, materialize, meta_skeleton, model_devic
 from .compact import CompactBase
 from .coreai_config import config_to_yaml, to_coreai_config
 from .dense_reasons import check_overrides, dense_weights
-from .export import ExportResult, export_palettized
+from .export import ExportResult, check_export_dir, export_palettized
 from .report import CompressionReport, build_report
 from .settings import ConfigSource, PalettizeConfigError, PalettizeSettings
 
@@ -542,11 +542,19 @@ class Palettization:
 
     def export_on_main(self, directory: str | Path | None = None, **kwargs: Any
                        ) -> ExportResult | None:
-        """``export`` on global rank 0 only; every rank waits at a barrier afterwards."""
-        result = None
-        try:
+        """``export`` on global rank 0 only; the other ranks wait for it without a deadline
+        (not at a barrier bounded by the process group's timeout)."""
+        return distributed.on_rank_zero(lambda: self.export(directory, **kwargs), what="export")
+
+    def check_export_dir(self, default_export_dir: str | Path) -> None:
+        """Refuse a bad export directory before training (on rank 0, whose file system the
+        export writes; a failure is raised on every rank). Nothing is created.
+
+        Raises:
+            PalettizeConfigError: naming ``palettize.export.dir``.
+        """
+        if not self.settings.export.formats:
+            return
+        with distributed.agree("the palettize.export.dir check"):
             if distributed.rank() == 0:
-                result = self.export(directory, **kwargs)
-        finally:
-            distributed.barrier()
-        return result
+                check_export_dir(self.settings.export.dir or default_export_dir)

@@ -34,7 +34,7 @@ from ._coreai_compat import (
     use_exportable_experts,
     widen_for_coreai,
 )
-from ._export_files import StagedExport, staged_export
+from ._export_files import StagedExport, check_export_dir, staged_export
 from ._inputs import CallSpec, as_call_spec, constants_bound, keyword_call
 from ._isolated import describe, run_isolated
 from ._modelcopy import max_abs_diff, model_outputs, tensor_leaves, tracing_forward
@@ -57,6 +57,7 @@ __all__ = [
     "ExportError",
     "ExportResult",
     "atomic_directory",
+    "check_export_dir",
     "export_palettized",
     "load_palettized",
     "pack_indices",

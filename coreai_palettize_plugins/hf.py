@@ -209,6 +209,8 @@ class PalettizationTrainerCallback(TrainerCallback):
     set_trainer = attach_to_trainer  # the name transformers' own callbacks use
 
     def _check_parallelism(self, args: TrainingArguments, model: nn.Module | None) -> None:
+        """The parallelism rules and the export directory, before training."""
+        self.engine.check_export_dir(Path(args.output_dir) / "palettized")
         kind, what, find_unused = _parallelism(args, model)
         distributed.check_parallelism(
             self.engine.settings, kind, what=what, find_unused=find_unused,

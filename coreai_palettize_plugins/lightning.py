@@ -191,6 +191,7 @@ class PalettizationCallback(Callback):
             self._attach_on_palettized_load(trainer, pl_module, stage)
             return
         _check_strategy(trainer, self.engine)
+        self.engine.check_export_dir(Path(trainer.default_root_dir) / "palettized")
         self._provide_calibration_data(trainer, pl_module)
         if is_overridden("configure_model", pl_module):
             self._attach_after_configure_model(trainer, pl_module)
