@@ -259,6 +259,7 @@ def forked(target) -> int:
     if pid == 0:
         code = 1
         try:
+            torch.set_num_threads(1)  # GNU OpenMP's thread pool does not survive a fork
             target()
             code = 0
         finally:
