@@ -536,9 +536,13 @@ class Palettization:
         """End of training: leave training mode, then export on rank 0 (if any format is set)
         to ``palettize.export.dir`` or ``default_export_dir``. Returns the result on rank 0."""
         self.stop_training()
-        if not self.settings.export.formats:
-            return None
-        return self.export_on_main(self.settings.export.dir or default_export_dir, **export_kwargs)
+        result = None
+        if self.settings.export.formats:
+            result = self.export_on_main(self.settings.export.dir or default_export_dir,
+                                         **export_kwargs)
+        for t in self.tensors():           # what the export's reads cached: the first eval
+            strategies.drop_cache(t.fake)  # forward after training caches it again
+        return result
 
     def export_on_main(self, directory: str | Path | None = None, **kwargs: Any
                        ) -> ExportResult | None:
