@@ -19,7 +19,8 @@ Idempotent: a second run changes nothing. It
    tests/, benchmarks/, examples/, scripts/ and hydra_plugins/ (absolute), and dotted or slashed
    paths in strings, comments and docs (``coreai_palettize_plugins.budget`` ->
    ``coreai_palettize_plugins.accuracy.budget``); the documented public paths (``PUBLIC``)
-   stay as they are outside the package;
+   stay as they are outside the package, and so do the paths of the packages that took an old
+   module's name in text (``coreai_palettize_plugins.engine`` still holds the same names);
 5. writes the thin alias modules of ``ALIASES`` (the old path is the same module object).
 
 Then run ``ruff check --fix .`` (import order) and the tests.
@@ -418,7 +419,7 @@ def main() -> int:
         before = path.read_text()
         as_written = written_as.get(path, here)
         text = rewrite_imports(path, as_written, modules) if path.exists() else before
-        names = set(MAPPING) - (PUBLIC if here is None else set())
+        names = set(MAPPING) - collisions - (PUBLIC if here is None else set())
         text = rewrite_text(text, names, modules)
         if path == PKG_DIR / "__init__.py":
             text = rewrite_homes(text)
