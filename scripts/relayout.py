@@ -23,7 +23,8 @@ Idempotent: a second run changes nothing. It
    module's name in text (``coreai_palettize_plugins.engine`` still holds the same names);
 5. writes the thin alias modules of ``ALIASES`` (the old path is the same module object).
 
-Then run ``ruff check --fix .`` (import order) and the tests.
+It sorts the rewritten imports with ``ruff check --fix --select I`` when ruff is installed.
+Then run ``ruff check .`` and the tests.
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ from __future__ import annotations
 import argparse
 import ast
 import re
+import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -348,25 +351,27 @@ def public_names(path: Path) -> list[str]:
     return [n for n in names if not n.startswith("_")]
 
 
+def docstring(text: str) -> str:
+    paragraphs = [textwrap.fill(p, 96) for p in text.split("\n\n")]
+    return '"""' + "\n\n".join(paragraphs) + ('\n"""\n' if len(paragraphs) > 1 or
+                                                "\n" in paragraphs[0] else '"""\n')
+
+
 def package_inits() -> dict[Path, str]:
     out = {}
     for package in sorted({new.partition(".")[0] for new in MAPPING.values() if "." in new}):
         doc = DOCS.get(package, "")
         old_module = MAPPING.get(package)  # a package that took an old module's name
-        text = f'"""{doc}'
-        if old_module is not None:
-            leaf = old_module.partition(".")[2]
-            names = public_names(new_path(old_module))
-            text += (f"\n\n``{PACKAGE}.{package}`` was a module: its names are re-exported from "
-                     f"``{leaf}``.\n" + '"""\n\n')
-            text += render(f"{PACKAGE}.{old_module}", [ast.alias(n) for n in names],
-                           f"{PACKAGE}.{package}.__init__", "") + "\n\n"
-            text += "__all__ = [" + ", ".join(f'"{n}"' for n in sorted(names)) + "]\n"
-            if len(text.splitlines()[-1]) > 100:
-                text = text[: text.rindex("__all__")] + "__all__ = [\n" + "".join(
-                    f'    "{n}",\n' for n in sorted(names)) + "]\n"
-        else:
-            text += '"""\n'
+        if old_module is None:
+            out[PKG_DIR / package / "__init__.py"] = docstring(doc)
+            continue
+        leaf = old_module.partition(".")[2]
+        names = public_names(new_path(old_module))
+        text = docstring(f"{doc}\n\n``{PACKAGE}.{package}`` was a module: its names are "
+                         f"re-exported from ``{leaf}``.") + "\n"
+        text += render(f"{PACKAGE}.{old_module}", [ast.alias(n) for n in names],
+                       f"{PACKAGE}.{package}.__init__", "") + "\n\n"
+        text += "__all__ = [\n" + "".join(f'    "{n}",\n' for n in sorted(names)) + "]\n"
         out[PKG_DIR / package / "__init__.py"] = text
     return out
 
@@ -376,9 +381,9 @@ def alias_modules() -> dict[Path, str]:
     for old in sorted(ALIASES):
         parent, _, leaf = MAPPING[old].rpartition(".")
         out[PKG_DIR / f"{old}.py"] = (
-            f'"""``{PACKAGE}.{old}``: the old path of ``{PACKAGE}.{MAPPING[old]}`` (the same '
-            'module)."""\n\n'
-            f"{ALIAS_MARK}\nimport sys\n\nfrom .{parent} import {leaf} as _module\n\n"
+            docstring(f"``{PACKAGE}.{old}``: the old path of ``{PACKAGE}.{MAPPING[old]}`` (the "
+                      "same module object).")
+            + f"\n{ALIAS_MARK}\nimport sys\n\nfrom .{parent} import {leaf} as _module\n\n"
             "sys.modules[__name__] = _module\n")
     return out
 
@@ -439,6 +444,11 @@ def main() -> int:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(text)
     changes += [f"rewrite {p.relative_to(ROOT)}" for p in outputs]
+    ruff = shutil.which("ruff")
+    py_files = [str(p) for p in outputs if p.suffix == ".py"]
+    if not args.check and ruff and py_files:  # import order of the rewritten imports
+        subprocess.run([ruff, "check", "--fix", "--select", "I", "-q", *py_files], cwd=ROOT,
+                       check=False)
     print("\n".join(changes) or "relayout: nothing to do")
     return 1 if args.check and changes else 0
 
