@@ -357,6 +357,11 @@ def docstring(text: str) -> str:
                                                 "\n" in paragraphs[0] else '"""\n')
 
 
+def isort_key(name: str) -> tuple[int, str]:
+    """isort's order (ruff's too): CONSTANTS, Classes, functions."""
+    return (0 if name.isupper() else 1 if name[0].isupper() else 2, name)
+
+
 def package_inits() -> dict[Path, str]:
     out = {}
     for package in sorted({new.partition(".")[0] for new in MAPPING.values() if "." in new}):
@@ -366,12 +371,12 @@ def package_inits() -> dict[Path, str]:
             out[PKG_DIR / package / "__init__.py"] = docstring(doc)
             continue
         leaf = old_module.partition(".")[2]
-        names = public_names(new_path(old_module))
+        names = sorted(public_names(new_path(old_module)), key=isort_key)
         text = docstring(f"{doc}\n\n``{PACKAGE}.{package}`` was a module: its names are "
                          f"re-exported from ``{leaf}``.") + "\n"
         text += render(f"{PACKAGE}.{old_module}", [ast.alias(n) for n in names],
                        f"{PACKAGE}.{package}.__init__", "") + "\n\n"
-        text += "__all__ = [\n" + "".join(f'    "{n}",\n' for n in sorted(names)) + "]\n"
+        text += "__all__ = [\n" + "".join(f'    "{n}",\n' for n in names) + "]\n"
         out[PKG_DIR / package / "__init__.py"] = text
     return out
 
