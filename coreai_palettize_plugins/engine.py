@@ -9,11 +9,9 @@
     engine.finish_training("out/")             # leave training mode; export on rank 0
 
 ``prepare(model, example_inputs, state_dict=None)`` does attach + (load or cluster) in one call.
-The adapters only map framework hooks onto these methods; nothing here knows a framework.
-The engine orchestrates phases that never see it: ``attach`` (structure), ``calibration``,
-``budget``, k-means (``distributed``), ``compact``, ``adapters``, ``report`` and ``export``. Each
-gets the palettized tensors, its settings section and a ``DistContext`` and returns data; the
-engine calls them in order and keeps their results.
+The adapters only map framework hooks onto these methods; nothing here knows a framework. The
+phases (attach, calibration, budget, k-means, compact, adapters, report, export) never see the
+engine: each gets tensors, its settings section and a ``DistContext``, and returns data.
 """
 
 from __future__ import annotations
@@ -39,12 +37,10 @@ from . import (
 )
 from . import _coreai_compat as compat
 from ._inputs import CallSpec, as_call_spec
-from ._modelcopy import copy_for_export
 from .attach import PalettizationWarning
 from .calibration import CalibrationData, CalibrationStats
 from .compact import CompactBase
 from .coreai_config import config_to_yaml, to_coreai_config
-from .dense_reasons import check_overrides
 from .dist_context import DistContext
 from .export import ExportResult
 from .report import CompressionReport, rest_of_model
@@ -112,6 +108,7 @@ class Palettization:
         self._model_factory = model_factory
         self._skeleton: nn.Module | None = None
         self._training: Any = None
+        self._attached: attach.Attached | None = None
         self.allocation: budget.Allocation | None = None
         """The allocation once ``palettize.budget`` was applied (before k-means)."""
         self.sensitivities: dict[str, torch.Tensor] | None = None
@@ -156,27 +153,17 @@ class Palettization:
                                "coreai-opt); build a new model or reuse its Palettization")
         example_inputs = as_example_inputs(example_inputs, model)
         with self.dist.agree("palettize setup"):  # a failure on any rank stops every rank
-            self._use_settings_of_rank_zero()
-            attach.check_module_patterns(self.settings.modules, model)
-            # Extended for the model's linear-like modules (HF Conv1D, fused MoE experts): the
-            # config checkpoints, the packed artifact and load_palettized carry.
-            self.config = adapters.exclude_adapter_layers(to_coreai_config(self.settings, model),
-                                                          model)
-            if self._model_factory is None:
-                self._skeleton = copy_for_export(model)
-            attached = attach.insert(model, self.config, example_inputs, self.settings.num_workers)
-            self.model, self.palettizer = model, attached.palettizer
-            self.skipped, self.consumers, self.tied = (attached.skipped, attached.consumers,
-                                                       attached.tied)
-            self.example_inputs = example_inputs.detached_cpu()
-            if not self.tensors():
-                raise attach.nothing_palettized(model, self.settings.describe(), self.skipped)
-            check_overrides(model, **self._trace_record())
-            attach.prepare_parameters(self.tensors(), self.settings.start_step)
-            self.compact = CompactBase(model, self.tensors(), bool(self.settings.compact))
-            # After the structure, before the optimizer and DDP: LoRA on the frozen base.
-            self.adapters = adapters.attach(model, self.settings.adapters,
-                                            self.settings.training_strategy, self.tensors())
+            theirs = attach.settings_of_rank_zero(self.settings.to_dict(), self.dist)
+            if theirs is not None:  # one resolved config on every rank: rank 0's
+                self.settings = PalettizeSettings(**theirs, base_config=self.settings.base_config)
+            self._attached = attach.build(model, self.settings, example_inputs,
+                                          skeleton=self._model_factory is None)
+        a = self._attached
+        self.model, self.palettizer, self.config, self._skeleton = (
+            model, a.palettizer, a.config, a.skeleton)
+        self.skipped, self.consumers, self.tied = a.skipped, a.consumers, a.tied
+        self.compact, self.adapters = a.compact, a.adapters
+        self.example_inputs = example_inputs.detached_cpu()
         if self.dist.is_main:
             attach.warn_dense(model, self._trace_record())
 
@@ -185,12 +172,6 @@ class Palettization:
         """The ranks the phases agree across: ``dist_context`` when set (a sharded run's group
         and mesh), else the default process group."""
         return self.dist_context or DistContext.current()
-
-    def _use_settings_of_rank_zero(self) -> None:
-        theirs = attach.settings_of_rank_zero(self.settings.to_dict(), self.dist)
-        if theirs is not None:
-            self.settings = PalettizeSettings(**theirs, base_config=self.settings.base_config)
-            self.config = to_coreai_config(self.settings)
 
     def validate_for(self, model: nn.Module, example_inputs: Any) -> None:
         """Validate the config against ``model`` without touching it (a dry run on a copy).
@@ -395,9 +376,7 @@ class Palettization:
     # ---------------------------------------------------------------- report and export
 
     def _trace_record(self) -> dict[str, Any]:
-        """What attach learned, for the dense reasons (``report.dense_weights``)."""
-        return {"skipped": self.skipped, "consumers": self.consumers, "settings": self.settings,
-                "module_configs": compat.resolved_module_configs(self.palettizer)}
+        return self._attached.trace_record(self.settings)
 
     def report(self) -> CompressionReport:
         """The compression report (whole-model sizes; dense weights with their reasons)."""
@@ -458,10 +437,4 @@ class Palettization:
     def export_on_main(self, directory: str | Path | None = None, **kwargs: Any
                        ) -> ExportResult | None:
         """``export`` on global rank 0 only; every rank waits at a barrier afterwards."""
-        result = None
-        try:
-            if self.dist.is_main:
-                result = self.export(directory, **kwargs)
-        finally:
-            self.dist.barrier()
-        return result
+        return export_step.on_main(self.dist, lambda: self.export(directory, **kwargs))

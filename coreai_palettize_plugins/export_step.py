@@ -21,10 +21,11 @@ from ._modelcopy import materialize
 from .budget import Allocation, write_block
 from .calibration import CalibrationStats
 from .compact import CompactBase
+from .dist_context import DistContext
 from .export import ExportResult, export_palettized
 from .report import CompressionReport, build_report
 
-__all__ = ["adapter_export", "export", "fold_shortcuts", "new_model", "report",
+__all__ = ["adapter_export", "export", "fold_shortcuts", "new_model", "on_main", "report",
            "require_clustered"]
 
 log = logging.getLogger("coreai_palettize_plugins.engine")
@@ -107,3 +108,14 @@ def export(model: nn.Module, directory: str | Path, *, compact: CompactBase,
              result.directory)
     return result
 
+
+
+def on_main(dist: DistContext, export_fn: Callable[[], ExportResult]) -> ExportResult | None:
+    """``export_fn()`` on rank 0 only; every rank waits at a barrier afterwards."""
+    result = None
+    try:
+        if dist.is_main:
+            result = export_fn()
+    finally:
+        dist.barrier()
+    return result
