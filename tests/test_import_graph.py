@@ -7,7 +7,11 @@ absolute; ``from . import x`` resolved to the module ``x`` when it is one).
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 PACKAGE = "coreai_palettize_plugins"
 ROOT = Path(__file__).resolve().parents[1] / PACKAGE
@@ -15,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 # Modules that orchestrate the engine or sit above it (adapters of frameworks, commands); every
 # other module is a feature or a helper and must not import the engine.
 ENGINE_USERS = ("integrations", "cli", "recipes", "inspection", "lightning", "hf", "budget_cli",
-                "catalog", "__init__", "__main__")
+                "catalog", "__main__")
 
 
 def module_names(root: Path = ROOT) -> dict[str, Path]:
@@ -128,11 +132,36 @@ def test_cycle_detector_sees_a_cycle(tmp_path: Path) -> None:
 
 def test_no_feature_module_imports_the_engine() -> None:
     graph = import_graph()
-    engine = {m for m in graph if m.split(".")[1:2] == ["engine"] and m.count(".") <= 2
-              and (m.endswith(".engine") or m.endswith(".lifecycle"))}
+    engine = {f"{PACKAGE}.engine", f"{PACKAGE}.engine.lifecycle"} & set(graph)
     assert engine, "the engine module was not found"
     offenders = sorted(
         f"{m} -> {', '.join(sorted(graph[m] & engine))}" for m in graph
         if graph[m] & engine and m not in engine
         and m != PACKAGE and not any(part in ENGINE_USERS for part in m.split(".")[1:]))
     assert not offenders, "feature modules import the engine:\n" + "\n".join(offenders)
+
+
+_FIRST_IMPORT = """
+import importlib, sys
+import coreai_opt.palettization, lightning.pytorch, torch, transformers  # noqa: E401 (cached)
+from transformers import Trainer  # noqa: F401
+failed = []
+for name in sys.argv[1:]:
+    for key in [k for k in sys.modules if k.split(".")[0] == "coreai_palettize_plugins"]:
+        del sys.modules[key]
+    try:
+        importlib.import_module(name)
+    except Exception as e:
+        failed.append(f"{name}: {type(e).__name__}: {e}")
+print("\\n".join(failed))
+sys.exit(1 if failed else 0)
+"""
+
+
+@pytest.mark.slow
+def test_every_module_imports_first() -> None:
+    """Each module imported first in a fresh package (no cycle through a package __init__)."""
+    names = sorted(module_names())
+    result = subprocess.run([sys.executable, "-c", _FIRST_IMPORT, *names], capture_output=True,
+                            text=True, timeout=600, cwd=ROOT.parent)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
