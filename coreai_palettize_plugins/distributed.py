@@ -15,12 +15,10 @@ consensus point, so every rank raises promptly instead of waiting in a collectiv
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import math
 import os
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -28,8 +26,9 @@ import torch
 import torch.distributed as dist
 
 from . import _coreai_compat as compat
-from ._utils import dtype_from_name, dtype_name, one_line
+from ._utils import dtype_from_name, dtype_name
 from .checks import PalettizeConfigError
+from .dist_context import DistContext
 from .strategies import trains_dense_weight
 
 if TYPE_CHECKING:
@@ -42,7 +41,6 @@ __all__ = [
     "broadcast_object",
     "check_parallelism",
     "cluster",
-    "on_rank_zero",
     "palettized_state_hash",
     "plan_owners",
     "rank",
@@ -63,38 +61,6 @@ def rank() -> int:
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-
-
-_rank_zero_calls = itertools.count()
-
-
-def on_rank_zero(step: Callable[[], Any], *, what: str, poll_s: float = 0.2) -> Any:
-    """``step()`` on global rank 0; the other ranks wait for it without a deadline (polling the
-    process group's store), so a step longer than the process group's timeout (a long export)
-    is never cut short by a barrier timing out. A failure on rank 0 is raised on every rank.
-    If rank 0 dies, the store (or the launcher) ends the wait. Returns ``step()`` on rank 0 and
-    None on the others; without a process group it just runs ``step()``."""
-    if not _active():
-        return step()
-    store = dist.distributed_c10d._get_default_store()
-    key = f"palettize/{what}/{next(_rank_zero_calls)}"
-    if rank() == 0:
-        outcome = "failed: interrupted"
-        try:
-            value = step()
-            outcome = "ok"
-            return value
-        except BaseException as e:
-            outcome = f"failed: {one_line(e)}"
-            raise
-        finally:
-            store.set(key, outcome)
-    while not store.check([key]):
-        time.sleep(poll_s)
-    outcome = store.get(key).decode()
-    if outcome != "ok":
-        raise RuntimeError(f"palettize: {what} {outcome.replace('failed: ', 'failed on rank 0: ')}")
-    return None
 
 
 def world_size() -> int:
@@ -173,37 +139,14 @@ def check_parallelism(settings: PalettizeSettings, kind: str, *, what: str,
     return needs
 
 
-@contextlib.contextmanager
-def agree(what: str) -> Iterator[None]:
-    """Run the block on every rank; if it failed anywhere, raise everywhere.
-
-    The failing rank re-raises its own exception; the others raise a ``RuntimeError`` naming the
-    rank and the original error. Without a process group this is a no-op wrapper.
-    """
-    error: BaseException | None = None
-    try:
-        yield
-    except Exception as e:
-        error = e
-    if _active():
-        message = None if error is None else one_line(error, causes=True)
-        messages: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(messages, message)
-        failed = [(r, m) for r, m in enumerate(messages) if m is not None]
-        if error is None and failed:
-            failed_rank, failed_message = failed[0]
-            raise RuntimeError(f"palettize: {what} failed on rank {failed_rank}: {failed_message}")
-    if error is not None:
-        raise error
+def agree(what: str) -> contextlib.AbstractContextManager[None]:
+    """``DistContext.agree`` on the default group: a failure on any rank raises on every rank."""
+    return DistContext.current().agree(what)
 
 
 def broadcast_object(value: Any, src: int = 0) -> Any:
     """``value`` from rank ``src`` on every rank (small metadata only)."""
-    if not _active():
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
+    return DistContext.current().broadcast_object(value, src)
 
 
 @contextlib.contextmanager
