@@ -210,11 +210,11 @@ class PalettizationTrainerCallback(TrainerCallback):
 
     def _check_parallelism(self, args: TrainingArguments, model: nn.Module | None) -> None:
         """The parallelism rules and the export directory, before training."""
-        self.engine.check_export_dir(Path(args.output_dir) / "palettized")
         kind, what, find_unused = _parallelism(args, model)
         distributed.check_parallelism(
             self.engine.settings, kind, what=what, find_unused=find_unused,
             fix="set TrainingArguments(ddp_find_unused_parameters=True)")
+        self.engine.check_export_dir(Path(getattr(args, "output_dir", None) or ".") / "palettized")
 
     def _attach(self, model: nn.Module, example_inputs: Any) -> None:
         with kv_cache_disabled(model):
