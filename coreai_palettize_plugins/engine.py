@@ -26,7 +26,7 @@ import torch.nn as nn
 from coreai_opt.palettization import KMeansPalettizer
 
 from . import _coreai_compat as compat
-from . import adapters, calibration, distributed, strategies
+from . import adapters, calibration, distributed, integrity, strategies
 from ._inputs import CallSpec, as_call_spec, keyword_call
 from ._modelcopy import copy_for_export, materialize, meta_skeleton, model_device, tracing_forward
 from .compact import CompactBase
@@ -190,6 +190,7 @@ class Palettization:
         self.tied = compat.tied_prefixes(model)
         if self.tied:
             model.register_load_state_dict_pre_hook(self._fill_tied_keys)
+        integrity.watch_loads(self)  # a checkpoint's LUT shapes must fit this config
         # No lazy k-means: until cluster() or a verified restore, reading a palettized weight
         # returns the dense Parameter (an optimizer built from ``m.weight`` gets the real one).
         compat.defer_clustering(self.tensors())
@@ -296,6 +297,7 @@ class Palettization:
 
     def _cluster(self, pending: list[compat.PalettizedTensor]) -> None:
         if pending:
+            integrity.check_weights_finite(pending)  # on every rank: a NaN is never clustered
             self.cluster_stats = distributed.cluster(self.palettizer, pending,
                                                      self.settings.distributed)
             for t in pending:
@@ -326,6 +328,7 @@ class Palettization:
                 f"the loaded checkpoint has no palettized state (centroids/indices) for "
                 f"{len(missing)} weight(s): {', '.join(missing[:5])}"
                 f"{' ...' if len(missing) > 5 else ''}; it does not come from this config")
+        integrity.check_restored(self)  # finite LUTs and weights, indices < 2**n_bits
         self._restored = True
         self.compact.update()
 
@@ -420,6 +423,7 @@ class Palettization:
         self._cluster([t for t in tensors if not t.initialized])
         for t in tensors:
             strategies.hooks(t).after_optimizer_step(t, step)
+        integrity.check_luts_finite(tensors, step)
         self.compact.update()
 
     sync_step = after_optimizer_step  # the 0.1 name
