@@ -27,7 +27,7 @@ from ._coreai_compat import fake_palettized_tensors, prepare_from_state_dict
 from ._inputs import CallSpec, as_call_spec, keyword_call
 from ._modelcopy import tracing_forward
 from ._utils import dtype_from_name, dtype_name, unique_by_storage
-from .artifact_checks import ArtifactError, checksums, load_checked, verify_palettized
+from .artifact_checks import ArtifactError, check_aliases, checksums, load_checked, verify_palettized
 from .coreai_config import config_from_yaml_text, config_to_yaml
 
 __all__ = ["EXAMPLE_INPUTS_NAME", "FORMAT_ID", "MANIFEST_NAME", "PACKED_NAME", "ArtifactError",
@@ -173,6 +173,7 @@ def load_palettized(
                                 f">= 2**n_bits = {2 ** entry['n_bits']}")
         state[f"{prefix}0.indices"] = indices
         state[f"{prefix}original"] = torch.zeros(entry["shape"], dtype=dtype_from_name(entry["dtype"]))
+    check_aliases(manifest, manifest_path, state)
     for alias, target in manifest["aliases"].items():
         state[alias] = state[target]
 

@@ -22,7 +22,7 @@ import torch
 
 from .integrity import IntegrityError, tensor_digest
 
-__all__ = ["ArtifactError", "checksums", "load_checked", "verify_palettized"]
+__all__ = ["ArtifactError", "check_aliases", "checksums", "load_checked", "verify_palettized"]
 
 
 class ArtifactError(IntegrityError, ValueError):
@@ -81,7 +81,6 @@ def verify_palettized(directory: Path, manifest: Mapping[str, Any], manifest_pat
                       "checked for structure only (re-export to add them)", stacklevel=3)
     stored, _ = load_checked(packed_path, recorded)
     _check_entries(manifest, manifest_path, stored)
-    _check_aliases(manifest, manifest_path, stored)
     return stored
 
 
@@ -122,14 +121,16 @@ def _check_entries(manifest: Mapping[str, Any], path: Path,
             raise fail("LUT holds non-finite values")
 
 
-def _check_aliases(manifest: Mapping[str, Any], path: Path,
-                   stored: Mapping[str, torch.Tensor]) -> None:
+def check_aliases(manifest: Mapping[str, Any], path: Path,
+                  state: Mapping[str, torch.Tensor]) -> None:
+    """Each alias names a tensor that is not stored itself and whose target is (``state``: the
+    stored tensors with the dense placeholders and unpacked indices the loader adds)."""
     aliases = manifest.get("aliases") or {}
     if not isinstance(aliases, Mapping):
         raise ArtifactError(f"{path}: 'aliases' is not a mapping")
     for alias, target in aliases.items():
-        if alias in stored:
+        if alias in state:
             raise ArtifactError(f"{path}: tensor {alias}: both stored and an alias of {target}")
-        if target not in stored:
+        if target not in state:
             raise ArtifactError(f"{path}: tensor {alias}: alias of {target}, which is not stored")
 

@@ -65,6 +65,17 @@ def _nonfinite(tensor: torch.Tensor) -> str:
             f"of {t.numel()} values")
 
 
+def _recorded(t: compat.PalettizedTensor) -> dict[str, torch.Tensor]:
+    """What the HF record checksums: the LUTs and the (packed) indices of a palettized weight."""
+    found = _luts(t)
+    for attr in ("packed_indices", "indices") if compat.is_compact(t.fake) else ("indices",):
+        value = t.fake._buffers.get(attr)
+        if isinstance(value, torch.Tensor) and value.numel():
+            found[attr] = value
+            break
+    return found
+
+
 def _luts(t: compat.PalettizedTensor) -> dict[str, torch.Tensor]:
     found = {}
     for attr in _LUT_ATTRS:
@@ -205,9 +216,9 @@ def _index_problems(t: compat.PalettizedTensor) -> list[str]:
 
 def write_record(engine: Palettization, directory: str | Path, step: int) -> Path:
     """``palettize_state.json`` in a checkpoint directory: the resolved config (as Lightning's
-    callback state holds it), the PAT step and a checksum of every LUT."""
+    callback state holds it), the PAT step and a checksum of every LUT and index tensor."""
     luts = {f"{t.state_prefix}0.{attr}": tensor_digest(v)
-            for t in engine.tensors() for attr, v in _luts(t).items()}
+            for t in engine.tensors() for attr, v in _recorded(t).items()}
     record = {"format": RECORD_FORMAT, "step": int(step), "config": config_to_yaml(engine.config),
               "budget": engine.settings.budget is not None, "luts": luts}
     path = Path(directory) / CHECKPOINT_RECORD
@@ -264,7 +275,7 @@ def verify_record(engine: Palettization, directory: str | Path, *, config: bool 
                              "the directory mixes two saves")
     if luts:
         restored = {f"{t.state_prefix}0.{attr}": v
-                    for t in engine.tensors() for attr, v in _luts(t).items()}
+                    for t in engine.tensors() for attr, v in _recorded(t).items()}
         for key, digest in sorted(record.get("luts", {}).items()):
             value = restored.get(key)
             if value is not None and tensor_digest(value) != digest:
