@@ -241,9 +241,10 @@ if __name__ == "__main__":
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1,
                          limit_train_batches=2, limit_val_batches=0, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, default_root_dir=str(out))
+                         enable_model_summary=False, default_root_dir=str(out),
+                         callbacks=[PalettizationCallback("w4", export_formats=())])
     try:
-        trainer.fit(net, DigitsDataModule(), )
+        trainer.fit(net, DigitsDataModule())
     except BaseException as e:
         (out / f"rank{trainer.global_rank}.txt").write_text(f"{type(e).__name__}: {e}")
         raise
