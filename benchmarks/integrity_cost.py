@@ -74,7 +74,7 @@ def step_cost() -> None:
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], 1e-4)
         engine.start_training(0)
 
-        def step() -> None:
+        def step(model=model, batch=batch, engine=engine, optimizer=optimizer) -> None:
             optimizer.zero_grad()
             model(**batch).loss.backward()
             engine.before_optimizer_step()
@@ -83,7 +83,7 @@ def step_cost() -> None:
         step()
         tensors = engine.tensors()
         step_s = best(step, repeat=10)
-        check_s = best(lambda: check_luts_finite(tensors, 1), repeat=50)
+        check_s = best(lambda tensors=tensors: check_luts_finite(tensors, 1), repeat=50)
         print(f"tiny Llama ({training}, {len(tensors)} LUT tensors): step {step_s * 1e3:.1f} ms, "
               f"LUT check {check_s * 1e6:.0f} us ({100 * check_s / step_s:.2f} % of a step)")
         engine.stop_training()

@@ -29,8 +29,8 @@ if TYPE_CHECKING:
     from .engine import Palettization
 
 __all__ = ["CHECKPOINT_RECORD", "IntegrityError", "check_luts_finite", "check_restored",
-           "check_weights_finite", "loaded_from", "read_record", "tensor_digest", "verify_record",
-           "watch_loads", "write_record"]
+           "check_weights_finite", "loaded_from", "read_record", "state_checksums",
+           "tensor_digest", "verify_checksums", "verify_record", "watch_loads", "write_record"]
 
 log = logging.getLogger(__name__)
 
@@ -217,10 +217,8 @@ def _index_problems(t: compat.PalettizedTensor) -> list[str]:
 def write_record(engine: Palettization, directory: str | Path, step: int) -> Path:
     """``palettize_state.json`` in a checkpoint directory: the resolved config (as Lightning's
     callback state holds it), the PAT step and a checksum of every LUT and index tensor."""
-    luts = {f"{t.state_prefix}0.{attr}": tensor_digest(v)
-            for t in engine.tensors() for attr, v in _recorded(t).items()}
     record = {"format": RECORD_FORMAT, "step": int(step), "config": config_to_yaml(engine.config),
-              "budget": engine.settings.budget is not None, "luts": luts}
+              "budget": engine.settings.budget is not None, "luts": state_checksums(engine)}
     path = Path(directory) / CHECKPOINT_RECORD
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
@@ -274,14 +272,30 @@ def verify_record(engine: Palettization, directory: str | Path, *, config: bool 
                              f"{record.get('step')}, the checkpoint's trainer state step {step}: "
                              "the directory mixes two saves")
     if luts:
-        restored = {f"{t.state_prefix}0.{attr}": v
-                    for t in engine.tensors() for attr, v in _recorded(t).items()}
-        for key, digest in sorted(record.get("luts", {}).items()):
-            value = restored.get(key)
-            if value is not None and tensor_digest(value) != digest:
-                raise IntegrityError(f"palettize: the checkpoint {directory} is damaged: {key} "
-                                     f"differs from the checksum {CHECKPOINT_RECORD} recorded")
+        verify_checksums(engine, record.get("luts", {}), f"the checkpoint {directory}")
     return True
+
+
+def state_checksums(engine: Palettization) -> dict[str, str]:
+    """sha256 of every LUT and (packed) index tensor, by state-dict key: what a checkpoint
+    records (HF: ``palettize_state.json``; Lightning: the callback state)."""
+    return {f"{t.state_prefix}0.{attr}": tensor_digest(v)
+            for t in engine.tensors() for attr, v in _recorded(t).items()}
+
+
+def verify_checksums(engine: Palettization, recorded: Mapping[str, str], source: str) -> None:
+    """The restored LUTs and indices against ``state_checksums`` taken when they were saved.
+
+    Raises:
+        IntegrityError: naming the first tensor that differs.
+    """
+    restored = {f"{t.state_prefix}0.{attr}": v
+                for t in engine.tensors() for attr, v in _recorded(t).items()}
+    for key, digest in sorted(recorded.items()):
+        value = restored.get(key)
+        if value is not None and tensor_digest(value) != digest:
+            raise IntegrityError(f"palettize: {source} is damaged: {key} differs from the "
+                                 "checksum recorded when it was saved")
 
 
 def _first_difference(saved: str, ours: str) -> str:

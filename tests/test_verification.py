@@ -359,3 +359,26 @@ def test_an_artifact_without_checksums_loads_with_one_warning(artifact, tmp_path
     target = tampered(artifact, tmp_path, edit)
     with pytest.warns(UserWarning, match="written before per-tensor checksums"):
         load_palettized(target, lambda: tiny_llama(tied=True))
+
+
+def test_lightning_checksums_catch_damage_that_stays_in_range(tmp_path):
+    """Packed 4-bit indices changed to other valid indices: finite, in range, still refused."""
+    root = tmp_path / "frozen"
+    lightning_trainer(root, [PalettizationCallback("w4", export_formats=(), training="frozen"),
+                             ModelCheckpoint(dirpath=root, filename="last")],
+                      enable_checkpointing=True).fit(digits(), DigitsDataModule())
+    checkpoint = root / "last.ckpt"
+    assert torch.load(checkpoint, weights_only=True)["callbacks"]
+    state = torch.load(checkpoint, weights_only=True)["state_dict"]
+    key = "net.2.parametrizations.weight.0.packed_indices"
+    packed = state[key]
+    raw = bytearray(checkpoint.read_bytes())
+    start = raw.find(packed[:32].numpy().tobytes())
+    assert start > 0
+    raw[start:start + packed.numel()] = bytes((packed ^ 0x11).tolist())
+    checkpoint.write_bytes(bytes(raw))
+    with pytest.raises(IntegrityError, match=re.escape(f"is damaged: {key} differs")) as e:
+        lightning_trainer(tmp_path, [PalettizationCallback("w4", export_formats=(),
+                                                           training="frozen")],
+                          max_epochs=2).fit(digits(), DigitsDataModule(), ckpt_path=checkpoint)
+    one_line(e)
