@@ -16,17 +16,25 @@ import sys
 import weakref
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
+import torch.nn as nn
 
 from . import _coreai_compat as compat
-from . import distributed
+from .checks import PalettizeConfigError
 from .coreai_config import config_to_yaml
-from .settings import PalettizeConfigError
+from .dist_context import DistContext
 
-if TYPE_CHECKING:
-    from .engine import Palettization
+
+class Palettization(Protocol):
+    """What the checks read of the engine (a feature never imports the engine)."""
+
+    model: nn.Module
+    settings: Any
+    config: Any
+
+    def tensors(self) -> list[compat.PalettizedTensor]: ...
 
 __all__ = ["CHECKPOINT_RECORD", "IntegrityError", "check_luts_finite", "check_restored",
            "check_weights_finite", "loaded_from", "read_record", "state_checksums",
@@ -87,14 +95,15 @@ def _luts(t: compat.PalettizedTensor) -> dict[str, torch.Tensor]:
 
 # ---------------------------------------------------------------------- weights and LUTs
 
-def check_weights_finite(tensors: list[compat.PalettizedTensor]) -> None:
+def check_weights_finite(tensors: list[compat.PalettizedTensor],
+                         dist: DistContext | None = None) -> None:
     """Before k-means: every dense weight is finite, on every rank (a NaN clusters into a NaN
     LUT entry and zeroes most of its group; an Inf becomes a LUT entry).
 
     Raises:
         IntegrityError: naming the weight(s), on every rank (the others name the failing one).
     """
-    with distributed.agree("the weight check before k-means"):
+    with (dist or DistContext.current()).agree("the weight check before k-means"):
         dense = [t.original for t in tensors]
         if _all_finite(dense):
             return
