@@ -10,6 +10,9 @@ Trainer) -> ``train()``: checkpoint ``load_state_dict(strict=False)`` -> optimiz
   tokenizer sample, else ``model.dummy_inputs``;
 - ``on_train_begin`` runs k-means unless the checkpoint load restored the state (verified), and
   takes the export's example inputs from one sample of the train dataloader (no iteration, no RNG);
+- ``on_save`` writes ``palettize_state.json`` (config, step, LUT/index checksums) into the
+  checkpoint directory; a resume compares the config before the checkpoint's weights load
+  (``integrity.watch_loads``) and the checksums and step in ``on_train_begin``;
 - metrics go through ``Trainer.log`` once the callback knows the Trainer:
   ``attach_to_trainer(trainer)`` (transformers' own ``set_trainer`` pattern); otherwise into
   ``state.log_history``, with one warning.

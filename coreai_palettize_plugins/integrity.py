@@ -62,9 +62,12 @@ def tensor_digest(tensor: torch.Tensor) -> str:
 
 
 def _all_finite(tensors: list[torch.Tensor]) -> bool:
-    """One device sync for all of them."""
-    flags = [torch.isfinite(t).all() for t in tensors if t.numel() and t.is_floating_point()]
-    return not flags or bool(torch.stack([f.to("cpu") for f in flags]).all())
+    """One device sync per device for all of them."""
+    flags: dict[torch.device, list[torch.Tensor]] = {}
+    for t in tensors:
+        if t.numel() and t.is_floating_point():
+            flags.setdefault(t.device, []).append(torch.isfinite(t).all())
+    return all(bool(torch.stack(f).all()) for f in flags.values())
 
 
 def _nonfinite(tensor: torch.Tensor) -> str:
