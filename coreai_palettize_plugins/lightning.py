@@ -25,7 +25,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
 from . import _coreai_compat as compat
-from . import distributed
+from . import distributed, integrity
 from ._batches import call_spec_from_batch
 from ._inputs import CallSpec
 from .calibration import CalibrationData
@@ -180,6 +180,7 @@ class PalettizationCallback(Callback):
         self.report: CompressionReport | None = None
         self.export_result: ExportResult | None = None
         self._undo: list[Callable[[], None]] = []  # instance hooks this callback set
+        self._checksums: dict[str, str] | None = None  # of the checkpoint being restored
 
     # ------------------------------------------------------------------ structure
 
@@ -308,6 +309,10 @@ class PalettizationCallback(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # A restored checkpoint (model weights, then this callback's state) must hold the state.
         self.engine.ensure_clustered()
+        if self._checksums is not None:  # what the checkpoint recorded when it was saved
+            integrity.verify_checksums(self.engine, self._checksums,
+                                       f"the checkpoint {trainer.ckpt_path}")
+            self._checksums = None
         self.report = self.engine.report()
         self._log(trainer, self.report.metrics())
 
@@ -351,8 +356,12 @@ class PalettizationCallback(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return self.engine.state_dict()
+        state = self.engine.state_dict()
+        if self.engine.clustered:  # sha256 of LUTs and indices, verified on resume
+            state["checksums"] = integrity.state_checksums(self.engine)
+        return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.engine.load_state_dict(state_dict)
+        self._checksums = state_dict.get("checksums")
