@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.utils.parametrize as parametrize
 
-from ._coreai_compat import fake_palettized_tensors, palettizable_ops
+from ._coreai_compat import consumer_op, fake_palettized_tensors, palettizable_ops
 from .adapters import ADAPTER_LAYER_PATTERN
 from .checks import EXPERTS, INHERIT, MODULE_TYPE_ALIASES, PalettizeConfigError, resolve_module_type
 from .linear_like import FUSED_EXPERTS, HF_CONV1D, experts_types
@@ -184,7 +184,8 @@ class _Reasons:
             return attr == "weight"
         if param.dim() == 3 and param.shape[0] > 1 and FUSED_EXPERTS.matches(module):
             return True
-        return self.consumers is not None and self.consumers.get(name) in self.ops
+        return (self.consumers is not None and name in self.consumers
+                and consumer_op(self.consumers[name]) in self.ops)
 
     # ------------------------------------------------------------ why
 
@@ -217,7 +218,7 @@ class _Reasons:
             return "not_run", "not used by the tracing forward (not run by the example inputs)"
         if module_spec:
             return "other", f"consumed by {func}; coreai-opt left it dense"
-        if func not in self.ops:
+        if consumer_op(func) not in self.ops:
             return "op", f"consumed by {func}, not an op coreai-opt palettizes"
         keys = sorted(_specs(config, "op_state_spec"))
         if attr not in keys and "*" not in keys:

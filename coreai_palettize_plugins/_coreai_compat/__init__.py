@@ -57,11 +57,14 @@ from .tensors import (
     tied_prefixes,
 )
 from .tracing import (
+    consumer_op,
+    every_use_palettized,
     function_name,
     palettizable_ops,
     record_first_consumers,
     resolved_module_configs,
     storage_bits,
+    watch_weight_uses,
 )
 from .trial import granularity_for, lut_count, respec, trial_palettize
 
@@ -82,12 +85,14 @@ __all__ = [
     "clear_kmeans_sensitivities",
     "cluster_tensors",
     "compact_support",
+    "consumer_op",
     "defer_clustering",
     "deferred",
     "derive_indices_on_read",
     "drop_emptied_optimizer_state",
     "drop_indices",
     "end_deferral",
+    "every_use_palettized",
     "ensure_kmeans_extension",
     "fake_palettized_tensors",
     "finish_clustering",
@@ -121,5 +126,6 @@ __all__ = [
     "trial_palettize",
     "unpack_bits",
     "use_exportable_experts",
+    "watch_weight_uses",
     "widen_for_coreai",
 ]
