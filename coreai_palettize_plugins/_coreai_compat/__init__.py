@@ -20,7 +20,7 @@ from .compact import (
     unpack_bits,
 )
 from .derived import DerivedIndicesFakePalettize, derive_indices_on_read, drop_indices, forget_derived
-from .exporting import COREAI_INDEX_BITS, widen_for_coreai
+from .exporting import COREAI_INDEX_BITS, LUT_NAME_MATCH, avoid_lut_name_match, widen_for_coreai
 from .kmeans import STALE_LOCK_SECONDS, cluster_tensors, ensure_kmeans_extension, finish_clustering
 from .layouts import (
     EXPORTABLE_EXPERTS_IMPLEMENTATION,
@@ -73,6 +73,7 @@ __all__ = [
     "COREAI_INDEX_BITS",
     "EXPORTABLE_EXPERTS_IMPLEMENTATION",
     "KMEANS_ENTRY",
+    "LUT_NAME_MATCH",
     "STALE_LOCK_SECONDS",
     "CompactKMeansFakePalettize",
     "DerivedIndicesFakePalettize",
@@ -81,6 +82,7 @@ __all__ = [
     "PalettizedTensor",
     "apply_layouts",
     "assignment_indices",
+    "avoid_lut_name_match",
     "centroids_shape",
     "clear_kmeans_sensitivities",
     "cluster_tensors",
