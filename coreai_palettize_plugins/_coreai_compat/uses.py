@@ -86,11 +86,19 @@ class WeightUses(TorchFunctionMode):
         if self.active:
             try:
                 self._record(func, args, kwargs, out)
-            except Exception:  # never break the model's forward over bookkeeping  # noqa: BLE001
-                pass
+            except Exception as e:  # never break the forward over bookkeeping
+                self._unanalysed(func, args, kwargs, e)
         return out
 
     # ----------------------------------------------------------------------------- record
+
+    def _unanalysed(self, func: Any, args: tuple, kwargs: dict, error: Exception) -> None:
+        """A call the analysis failed on: its watched operands' first use, without an axis."""
+        name = f"{op_name(func) or func} (not analysed: {type(error).__name__})"
+        for value in (*args, *kwargs.values()):
+            tracked = self._tracked(value)
+            if tracked is not None and tracked[1] not in self.first:
+                self.first[tracked[1]] = WeightUse(name, list(tracked[3]))
 
     def _tracked(self, value: Any) -> tuple[torch.Tensor, int, Axes, list[str]] | None:
         return self.views.get(id(value)) if isinstance(value, torch.Tensor) else None
