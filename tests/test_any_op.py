@@ -240,7 +240,7 @@ def _mobilenet_v2():
     import transformers as T
 
     return T.MobileNetV2ForImageClassification(T.MobileNetV2Config(
-        image_size=32, depth_multiplier=0.25, num_labels=16))
+        image_size=32, depth_multiplier=0.25, finegrained_output=False, num_labels=16))
 
 
 def _beit():
@@ -251,14 +251,16 @@ def _beit():
         intermediate_size=128, num_labels=16))
 
 
+PER_TENSOR_4 = {"n_bits": 4, "granularity": "per_tensor"}
 ANY_OP_FAMILIES = {
     # name: (builder, samples, callback arguments)
     "falcon": (_falcon, _causal_lm, {}),
     "mamba": (_mamba, _causal_lm, {}),
     "resnet": (_resnet, lambda m: _vit_samples(), {}),
     # MobileNetV2's channel counts (8, 24, 40 ...) do not divide into w4's groups of 16:
-    # per-tensor w8 keeps this row about the export, not the layouts.
-    "mobilenet_v2": (_mobilenet_v2, lambda m: _vit_samples(), {"config": "w8"}),
+    # per-tensor 4-bit keeps this row about the export, not the layouts.
+    "mobilenet_v2": (_mobilenet_v2, lambda m: _vit_samples(),
+                     {"overrides": dict.fromkeys(("conv2d", "linear"), PER_TENSOR_4)}),
     "beit": (_beit, lambda m: _vit_samples(), {}),
 }
 _BUILDERS.update({name: (make, samples, "logits")

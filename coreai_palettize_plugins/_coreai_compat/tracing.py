@@ -124,6 +124,15 @@ _LINEAR_LIKE_MODULES = (nn.Linear, nn.modules.conv._ConvNd)
 """Modules whose ``weight`` is palettized wherever it is used (subclasses included)."""
 
 
+def _any_use_palettized(module: nn.Module) -> bool:
+    """A Linear or convolution (subclasses included), or a linear-like kind coreai-opt's op
+    tracing is not told about (HF ``Conv1D``; ``linear_like.LINEAR_LIKE``)."""
+    from ..linear_like import LINEAR_LIKE
+
+    return isinstance(module, _LINEAR_LIKE_MODULES) or any(
+        not kind.state_spec and kind.matches(module) for kind in LINEAR_LIKE)
+
+
 def _equivalent_op(use: WeightUse | None, ndim: int) -> tuple[Any, bool] | None:
     """``(the op coreai-opt palettizes this layout for, flip the group axis)`` for a weight of
     ``ndim`` axes used as ``use`` says: a matrix whose output channels are axis 0 is
@@ -177,7 +186,7 @@ def palettize_every_use(palettizer: KMeansPalettizer, model: nn.Module,
         count[id(param)] = count.get(id(param), 0) + 1
     added = []
     for module_name, module in list(model.named_modules()):
-        if not isinstance(module, _LINEAR_LIKE_MODULES) or P.is_parametrized(module, "weight"):
+        if not _any_use_palettized(module) or P.is_parametrized(module, "weight"):
             continue
         weight = module._parameters.get("weight")
         name = f"{module_name}.weight" if module_name else "weight"
