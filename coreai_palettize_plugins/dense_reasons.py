@@ -244,14 +244,17 @@ class _Reasons:
             return "excluded by a module_name entry of the coreai-opt config"
         if level == "type":
             types = {type(self.modules[n]) for n in chain if n in self.modules}
-            for type_key in reversed(list(settings.overrides)):
-                value = settings.overrides[type_key]
-                if value == INHERIT:
-                    continue
-                if types & set(_override_classes(self.model, type_key)):
-                    if value in (None, "none"):
-                        return f"excluded by palettize.overrides.{type_key}={_show(value)}"
-                    break
+            # the module's own class first, then a base class it inherits the override from
+            for match in (lambda t, c: t is c, issubclass):
+                for type_key in reversed(list(settings.overrides)):
+                    value = settings.overrides[type_key]
+                    if value == INHERIT:
+                        continue
+                    classes = _override_classes(self.model, type_key)
+                    if any(match(t, c) for t in types for c in classes):
+                        if value in (None, "none"):
+                            return f"excluded by palettize.overrides.{type_key}={_show(value)}"
+                        return "excluded by a module_type entry of the coreai-opt config"
             return "excluded by a module_type entry of the coreai-opt config"
         if settings.base_config is None and not settings.config_file:
             return (f"excluded by palettize.preset={_show(settings.preset)} (no override or "
