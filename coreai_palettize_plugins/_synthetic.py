@@ -120,13 +120,21 @@ def _parameters(model: nn.Module) -> Mapping[str, inspect.Parameter]:
         return {}
 
 
+def _same(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    def shapes(m: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: tuple(v.shape) if isinstance(v, torch.Tensor) else v for k, v in m.items()}
+
+    return shapes(a) == shapes(b)
+
+
 def synthetic_candidates(model: nn.Module, base: Mapping[str, Any] | None = None
                          ) -> list[dict[str, Any]]:
     """Keyword inputs for ``model.forward`` built from its config, most complete first:
 
     1. ``base`` (a tokenizer sample, ``dummy_inputs``) plus every other input the forward takes
        that the config can size (CLIP: ``input_ids`` and ``pixel_values``);
-    2. ``base`` alone, or the model's ``main_input_name`` alone.
+    2. ``base`` alone, or the model's ``main_input_name`` alone;
+    3. that with token inputs of shape ``(1, 2, L)`` (multiple-choice heads take choices).
 
     Duplicates are dropped; an empty list means the config sizes none of the inputs."""
     config = getattr(model, "config", None)
@@ -149,8 +157,13 @@ def synthetic_candidates(model: nn.Module, base: Mapping[str, Any] | None = None
         if main == "input_ids" and "attention_mask" in made:
             only["attention_mask"] = made["attention_mask"]
         candidates.append(only)
+    token = candidates[-1].get("input_ids")
+    if isinstance(token, torch.Tensor) and token.dim() == 2:  # multiple choice: (1, choices, L)
+        candidates.append({k: v.unsqueeze(1).expand(-1, 2, *v.shape[1:])
+                           if isinstance(v, torch.Tensor) and v.dim() == 2 else v
+                           for k, v in candidates[-1].items()})
     unique: list[dict[str, Any]] = []
     for candidate in candidates:
-        if candidate and not any(candidate.keys() == u.keys() for u in unique):
+        if candidate and not any(_same(candidate, u) for u in unique):
             unique.append(candidate)
     return unique

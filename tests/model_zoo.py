@@ -7,6 +7,7 @@ where the architecture allows it, as real checkpoints do.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -172,7 +173,7 @@ def _convnext():
     import transformers as T
 
     return T.ConvNextForImageClassification(T.ConvNextConfig(
-        **IMAGE, patch_size=4, hidden_sizes=[32, 64], depths=[1, 1], num_labels=10))
+        **IMAGE, patch_size=4, num_stages=2, hidden_sizes=[32, 64], depths=[1, 1], num_labels=10))
 
 
 def _swin():
@@ -379,6 +380,7 @@ def build(name: str, seed: int = 0) -> Family:
 def linear_like_weights(model: nn.Module) -> dict[str, tuple[int, ...]]:
     """Every weight that computes like a linear layer or a convolution: ``{name: shape}``
     (nn.Linear, convs, HF Conv1D, MultiheadAttention in_proj, fused 3-D expert parameters)."""
+    from torch.nn.utils.parametrize import ParametrizationList
     from transformers.pytorch_utils import Conv1D
 
     kinds = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
@@ -388,6 +390,8 @@ def linear_like_weights(model: nn.Module) -> dict[str, tuple[int, ...]]:
         prefix = f"{module_name}." if module_name else ""
         if isinstance(module, kinds):
             found[prefix + "weight"] = tuple(module.weight.shape)
+        elif isinstance(module, ParametrizationList):
+            continue  # the originals of a parametrized weight (weight_norm): counted as it
         elif isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
             found[prefix + "in_proj_weight"] = tuple(module.in_proj_weight.shape)
         else:
@@ -398,17 +402,28 @@ def linear_like_weights(model: nn.Module) -> dict[str, tuple[int, ...]]:
 
 
 def palettized(model: nn.Module, name: str) -> bool:
-    """Whether weight ``name`` of ``model`` is palettized (tied aliases included)."""
-    import torch.nn.utils.parametrize as parametrize
+    """Whether weight ``name`` of ``model`` is palettized by coreai-opt (tied aliases included;
+    another parametrization such as ``weight_norm`` does not count)."""
+    from coreai_palettize_plugins._coreai_compat import fake_palettized_tensors
 
-    module_name, _, attr = name.rpartition(".")
-    module = model.get_submodule(module_name)
-    return parametrize.is_parametrized(module, attr)
+    return name in {t.name for t in fake_palettized_tensors(model)}
+
+
+class _Records(logging.Handler):
+    """Collects the warnings of a logger."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.warnings: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.warnings.append(record.getMessage())
 
 
 def run_family(name: str, out_dir, *, steps: int = 2, **callback_kwargs) -> dict:
     """Train ``steps`` optimizer steps with the HF Trainer and the callback's default arguments
-    (plus ``callback_kwargs``), export, reload with ``load_palettized``; returns the facts."""
+    (plus ``callback_kwargs``) passed to ``Trainer(callbacks=...)`` and nothing else, export,
+    reload with ``load_palettized``; returns the facts."""
     import time
 
     from transformers import Trainer, TrainingArguments, default_data_collator
@@ -424,10 +439,16 @@ def run_family(name: str, out_dir, *, steps: int = 2, **callback_kwargs) -> dict
     args = TrainingArguments(str(out_dir), max_steps=steps, per_device_train_batch_size=4,
                              learning_rate=1e-3, report_to=[], use_cpu=True, disable_tqdm=True,
                              save_strategy="no", seed=0)
-    trainer = Trainer(model=family.model, args=args, train_dataset=family.samples,
-                      data_collator=family.collate, callbacks=[callback])
-    attached_at_init = callback.engine.attached
-    trainer.train()
+    records = _Records()
+    hf_log = logging.getLogger("coreai_palettize_plugins.hf")
+    hf_log.addHandler(records)
+    try:
+        trainer = Trainer(model=family.model, args=args, train_dataset=family.samples,
+                          data_collator=family.collate, callbacks=[callback])
+        attached_at_init = callback.engine.attached
+        trainer.train()
+    finally:
+        hf_log.removeHandler(records)
     model = trainer.model.eval()
     report, result = callback.report, callback.export_result
     dense = {d.name: d.reason for d in report.dense_layers}
@@ -451,6 +472,8 @@ def run_family(name: str, out_dir, *, steps: int = 2, **callback_kwargs) -> dict
         "written": sorted(result.written),
         "errors": dict(result.errors),
         "attached_at_init": attached_at_init,
+        "adapter_warnings": records.warnings,
+        "log_history": list(trainer.state.log_history),
         "result": result,
         "reload_max_diff": float((trained - reloaded).abs().max()),
         "seconds": time.perf_counter() - started,
