@@ -99,3 +99,66 @@ def test_family_trains_exports_and_reloads_with_the_callback_alone(tmp_path, nam
         assert [k for k in spec.kwargs if k != "use_cache"] == STORED_INPUTS[name]
         if "decoder_input_ids" in STORED_INPUTS[name]:
             assert spec.constants == {"use_cache": False}
+
+
+# ------------------------------------------------------------------------------------ Lightning
+
+
+def _lightning_fit(module, data, tmp_path, **callback_kwargs):
+    import lightning.pytorch as pl
+    import torch
+
+    from coreai_palettize_plugins.lightning import PalettizationCallback
+
+    callback = PalettizationCallback(export_dir=tmp_path / "out", **callback_kwargs)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=2, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[callback],
+                         default_root_dir=str(tmp_path))
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=4))
+    return callback
+
+
+@pytest.mark.slow
+def test_a_lightning_module_without_forward_trains_the_network_inside(tmp_path):
+    """``training_step`` calls ``self.model(x)`` and the module defines no ``forward``: the
+    callback alone traces, palettizes and exports the network inside it."""
+    import torch
+    from model_zoo import linear_like_weights, palettized
+    from tiny_models import convnext, forwardless_module, image_pairs
+
+    from coreai_palettize_plugins import load_palettized
+
+    module = forwardless_module()
+    weights = linear_like_weights(module.model)
+    callback = _lightning_fit(module, image_pairs(), tmp_path)
+
+    assert callback.engine.model is module.model
+    assert [tuple(a.shape) for a in callback.engine.example_inputs.args] == [(1, 3, 32, 32)]
+    total = sum(torch.Size(s).numel() for s in weights.values())
+    share = sum(torch.Size(s).numel() for n, s in weights.items()
+                if palettized(module.model, n)) / total
+    assert share >= MIN_SHARE
+    result = callback.export_result
+    assert result.errors == {} and set(result.written) == {"coreai", "torch"}
+    x = torch.randn(2, 3, 32, 32)
+    module.model.eval()
+    loaded = load_palettized(tmp_path / "out", convnext).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, module.model(x).logits)
+
+
+def test_a_module_without_forward_or_one_network_is_a_one_line_error(tmp_path):
+    import torch.nn as nn
+    from tiny_models import forwardless_module, image_pairs
+
+    from coreai_palettize_plugins import PalettizeConfigError
+
+    module = forwardless_module(nn.Linear(3 * 32 * 32, 16))
+    module.head = nn.Linear(16, 16)              # a second child with weights
+    with pytest.raises(PalettizeConfigError, match=r"^palettize: NoForward has no forward\(\) "
+                       r"and its parameters are not all in one child module \(children with "
+                       r"parameters: model, head\): define forward\(\)") as error:
+        _lightning_fit(module, image_pairs(), tmp_path)
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "out").exists()
