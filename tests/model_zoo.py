@@ -402,11 +402,16 @@ def linear_like_weights(model: nn.Module) -> dict[str, tuple[int, ...]]:
 
 
 def palettized(model: nn.Module, name: str) -> bool:
-    """Whether weight ``name`` of ``model`` is palettized by coreai-opt (tied aliases included;
-    another parametrization such as ``weight_norm`` does not count)."""
-    from coreai_palettize_plugins._coreai_compat import fake_palettized_tensors
+    """Whether weight ``name`` of ``model`` is palettized (tied aliases included; a torch
+    parametrization such as ``weight_norm`` alone does not count)."""
+    import torch.nn.utils.parametrize as parametrize
 
-    return name in {t.name for t in fake_palettized_tensors(model)}
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if not parametrize.is_parametrized(module, attr):
+        return False
+    return any(type(p).__module__.split(".")[0] != "torch"
+               for p in module.parametrizations[attr])
 
 
 class _Records(logging.Handler):
