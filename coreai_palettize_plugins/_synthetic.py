@@ -43,7 +43,7 @@ def _configs(config: Any) -> Iterator[Any]:
         if name.endswith("_config") and not name.startswith("_"):
             try:
                 sub = getattr(config, name)
-            except Exception:  # noqa: BLE001 - a property that needs more state
+            except Exception:  # a property that needs more state
                 continue
             if sub is not None and hasattr(sub, "to_dict") and sub is not config:
                 yield sub

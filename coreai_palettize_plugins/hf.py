@@ -252,7 +252,7 @@ class PalettizationTrainerCallback(TrainerCallback):
         for candidate in synthetic_candidates(model, base):
             try:
                 specs.append(as_example_inputs(self.example_inputs_fn(model, candidate), model))
-            except Exception as e:  # noqa: BLE001 - the next candidate may fit
+            except Exception as e:  # the next candidate may fit
                 log.debug("palettize: structure inputs %s do not fit (%s)", list(candidate), e)
         if len(specs) > 1:
             for spec in specs:
@@ -417,7 +417,7 @@ def _runs(model: nn.Module, spec: CallSpec) -> bool:
     try:
         with tracing_forward(model), kv_cache_disabled(model):
             spec.to(model_device(model)).call(model)
-    except Exception as e:  # noqa: BLE001 - a probe: the caller tries the next candidate
+    except Exception as e:  # a probe: the caller tries the next candidate
         log.debug("palettize: %s does not run on %s (%s)", type(model).__name__,
                   spec.describe(), e)
         return False
