@@ -383,7 +383,7 @@ class PalettizationTrainerCallback(TrainerCallback):
             logs["epoch"] = state.epoch
         state.log_history.append({**logs, "step": state.global_step})
         handler = self._handler() if self._handler is not None else None
-        if handler is None:
+        if handler is None or not any(c is self for c in handler.callbacks):
             handler = _handler_of(self)
             self._handler = weakref.ref(handler) if handler is not None else None
         if handler is not None:
