@@ -29,6 +29,7 @@ from coreai_opt import ExportBackend
 from coreai_opt.palettization import KMeansPalettizer, KMeansPalettizerConfig
 
 from ._coreai_compat import (
+    avoid_lut_name_match,
     prepare_from_state_dict,
     reshape_expert_luts,
     use_exportable_experts,
@@ -206,6 +207,10 @@ def write_aimodel(
         raise RuntimeError(f"torch.export could not trace {type(model).__name__}: "
                            f"{one_line(e)}") from e
     program = program.run_decompositions(coreai_torch.get_decomp_table())
+    renamed = avoid_lut_name_match(program)  # coreai-torch 0.4.3 reads "convolution" as a LUT
+    if renamed:
+        log.debug("palettize export: renamed %d graph input(s) whose name contains 'lut'",
+                  len(renamed))
     with torch.no_grad():
         graph_outputs = [t.detach().float().cpu() for t in
                          tensor_leaves(program.module()(*spec.args, **spec.traced_kwargs))]

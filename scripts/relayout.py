@@ -81,6 +81,7 @@ MAPPING: dict[str, str] = {
     "lightning": "integrations.lightning",
     "hf": "integrations.hf",
     "_batches": "integrations._batches",
+    "_synthetic": "integrations._synthetic",
     # cli/: the coreai-palettize commands
     "cli": "cli.main",
     "budget_cli": "cli.budget",
