@@ -11,6 +11,9 @@ Trainer) -> ``train()``: checkpoint ``load_state_dict(strict=False)`` -> optimiz
   and forward signature (``_synthetic.py``: images, audio, both towers of contrastive models);
 - ``on_train_begin`` runs k-means unless the checkpoint load restored the state (verified), and
   takes the export's example inputs from one sample of the train dataloader (no iteration, no RNG);
+- ``on_save`` writes ``palettize_state.json`` (config, step, LUT/index checksums) into the
+  checkpoint directory; a resume compares the config before the checkpoint's weights load
+  (``integrity.watch_loads``) and the checksums and step in ``on_train_begin``;
 - metrics are logged as ``Trainer.log`` logs them: appended to ``state.log_history`` and sent
   through the ``CallbackHandler``'s ``on_log`` to every callback, ``report_to`` backends included
   (they come before user callbacks, so a callback cannot add keys to the Trainer's own logs).
@@ -36,7 +39,7 @@ import torch.nn as nn
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import CallbackHandler
 
-from . import adapters, distributed
+from . import adapters, distributed, integrity
 from ._batches import call_spec_from_batch
 from ._inputs import CallSpec
 from ._modelcopy import model_device, tracing_forward
@@ -220,6 +223,8 @@ class PalettizationTrainerCallback(TrainerCallback):
     set_trainer = attach_to_trainer  # the name transformers' own callbacks use
 
     def _check_parallelism(self, args: TrainingArguments, model: nn.Module | None) -> None:
+        """The parallelism rules and the export directory, before training."""
+        self.engine.check_export_dir(Path(args.output_dir) / "palettized")
         kind, what, find_unused = _parallelism(args, model)
         distributed.check_parallelism(
             self.engine.settings, kind, what=what, find_unused=find_unused,
@@ -284,8 +289,12 @@ class PalettizationTrainerCallback(TrainerCallback):
         # HF loaded any checkpoint with strict=False just before: verify, don't trust it.
         try:
             self.engine.ensure_clustered(expect_restored=state.global_step > 0)
+        except integrity.IntegrityError:
+            raise
         except RuntimeError as e:  # e.g. a PeftModel's checkpoint: transformers saves adapters only
             raise RuntimeError(f"{e}{adapters.resume_hint(self.engine.adapters)}") from None
+        if state.global_step > 0:
+            self._verify_resume(args, state)
         sample = self._inputs_from_dataset(self.engine.model,
                                            getattr(train_dataloader, "dataset", None),
                                            getattr(train_dataloader, "collate_fn", None))
@@ -333,6 +342,37 @@ class PalettizationTrainerCallback(TrainerCallback):
             collate = trainer._get_collator_with_removed_columns(collate, "calibration")
         return CalibrationData(loss=loss, loader=None, dataset=dataset, collate_fn=collate,
                                batch_size=trainer.args.per_device_train_batch_size)
+
+    def _verify_resume(self, args: TrainingArguments, state: TrainerState) -> None:
+        """The checkpoint's ``palettize_state.json`` (written by ``on_save``): config, step and
+        LUT checksums against what was restored. The config was compared before the load when
+        the load ran inside ``Trainer._load_from_checkpoint`` (``integrity.watch_loads``)."""
+        directory = integrity.loaded_from(self.engine)
+        checked_before = directory is not None and self.engine.settings.budget is None
+        if directory is None and isinstance(args.resume_from_checkpoint, str):
+            directory = args.resume_from_checkpoint
+        if directory is None:
+            candidate = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            directory = str(candidate) if candidate.is_dir() else None
+        if directory is None:
+            log.warning("palettize: resumed at step %d from a checkpoint this callback cannot "
+                        "locate: its palettize config cannot be verified", state.global_step)
+            return
+        integrity.verify_record(self.engine, directory, config=not checked_before, luts=True,
+                                step=state.global_step)
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                **kwargs: Any) -> None:
+        """Record the config, step and LUT checksums in the checkpoint just written, so a
+        resume can verify them (HF checkpoints carry no callback state)."""
+        if not args.should_save or not self.engine.attached or not self.engine.clustered:
+            return
+        directory = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if directory.is_dir():
+            integrity.write_record(self.engine, directory, state.global_step)
+        else:
+            log.warning("palettize: no %s after a save: the checkpoint's palettize config is not "
+                        "recorded (a resume will not verify it)", directory)
 
     def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState,
                               control: TrainerControl, **kwargs: Any) -> None:

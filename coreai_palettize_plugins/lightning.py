@@ -29,7 +29,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
 from . import _coreai_compat as compat
-from . import distributed
+from . import distributed, integrity
 from ._batches import call_spec_from_batch
 from ._inputs import CallSpec
 from .calibration import CalibrationData
@@ -208,6 +208,7 @@ class PalettizationCallback(Callback):
         self.report: CompressionReport | None = None
         self.export_result: ExportResult | None = None
         self._undo: list[Callable[[], None]] = []  # instance hooks this callback set
+        self._checksums: dict[str, str] | None = None  # of the checkpoint being restored
         self._factory_wrapped = False
 
     # ------------------------------------------------------------------ structure
@@ -220,6 +221,7 @@ class PalettizationCallback(Callback):
             self._attach_on_palettized_load(trainer, pl_module, stage)
             return
         _check_strategy(trainer, self.engine)
+        self.engine.check_export_dir(Path(trainer.default_root_dir) / "palettized")
         self._provide_calibration_data(trainer, pl_module)
         if is_overridden("configure_model", pl_module):
             self._attach_after_configure_model(trainer, pl_module)
@@ -348,6 +350,10 @@ class PalettizationCallback(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # A restored checkpoint (model weights, then this callback's state) must hold the state.
         self.engine.ensure_clustered()
+        if self._checksums is not None:  # what the checkpoint recorded when it was saved
+            integrity.verify_checksums(self.engine, self._checksums,
+                                       f"the checkpoint {trainer.ckpt_path}")
+            self._checksums = None
         self.report = self.engine.report()
         self._log(trainer, self.report.metrics())
 
@@ -391,8 +397,12 @@ class PalettizationCallback(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return self.engine.state_dict()
+        state = self.engine.state_dict()
+        if self.engine.clustered:  # sha256 of LUTs and indices, verified on resume
+            state["checksums"] = integrity.state_checksums(self.engine)
+        return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.engine.load_state_dict(state_dict)
+        self._checksums = state_dict.get("checksums")

@@ -70,6 +70,8 @@ MAPPING: dict[str, str] = {
     "compact": "engine.compact",
     # export/: artifacts and the report
     "export": "export.writer",
+    "_export_files": "export._files",
+    "_isolated": "export._isolated",
     "export_step": "export.phase",
     "artifact": "export.artifact",
     "report": "export.report",
