@@ -45,9 +45,6 @@ KNOWN_EXPORT_FAILURES: dict[str, tuple[str, str]] = {
 # expected today, and the exact cause; the test asserts that failure, so it fails (telling the
 # integrator to delete the entry) once the cause is fixed.
 NEEDS: dict[str, tuple[str, str, str]] = {
-    # any-ops (issue 19 item 4): coreai-torch takes the graph argument named "convolution..." as
-    # a LUT (_inject_subbyte_in_lut matches "lut" in the name). The dense model exports.
-    "resnet": ("any-ops", "aimodel", "0-bit palettization is not supported"),
     # any-ops (issue 19 item 2): the positional conv is under torch's weight_norm
     # parametrization; coreai-opt leaves it dense and nothing names it.
     "wav2vec2": ("any-ops", "share", "wav2vec2.encoder.pos_conv_embed.conv.weight"),
