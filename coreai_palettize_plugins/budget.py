@@ -4,10 +4,14 @@
       preset: w4                       # the base: which weights are palettized, their layout
       budget: {bits_per_weight: 3.5, choices: [2, 3, 4, 6, 8], cache: budget_errors.json}
 
-- Which weights: those the base config palettizes with a Linear/Conv op. Weights the base leaves
-  dense stay dense; weights matched by an explicit ``palettize.modules`` pattern keep that spec
-  (explicit modules win over the budget); tied weights, embeddings and other module-state specs
-  keep the base spec. Each fixed weight is listed with its reason, and all count in the total.
+- Which weights: every weight the base config palettizes, embeddings and tied weights included
+  (a tied pair is one weight: one choice, an entry for each module holding it), with the layout
+  it got (a fitted one, ``fit_layouts``, for weights the base grouping cannot take). Weights the
+  base leaves dense stay dense; weights of a module matched by an explicit ``palettize.modules``
+  pattern keep that spec (explicit modules win over the budget); fused 3-D expert weights keep
+  the base spec. Each fixed weight is listed with its reason, and all count in the total.
+- Reachability is checked from the shapes alone before any trial k-means: a target below the
+  smallest whole-model bits per weight the choices reach fails at once.
 - Cost: the whole-model bits per weight exactly as the report (``report.py``, coreai-opt's
   ``bits_per_weight``) counts it: indices + LUTs (+ scales) of each palettized weight in whole
   bytes, every other tensor at its dtype. The allocation never exceeds the target.
@@ -34,10 +38,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn as nn
 
 from . import _coreai_compat as compat
-from . import distributed
+from . import distributed, fitting
 from ._utils import is_int
 from .budget_errors import ErrorCache, evaluate, options_for
 from .checks import VALID_N_BITS, PalettizeConfigError, build_section, choices, section_mapping
@@ -48,7 +51,7 @@ if TYPE_CHECKING:
     from .engine import Palettization
 
 __all__ = ["BLOCK_FILE", "Allocation", "BudgetSettings", "LayerChoice", "allocate",
-           "allocation_from_state", "apply_allocation", "apply_budget", "check_budget",
+           "allocation_from_state", "apply_allocation", "apply_budget", "budget_floor", "check_budget",
            "restore_allocation", "write_block"]
 
 log = logging.getLogger(__name__)
@@ -57,8 +60,6 @@ TOLERANCE = 0.05
 """The allocation should land within this many bits per weight under the target."""
 BLOCK_FILE = "budget_modules.yaml"
 """Written beside the export: the allocation as a ``palettize.modules`` block."""
-_OP_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d,
-               nn.ConvTranspose2d, nn.ConvTranspose3d)
 _GRANULARITY_WORDS = ("base", "per_tensor")
 
 
@@ -137,10 +138,13 @@ class LayerChoice:
     bits: int
     error: float | None
     """``sum(s * (w - q(w))**2)`` of this choice (None: read back from a checkpoint)."""
+    aliases: list[str] = field(default_factory=list)
+    """Other modules holding the same (tied) weight: they get the same spec."""
 
     @property
     def layout(self) -> str:
-        return f"g{self.group_size} axis {self.axis}" if self.group_size else "per-tensor"
+        """The report's words (``group 16 axis 0``, ``per-tensor``)."""
+        return f"group {self.group_size} axis {self.axis}" if self.group_size else "per-tensor"
 
     def spec(self) -> dict[str, Any]:
         """The ``palettize.modules`` value for this module."""
@@ -167,7 +171,8 @@ class Allocation:
 
     def modules_block(self) -> dict[str, dict[str, Any]]:
         """``{escaped module name: spec}``, a ``palettize.modules`` override block."""
-        return {re.escape(layer.module): layer.spec() for layer in self.layers}
+        return {re.escape(module): layer.spec() for layer in self.layers
+                for module in (layer.module, *layer.aliases)}
 
     def to_yaml(self) -> str:
         """A YAML file with ``modules:`` (the explicit modules first, they win over the budget)
@@ -213,17 +218,64 @@ class Allocation:
 # --------------------------------------------------------------------------------------------
 
 
-def _fixed_reason(engine: Palettization, t: compat.PalettizedTensor,
+def _owners(engine: Palettization, t: compat.PalettizedTensor) -> list[str]:
+    """The modules holding ``t`` (a tied weight: each), ``t.module_name`` first."""
+    names = [a.module_name for _, a in compat.palettized_prefixes(engine.model)
+             if a.fake is t.fake]
+    return list(dict.fromkeys([t.module_name, *names]))
+
+
+def _fixed_reason(t: compat.PalettizedTensor, owners: list[str],
                   user_modules: Mapping[str, Any]) -> str | None:
-    pattern = next((p for p in user_modules if re.fullmatch(p, t.module_name)), None)
+    pattern = next((p for p in reversed(list(user_modules))
+                    if any(re.fullmatch(p, o) for o in owners)), None)
     if pattern is not None:
-        return f"palettize.modules.{pattern} (explicit modules win over the budget)"
-    if t.state_prefix in engine.tied or t.state_prefix in engine.tied.values():
-        return "tied weight (keeps the base spec)"
-    if not isinstance(t.module, _OP_MODULES):
-        kind = type(t.module).__name__.removeprefix("Parametrized")
-        return f"{kind} weight (the budget chooses for Linear/Conv weights)"
+        return (f"keeps the palettize.modules.{pattern} spec (explicit modules win over the "
+                "budget)")
+    if isinstance(t.fake.granularity, compat.ExpertsGroupedChannel):
+        return "fused experts weight (keeps the base spec)"
     return None
+
+
+def _plan(engine: Palettization, budget: BudgetSettings
+          ) -> tuple[list[tuple[Any, list[str], list]], dict[str, str], int, int]:
+    """Shapes only, no k-means: ``(items, fixed, fixed bits, elements)``; an item is
+    ``(weight, owners, [(n_bits, group_size, axis, bits)])`` with every compatible choice."""
+    tensors = engine.tensors()
+    rest_numel, rest_bytes, _ = rest_of_model(engine.model, tensors)
+    numel = rest_numel + sum(t.original.numel() for t in tensors)
+    fixed_bits, fixed, items = 8 * rest_bytes, {}, []
+    for t in tensors:
+        owners = _owners(engine, t)
+        reason = _fixed_reason(t, owners, engine.settings.modules)
+        if reason is None:
+            costs = [(n, size, axis, 8 * math.ceil(bits / 8))
+                     for n, size, axis in options_for(t, budget)
+                     for bits in [compat.trial_bits(t.fake, t.original, n,
+                                                    compat.granularity_for(size, axis))]
+                     if bits is not None]
+            if costs:
+                items.append((t, owners, costs))
+                continue
+            reason = "no choice fits its shape (keeps the base spec)"
+        fixed[t.name] = reason
+        fixed_bits += 8 * math.ceil(compat.storage_bits(t) / 8)
+    return items, fixed, fixed_bits, numel
+
+
+def _unreachable(budget: BudgetSettings, lowest: float) -> PalettizeConfigError:
+    return PalettizeConfigError(
+        "budget.bits_per_weight", f"{budget.bits_per_weight} is below the smallest "
+        f"whole-model bits per weight the choices {budget.choices} reach on this model "
+        f"({lowest:.4f}, LUTs and dense tensors included); valid: {math.ceil(lowest * 100) / 100}"
+        " or more")
+
+
+def budget_floor(engine: Palettization) -> float:
+    """The smallest whole-model bits per weight ``palettize.budget``'s choices reach on the
+    attached model, from the shapes alone (no k-means)."""
+    items, _, fixed_bits, numel = _plan(engine, check_budget(engine.settings.budget))
+    return (fixed_bits + sum(min(c[3] for c in costs) for _, _, costs in items)) / numel
 
 
 def allocate(engine: Palettization, sensitivities: Mapping[str, torch.Tensor] | None = None
@@ -238,42 +290,30 @@ def allocate(engine: Palettization, sensitivities: Mapping[str, torch.Tensor] | 
     """
     budget = check_budget(engine.settings.budget)
     start = time.perf_counter()
-    tensors = engine.tensors()
     cache = ErrorCache(budget.cache)
     user_modules = engine.settings.modules
     sens = dict(sensitivities or {})
-    rest_numel, rest_bytes, _ = rest_of_model(engine.model, tensors)
-    numel = rest_numel + sum(t.original.numel() for t in tensors)
-    fixed_bits = 8 * rest_bytes
-    fixed: dict[str, str] = {}
+    plan, fixed, fixed_bits, numel = _plan(engine, budget)
+    lowest = (fixed_bits + sum(min(c[3] for c in costs) for _, _, costs in plan)) / numel
+    if math.floor(budget.bits_per_weight * numel) < lowest * numel:
+        raise _unreachable(budget, lowest)  # before any trial k-means: shapes decide it
     items, runs = [], 0
     compat.ensure_kmeans_extension()
-    for t in tensors:
-        reason = _fixed_reason(engine, t, user_modules)
-        if reason is None:
-            options, n = evaluate(t, options_for(t, budget), sens.get(t.name), cache)
-            runs += n
-            if options:
-                items.append((t, sorted(options, key=lambda o: (o[3], o[0]))))
-                continue
-            reason = "no choice fits its shape (keeps the base spec)"
-        fixed[t.name] = reason
-        fixed_bits += 8 * math.ceil(compat.storage_bits(t) / 8)
+    for t, owners, costs in plan:
+        options, n = evaluate(t, [c[:3] for c in costs], sens.get(t.name), cache)
+        runs += n
+        items.append((t, owners, sorted(options, key=lambda o: (o[3], o[0]))))
     cache.save()
 
     budget_bits = math.floor(budget.bits_per_weight * numel) - fixed_bits
-    costs = [[o[3] for o in options] for _, options in items]
-    errors = [[o[4] for o in options] for _, options in items]
+    costs = [[o[3] for o in options] for _, _, options in items]
+    errors = [[o[4] for o in options] for _, _, options in items]
     picked = solve(costs, errors, budget_bits)
-    if picked is None:
-        lowest = (fixed_bits + sum(min(c) for c in costs)) / numel
-        raise PalettizeConfigError(
-            "budget.bits_per_weight", f"{budget.bits_per_weight} is below the smallest "
-            f"whole-model bits per weight the choices {budget.choices} reach on this model "
-            f"({lowest:.4f}, LUTs and dense tensors included); valid: {math.ceil(lowest * 100) / 100}"
-            " or more")
-    layers = [LayerChoice(t.name, t.module_name, t.original.numel(), o[0], o[1], o[2], o[3], o[4])
-              for (t, options), c in zip(items, picked) for o in [options[c]]]
+    if picked is None:  # the knapsack's cost buckets round up: the floor may just miss
+        raise _unreachable(budget, (fixed_bits + sum(min(c) for c in costs)) / numel)
+    layers = [LayerChoice(t.name, t.module_name, t.original.numel(), o[0], o[1], o[2], o[3], o[4],
+                          owners[1:])
+              for (t, owners, options), c in zip(items, picked) for o in [options[c]]]
     achieved = (fixed_bits + sum(x.bits for x in layers)) / numel
     result = Allocation(target=float(budget.bits_per_weight), achieved=achieved, layers=layers,
                         fixed=fixed, total_error=sum(x.error for x in layers),
@@ -302,7 +342,9 @@ def apply_allocation(engine: Palettization, allocation: Allocation) -> None:
     for x in allocation.layers:
         compat.respec(by_name[x.name].fake, x.n_bits, compat.granularity_for(x.group_size, x.axis))
     engine.settings.modules.update(allocation.modules_block())
-    engine.config = to_coreai_config(engine.settings, engine.model)
+    allocated = {m for x in allocation.layers for m in (x.module, *x.aliases)}
+    engine.config = fitting.extend_config(to_coreai_config(engine.settings, engine.model),
+                                          engine.model, skip_modules=allocated)
 
 
 def restore_allocation(engine: Palettization, saved: Mapping[str, Any]) -> Allocation:
@@ -337,7 +379,8 @@ def allocation_from_state(engine: Palettization) -> Allocation | None:
     user_modules = dict(engine.settings.modules)
     layers, fixed = [], {}
     for t in tensors:
-        reason = _fixed_reason(engine, t, user_modules)
+        owners = _owners(engine, t)
+        reason = _fixed_reason(t, owners, user_modules)
         if reason is not None or t.fake.centroids is None:  # missing state: ensure_clustered says
             fixed[t.name] = reason or "no restored state"
             continue
@@ -351,7 +394,8 @@ def allocation_from_state(engine: Palettization) -> Allocation | None:
                                        "the same palettize.budget")
         compat.respec(t.fake, match[0], compat.granularity_for(match[1], match[2]))
         bits = 8 * math.ceil(compat.storage_bits(t) / 8)
-        layers.append(LayerChoice(t.name, t.module_name, t.original.numel(), *match, bits, None))
+        layers.append(LayerChoice(t.name, t.module_name, t.original.numel(), *match, bits, None,
+                                  owners[1:]))
     rest_numel, rest_bytes, _ = rest_of_model(engine.model, tensors)
     numel = rest_numel + sum(t.original.numel() for t in tensors)
     total = 8 * rest_bytes + sum(8 * math.ceil(compat.storage_bits(t) / 8) for t in tensors)

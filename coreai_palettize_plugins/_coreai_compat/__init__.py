@@ -70,7 +70,7 @@ from .tracing import (
     resolved_module_configs,
     storage_bits,
 )
-from .trial import granularity_for, lut_count, respec, trial_palettize
+from .trial import granularity_for, lut_count, respec, trial_bits, trial_palettize
 
 __all__ = [
     "CACHE_ENV",
@@ -130,6 +130,7 @@ __all__ = [
     "storage_width",
     "tied_prefixes",
     "traceable_experts",
+    "trial_bits",
     "trial_palettize",
     "unpack_bits",
     "use_exportable_experts",
