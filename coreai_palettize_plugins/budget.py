@@ -11,17 +11,21 @@
   pattern keep that spec (explicit modules win over the budget); fused 3-D expert weights keep
   the base spec. Each fixed weight is listed with its reason, and all count in the total.
 - Reachability is checked from the shapes alone before any trial k-means: a target below the
-  smallest whole-model bits per weight the choices reach fails at once.
+  smallest whole-model bits per weight the choices reach fails at once (``budget_floor``).
 - Cost: the whole-model bits per weight exactly as the report (``report.py``, coreai-opt's
   ``bits_per_weight``) counts it: indices + LUTs (+ scales) of each palettized weight in whole
   bytes, every other tensor at its dtype. The allocation never exceeds the target.
 - Objective: per layer, ``sum(s * (w - q(w))**2)`` with ``s`` the calibration sensitivities when
-  given (``allocate(..., sensitivities=)``; k-means is then sensitivity-weighted too), else the
+  given (``allocate(scope, budget, sensitivities)``; k-means is then sensitivity-weighted too), else the
   plain squared error; ``q`` is coreai-opt's own k-means of that layer at that choice.
 - Allocator: exact multiple-choice knapsack (``knapsack.solve``; its docstring says why not greedy).
 - ``cache``: a JSON file of every layer's error and bits for every choice, keyed by name, shape,
   dtype, a checksum of the weight (and sensitivities) and the spec: a new target needs no k-means.
 - Distributed: rank 0 computes, every rank applies the broadcast allocation.
+
+The phase gets a ``BudgetScope`` (the palettized tensors and what it must know of the rest of the
+model), its settings section and the distributed context, and returns an ``Allocation``; the
+caller (the engine) adds the allocation's ``modules`` block to its settings and config.
 """
 
 from __future__ import annotations
@@ -35,22 +39,18 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from . import _coreai_compat as compat
-from . import distributed, fitting
 from ._utils import is_int
 from .budget_errors import ErrorCache, evaluate, options_for
 from .checks import VALID_N_BITS, PalettizeConfigError, build_section, choices, section_mapping
+from .dist_context import DistContext
 from .knapsack import solve
-from .report import rest_of_model
 
-if TYPE_CHECKING:
-    from .engine import Palettization
-
-__all__ = ["BLOCK_FILE", "Allocation", "BudgetSettings", "LayerChoice", "allocate",
+__all__ = ["BLOCK_FILE", "Allocation", "BudgetScope", "BudgetSettings", "LayerChoice", "allocate",
            "allocation_from_state", "apply_allocation", "apply_budget", "budget_floor", "check_budget",
            "restore_allocation", "write_block"]
 
@@ -218,16 +218,36 @@ class Allocation:
 # --------------------------------------------------------------------------------------------
 
 
-def _owners(engine: Palettization, t: compat.PalettizedTensor) -> list[str]:
+@dataclass
+class BudgetScope:
+    """What the budget reads: the palettized weights and the rest of the model's storage.
+
+    ``modules``: the explicit ``palettize.modules`` (they win over the budget); ``tied``: tied
+    weight prefixes (alias -> source; they keep the base spec); ``rest_numel``/``rest_bytes``:
+    the elements and bytes of every tensor that is not a palettized weight (``report``).
+    """
+
+    tensors: list[compat.PalettizedTensor]
+    modules: Mapping[str, Any]
+    tied: Mapping[str, str]
+    rest_numel: int
+    rest_bytes: int
+
+    @property
+    def numel(self) -> int:
+        return self.rest_numel + sum(t.original.numel() for t in self.tensors)
+
+
+def _owners(scope: BudgetScope, t: compat.PalettizedTensor) -> list[str]:
     """The modules holding ``t`` (a tied weight: each), ``t.module_name`` first."""
-    names = [a.module_name for _, a in compat.palettized_prefixes(engine.model)
-             if a.fake is t.fake]
+    aliases = [a for a, source in scope.tied.items() if source == t.state_prefix]
+    names = [a[: -len(f"parametrizations.{t.attr}.")].removesuffix(".") for a in aliases]
     return list(dict.fromkeys([t.module_name, *names]))
 
 
-def _fixed_reason(t: compat.PalettizedTensor, owners: list[str],
-                  user_modules: Mapping[str, Any]) -> str | None:
-    pattern = next((p for p in reversed(list(user_modules))
+def _fixed_reason(scope: BudgetScope, t: compat.PalettizedTensor, owners: list[str]
+                  ) -> str | None:
+    pattern = next((p for p in reversed(list(scope.modules))
                     if any(re.fullmatch(p, o) for o in owners)), None)
     if pattern is not None:
         return (f"keeps the palettize.modules.{pattern} spec (explicit modules win over the "
@@ -237,20 +257,17 @@ def _fixed_reason(t: compat.PalettizedTensor, owners: list[str],
     return None
 
 
-def _plan(engine: Palettization, budget: BudgetSettings
-          ) -> tuple[list[tuple[Any, list[str], list]], dict[str, str], int, int]:
-    """Shapes only, no k-means: ``(items, fixed, fixed bits, elements)``; an item is
-    ``(weight, owners, [(n_bits, group_size, axis, bits)])`` with every compatible choice."""
-    tensors = engine.tensors()
-    rest_numel, rest_bytes, _ = rest_of_model(engine.model, tensors)
-    numel = rest_numel + sum(t.original.numel() for t in tensors)
-    fixed_bits, fixed, items = 8 * rest_bytes, {}, []
-    for t in tensors:
-        owners = _owners(engine, t)
-        reason = _fixed_reason(t, owners, engine.settings.modules)
+def _plan(scope: BudgetScope, budget: BudgetSettings
+          ) -> tuple[list[tuple[Any, list[str], list]], dict[str, str], int]:
+    """Shapes only, no k-means: ``(items, fixed, fixed bits)``; an item is ``(weight, owners,
+    [(n_bits, group_size, axis, bits)])`` with every compatible choice."""
+    fixed_bits, fixed, items = 8 * scope.rest_bytes, {}, []
+    for t in scope.tensors:
+        owners = _owners(scope, t)
+        reason = _fixed_reason(scope, t, owners)
         if reason is None:
             costs = [(n, size, axis, 8 * math.ceil(bits / 8))
-                     for n, size, axis in options_for(t, budget)
+                     for n, size, axis in options_for(t, budget.choices, budget.granularity)
                      for bits in [compat.trial_bits(t.fake, t.original, n,
                                                     compat.granularity_for(size, axis))]
                      if bits is not None]
@@ -260,7 +277,7 @@ def _plan(engine: Palettization, budget: BudgetSettings
             reason = "no choice fits its shape (keeps the base spec)"
         fixed[t.name] = reason
         fixed_bits += 8 * math.ceil(compat.storage_bits(t) / 8)
-    return items, fixed, fixed_bits, numel
+    return items, fixed, fixed_bits
 
 
 def _unreachable(budget: BudgetSettings, lowest: float) -> PalettizeConfigError:
@@ -271,29 +288,29 @@ def _unreachable(budget: BudgetSettings, lowest: float) -> PalettizeConfigError:
         " or more")
 
 
-def budget_floor(engine: Palettization) -> float:
-    """The smallest whole-model bits per weight ``palettize.budget``'s choices reach on the
-    attached model, from the shapes alone (no k-means)."""
-    items, _, fixed_bits, numel = _plan(engine, check_budget(engine.settings.budget))
-    return (fixed_bits + sum(min(c[3] for c in costs) for _, _, costs in items)) / numel
+def budget_floor(scope: BudgetScope, budget: Any) -> float:
+    """The smallest whole-model bits per weight ``budget``'s choices reach on ``scope``, from
+    the shapes alone (no k-means)."""
+    items, _, fixed_bits = _plan(scope, check_budget(budget))
+    return (fixed_bits + sum(min(c[3] for c in costs) for _, _, costs in items)) / scope.numel
 
 
-def allocate(engine: Palettization, sensitivities: Mapping[str, torch.Tensor] | None = None
-             ) -> Allocation:
-    """The allocation for ``engine.settings.budget`` on the attached, not yet clustered model
-    (this process only; ``apply_budget`` is the distributed entry point).
+def allocate(scope: BudgetScope, budget: Any,
+             sensitivities: Mapping[str, torch.Tensor] | None = None) -> Allocation:
+    """The allocation for ``budget`` (``palettize.budget``) on the attached, not yet clustered
+    weights of ``scope`` (this process only; ``apply_budget`` is the distributed entry point).
 
     ``sensitivities``: ``{weight name: tensor shaped like the weight}`` (``calibration``).
 
     Raises:
         PalettizeConfigError: the target is below the smallest whole-model bpw the choices reach.
     """
-    budget = check_budget(engine.settings.budget)
+    budget = check_budget(budget)
     start = time.perf_counter()
     cache = ErrorCache(budget.cache)
-    user_modules = engine.settings.modules
     sens = dict(sensitivities or {})
-    plan, fixed, fixed_bits, numel = _plan(engine, budget)
+    numel = scope.numel
+    plan, fixed, fixed_bits = _plan(scope, budget)
     lowest = (fixed_bits + sum(min(c[3] for c in costs) for _, _, costs in plan)) / numel
     if math.floor(budget.bits_per_weight * numel) < lowest * numel:
         raise _unreachable(budget, lowest)  # before any trial k-means: shapes decide it
@@ -318,7 +335,7 @@ def allocate(engine: Palettization, sensitivities: Mapping[str, torch.Tensor] | 
     result = Allocation(target=float(budget.bits_per_weight), achieved=achieved, layers=layers,
                         fixed=fixed, total_error=sum(x.error for x in layers),
                         seconds=time.perf_counter() - start, kmeans_runs=runs,
-                        explicit_modules=dict(user_modules))
+                        explicit_modules=dict(scope.modules))
     highest = (fixed_bits + sum(max(c) for c in costs)) / numel
     if achieved < budget.bits_per_weight - TOLERANCE:
         warnings.warn(f"palettize.budget: achieved {achieved:.4f} bits/weight, more than "
@@ -329,41 +346,37 @@ def allocate(engine: Palettization, sensitivities: Mapping[str, torch.Tensor] | 
     return result
 
 
-def apply_allocation(engine: Palettization, allocation: Allocation) -> None:
-    """Switch the attached weights to the allocation and rebuild ``engine.config`` with its
-    ``modules`` block added after the explicit modules (the config is built after it)."""
-    from .coreai_config import to_coreai_config
-
-    by_name = {t.name: t for t in engine.tensors()}
+def apply_allocation(tensors: list[compat.PalettizedTensor], allocation: Allocation
+                     ) -> dict[str, dict[str, Any]]:
+    """Switch the attached weights to the allocation. Returns its ``modules`` block: the caller
+    adds it after the explicit modules and rebuilds the coreai-opt config with it."""
+    by_name = {t.name: t for t in tensors}
     missing = [x.name for x in allocation.layers if x.name not in by_name]
     if missing:
         raise RuntimeError(f"palettize.budget: the allocation names weights this model does not "
                            f"palettize: {', '.join(missing[:5])}")
     for x in allocation.layers:
         compat.respec(by_name[x.name].fake, x.n_bits, compat.granularity_for(x.group_size, x.axis))
-    engine.settings.modules.update(allocation.modules_block())
-    allocated = {m for x in allocation.layers for m in (x.module, *x.aliases)}
-    engine.config = fitting.extend_config(to_coreai_config(engine.settings, engine.model),
-                                          engine.model, skip_modules=allocated)
+    return allocation.modules_block()
 
 
-def restore_allocation(engine: Palettization, saved: Mapping[str, Any]) -> Allocation:
-    """A checkpoint's allocation, applied without k-means (resume).
+def restore_allocation(tensors: list[compat.PalettizedTensor], budget: Any,
+                       saved: Mapping[str, Any]) -> Allocation:
+    """A checkpoint's allocation, applied to ``tensors`` without k-means (resume).
 
     Raises:
         PalettizeConfigError: this run's ``palettize.budget`` target differs from the saved one.
     """
     allocation = Allocation.from_dict(saved)
-    budget = engine.settings.budget
     if budget is None or float(budget["bits_per_weight"]) != allocation.target:
         raise PalettizeConfigError("budget", f"the checkpoint was palettized with a "
                                    f"{allocation.target} bits/weight budget; resume with the same "
                                    "palettize.budget")
-    apply_allocation(engine, allocation)
+    apply_allocation(tensors, allocation)
     return allocation
 
 
-def allocation_from_state(engine: Palettization) -> Allocation | None:
+def allocation_from_state(scope: BudgetScope, budget: Any) -> Allocation | None:
     """The allocation a restored checkpoint holds, read from its LUT sizes (no k-means), applied;
     None when nothing was restored. Each weight's choice is the budget option with as many LUT
     entries and LUTs as its restored centroids.
@@ -372,20 +385,20 @@ def allocation_from_state(engine: Palettization) -> Allocation | None:
         PalettizeConfigError: the restored allocation exceeds this run's target, or a weight's
             LUTs match no option of this run's budget.
     """
-    tensors = engine.tensors()
+    tensors = scope.tensors
     if not any(t.fake.centroids is not None for t in tensors):
         return None
-    budget = check_budget(engine.settings.budget)
-    user_modules = dict(engine.settings.modules)
+    budget = check_budget(budget)
     layers, fixed = [], {}
     for t in tensors:
-        owners = _owners(engine, t)
-        reason = _fixed_reason(t, owners, user_modules)
+        owners = _owners(scope, t)
+        reason = _fixed_reason(scope, t, owners)
         if reason is not None or t.fake.centroids is None:  # missing state: ensure_clustered says
             fixed[t.name] = reason or "no restored state"
             continue
         entries, luts = t.fake.centroids.shape[1], t.fake.centroids.shape[0]
-        match = next(((n, size, axis) for n, size, axis in options_for(t, budget)
+        match = next(((n, size, axis)
+                      for n, size, axis in options_for(t, budget.choices, budget.granularity)
                       if 2 ** n == entries and compat.lut_count(
                           t.fake, t.original, compat.granularity_for(size, axis)) == luts), None)
         if match is None:
@@ -396,17 +409,15 @@ def allocation_from_state(engine: Palettization) -> Allocation | None:
         bits = 8 * math.ceil(compat.storage_bits(t) / 8)
         layers.append(LayerChoice(t.name, t.module_name, t.original.numel(), *match, bits, None,
                                   owners[1:]))
-    rest_numel, rest_bytes, _ = rest_of_model(engine.model, tensors)
-    numel = rest_numel + sum(t.original.numel() for t in tensors)
-    total = 8 * rest_bytes + sum(8 * math.ceil(compat.storage_bits(t) / 8) for t in tensors)
-    allocation = Allocation(target=float(budget.bits_per_weight), achieved=total / numel,
+    total = 8 * scope.rest_bytes + sum(8 * math.ceil(compat.storage_bits(t) / 8) for t in tensors)
+    allocation = Allocation(target=float(budget.bits_per_weight), achieved=total / scope.numel,
                             layers=layers, fixed=fixed, total_error=None,
-                            explicit_modules=user_modules)
+                            explicit_modules=dict(scope.modules))
     if allocation.achieved > allocation.target:
         raise PalettizeConfigError("budget", f"the checkpoint holds {allocation.achieved:.4f} "
                                    f"bits/weight, above this run's target {allocation.target}; "
                                    "resume with the same palettize.budget")
-    apply_allocation(engine, allocation)
+    apply_allocation(tensors, allocation)
     return allocation
 
 
@@ -420,15 +431,16 @@ def write_block(allocation: Allocation, extra_files: Any = None) -> Any:
     return write
 
 
-def apply_budget(engine: Palettization, sensitivities: Mapping[str, torch.Tensor] | None = None
-                 ) -> Allocation:
-    """Rank 0 allocates, every rank applies the same allocation (a failure stops all ranks)."""
+def apply_budget(scope: BudgetScope, budget: Any, dist: DistContext,
+                 sensitivities: Mapping[str, torch.Tensor] | None = None) -> Allocation:
+    """Rank 0 allocates, every rank applies the same allocation to ``scope.tensors`` (a failure
+    stops all ranks)."""
     plain = None
-    with distributed.agree("palettize budget"):
-        if distributed.rank() == 0:
-            plain = allocate(engine, sensitivities).to_dict()
-    allocation = Allocation.from_dict(distributed.broadcast_object(plain))
-    apply_allocation(engine, allocation)
+    with dist.agree("palettize budget"):
+        if dist.is_main:
+            plain = allocate(scope, budget, sensitivities).to_dict()
+    allocation = Allocation.from_dict(dist.broadcast_object(plain))
+    apply_allocation(scope.tensors, allocation)
     log.info("palettize: budget %.3f bits/weight -> %.4f achieved (%d k-means runs, %.1f s)",
              allocation.target, allocation.achieved, allocation.kmeans_runs, allocation.seconds)
     return allocation

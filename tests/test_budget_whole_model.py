@@ -12,7 +12,7 @@ from helpers import KMeansCounter
 
 from coreai_palettize_plugins import _coreai_compat as compat
 from coreai_palettize_plugins import load_palettized
-from coreai_palettize_plugins.budget import allocate, budget_floor
+from coreai_palettize_plugins.budget import budget_floor
 from coreai_palettize_plugins.engine import Palettization
 from coreai_palettize_plugins.settings import PalettizeConfigError
 
@@ -44,21 +44,25 @@ def attached(bits: float, granularity: list | None = None, **fields) -> Palettiz
     return engine
 
 
+def floor(engine: Palettization) -> float:
+    return budget_floor(engine._budget_scope(), engine.settings.budget)
+
+
 def test_the_floor_counts_the_tied_vocabulary_and_fit_layouts_false_keeps_it_dense():
     fitted = attached(3.5)
     dense = attached(3.5, fit_layouts=False)              # coreai-opt: the vocabulary stays dense
     assert f"{EMBED}.weight" in dense.skipped
-    assert budget_floor(fitted) < 3.5 < 20 < budget_floor(dense)
+    assert floor(fitted) < 3.5 < 20 < floor(dense)
     head = next(t for t in fitted.tensors() if t.name == f"{EMBED}.weight")
     assert compat.layout_name(head.fake.granularity) == "group 12 axis 0"
     with pytest.raises(PalettizeConfigError, match=r"valid: \d+\.\d+ or more"):
-        allocate(dense)
+        dense.allocate_budget()
 
 
 @pytest.mark.slow
 def test_three_and_a_half_bits_reachable_with_one_choice_for_the_tied_pair(tmp_path):
     engine = attached(3.5, granularity=["base", "per_tensor"])
-    floor = budget_floor(engine)
+    floor_bpw = floor(engine)
     with pytest.warns(UserWarning, match="choices' steps are too coarse"):
         engine.ensure_clustered()
     allocation, report = engine.allocation, engine.report()
@@ -67,7 +71,7 @@ def test_three_and_a_half_bits_reachable_with_one_choice_for_the_tied_pair(tmp_p
     assert allocation.fixed == {} and len(allocation.layers) == len(engine.tensors())
     assert report.bits_per_weight == pytest.approx(allocation.achieved, abs=1e-12)
     # the vocabulary is 95 % of this narrow model: its steps (2/3/4 bits) decide how close
-    assert floor < allocation.achieved <= 3.5 and tied.n_bits == 3
+    assert floor_bpw < allocation.achieved <= 3.5 and tied.n_bits == 3
     assert {f"{EMBED}.weight", f"{HEAD}.weight"} & {d.name for d in report.dense_layers} == set()
     block = allocation.modules_block()
     assert block[EMBED.replace(".", r"\.")] == block[HEAD] == tied.spec()
@@ -93,7 +97,7 @@ def test_an_unreachable_target_fails_before_any_kmeans(monkeypatch):
 
 def test_explicit_modules_on_the_tied_head_name_the_modules_spec():
     engine = attached(3.9, modules=HEAD_SPEC)
-    allocation = allocate(engine)
+    allocation = engine.allocate_budget()
     assert allocation.fixed == {f"{EMBED}.weight": f"keeps the palettize.modules.{HEAD} spec "
                                                    "(explicit modules win over the budget)"}
     assert "base spec" not in allocation.to_text()
