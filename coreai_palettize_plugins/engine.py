@@ -287,8 +287,9 @@ class Palettization:
         self.allocation = allocation
         self.settings.modules.update(allocation.modules_block())
         allocated = {m for x in allocation.layers for m in (x.module, *x.aliases)}
-        self.config = fitting.extend_config(to_coreai_config(self.settings, self.model),
-                                            self.model, skip_modules=allocated)
+        with compat.classes_before_parametrization(self.model):  # as attach built it
+            config = to_coreai_config(self.settings, self.model)
+        self.config = fitting.extend_config(config, self.model, skip_modules=allocated)
 
     def allocate_budget(self, sensitivities: Mapping[str, torch.Tensor] | None = None
                         ) -> budget.Allocation:

@@ -57,7 +57,7 @@ def tensor_digest(tensor: torch.Tensor) -> str:
     """``sha256:<hex>`` of a tensor's bytes (C order, CPU), dtype and shape included."""
     t = tensor.detach().to("cpu").contiguous()
     digest = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
-    digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return "sha256:" + digest.hexdigest()
 
 

@@ -45,6 +45,7 @@ from .sensitivities import (
 )
 from .structure import (
     FittedLayout,
+    classes_before_parametrization,
     fitted_layout,
     insert_parametrizations,
     resolve_module_configs,
@@ -92,6 +93,7 @@ __all__ = [
     "assignment_indices",
     "avoid_lut_name_match",
     "centroids_shape",
+    "classes_before_parametrization",
     "clear_kmeans_sensitivities",
     "cluster_tensors",
     "compact_support",

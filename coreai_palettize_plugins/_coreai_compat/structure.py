@@ -15,7 +15,8 @@ from .layouts import apply_layouts, fit_granularity, layout_name, traceable_expe
 from .tensors import PalettizedTensor, fake_palettized_tensors
 from .tracing import every_use_palettized
 
-__all__ = ["FittedLayout", "fitted_layout", "insert_parametrizations", "resolve_module_configs"]
+__all__ = ["FittedLayout", "classes_before_parametrization", "fitted_layout",
+           "insert_parametrizations", "resolve_module_configs"]
 
 _FITTED = "_plugin_fitted_layout"
 
@@ -81,7 +82,7 @@ def resolve_module_configs(config: KMeansPalettizerConfig, model: nn.Module) -> 
     """``{module name: module config}`` as coreai-opt resolves ``config`` on ``model`` (name >
     type > global), also on a prepared model: a parametrized module matches the type entries of
     its class before parametrization (coreai-opt compares the exact class name)."""
-    with _classes_before_parametrization(model):
+    with classes_before_parametrization(model):
         levels = config.build_module_config_dict(model)
     resolved: dict[str, Any] = {}
     for level in levels.values():
@@ -91,7 +92,9 @@ def resolve_module_configs(config: KMeansPalettizerConfig, model: nn.Module) -> 
 
 
 @contextlib.contextmanager
-def _classes_before_parametrization(model: nn.Module) -> Iterator[None]:
+def classes_before_parametrization(model: nn.Module) -> Iterator[None]:
+    """Within the block, every parametrized module of ``model`` has its class from before
+    parametrization (for code that matches module classes exactly); not reentrant."""
     swapped = [(m, type(m)) for m in model.modules() if P.is_parametrized(m)]
     try:
         for module, _ in swapped:
