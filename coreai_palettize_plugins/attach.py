@@ -18,7 +18,7 @@ import torch.nn as nn
 from coreai_opt.palettization import KMeansPalettizer
 
 from . import _coreai_compat as compat
-from . import adapters, strategies
+from . import adapters, fitting, strategies
 from ._inputs import CallSpec, keyword_call
 from ._modelcopy import copy_for_export, materialize, meta_skeleton, model_device, tracing_forward
 from .checks import PalettizeConfigError
@@ -79,8 +79,11 @@ def build(model: nn.Module, settings: PalettizeSettings, example_inputs: CallSpe
     # checkpoints, the packed artifact and load_palettized carry.
     config = adapters.exclude_adapter_layers(to_coreai_config(settings, model), model)
     copy_ = copy_for_export(model) if skeleton else None
-    attached = insert(model, config, example_inputs, settings.num_workers)
-    attached.config, attached.skeleton = config, copy_
+    attached = insert(model, config, example_inputs, settings.num_workers,
+                      fit_layouts=settings.fit_layouts)
+    # Fitted layouts (palettize.fit_layouts) as per-module-name configs: every re-prepare of
+    # the config (export, load_palettized) builds them again.
+    attached.config, attached.skeleton = fitting.extend_config(config, model), copy_
     tensors = compat.fake_palettized_tensors(model)
     if not tensors:
         raise nothing_palettized(model, settings.describe(), attached.skipped)
@@ -94,7 +97,7 @@ def build(model: nn.Module, settings: PalettizeSettings, example_inputs: CallSpe
 
 
 def insert(model: nn.Module, config: Any, example_inputs: CallSpec,
-           num_workers: int) -> Attached:
+           num_workers: int, *, fit_layouts: bool = False) -> Attached:
     """Insert the palettized structure (``config``: coreai-opt's) into ``model`` in place, with
     k-means deferred: until it runs, reading a palettized weight returns its dense Parameter (an
     optimizer built from ``m.weight`` gets the real one)."""
@@ -104,7 +107,7 @@ def insert(model: nn.Module, config: Any, example_inputs: CallSpec,
     # coreai-opt's prepare calls model(*inputs): keyword inputs go through a root pre-hook.
     with tracing_forward(model), keyword_call(model, spec) as inputs, \
             compat.record_first_consumers(model) as consumers:
-        skipped = compat.insert_parametrizations(palettizer, inputs)
+        skipped = compat.insert_parametrizations(palettizer, inputs, fit_layouts=fit_layouts)
     tied = compat.tied_prefixes(model)
     if tied:
         model.register_load_state_dict_pre_hook(tied_keys_hook(tied))
@@ -154,7 +157,7 @@ def nothing_palettized(model: nn.Module, described: str,
 
 
 def validate(model: nn.Module, config: Any, example_inputs: CallSpec, *,
-             patterns: Mapping[str, Any], described: str) -> None:
+             patterns: Mapping[str, Any], described: str, fit_layouts: bool = False) -> None:
     """A dry run of ``insert`` on a copy of ``model`` (``model`` is not touched).
 
     Raises:
@@ -166,7 +169,7 @@ def validate(model: nn.Module, config: Any, example_inputs: CallSpec, *,
     palettizer = KMeansPalettizer(copy_, config)
     with tracing_forward(copy_), keyword_call(copy_, example_inputs.to(model_device(copy_))) \
             as inputs:
-        skipped = compat.insert_parametrizations(palettizer, inputs)
+        skipped = compat.insert_parametrizations(palettizer, inputs, fit_layouts=fit_layouts)
     if not compat.fake_palettized_tensors(copy_):
         raise nothing_palettized(model, described, skipped)
 
@@ -185,7 +188,9 @@ def settings_of_rank_zero(ours: dict[str, Any], dist: DistContext) -> dict[str, 
 
 
 def warn_dense(model: nn.Module, trace: Mapping[str, Any]) -> None:
-    """One warning naming the weights of linear-like layers left dense, with their reasons."""
+    """One warning naming the weights of linear-like layers left dense, with their reasons (and
+    one log record naming the fitted layouts, ``fitting.log_fitted``)."""
+    fitting.log_fitted(model)
     dense = [d for d in dense_weights(model, **trace) if d.warned]
     if dense:
         warnings.warn(

@@ -4,10 +4,14 @@
       preset: w4                       # the base: which weights are palettized, their layout
       budget: {bits_per_weight: 3.5, choices: [2, 3, 4, 6, 8], cache: budget_errors.json}
 
-- Which weights: those the base config palettizes with a Linear/Conv op. Weights the base leaves
-  dense stay dense; weights matched by an explicit ``palettize.modules`` pattern keep that spec
-  (explicit modules win over the budget); tied weights, embeddings and other module-state specs
-  keep the base spec. Each fixed weight is listed with its reason, and all count in the total.
+- Which weights: every weight the base config palettizes, embeddings and tied weights included
+  (a tied pair is one weight: one choice, an entry for each module holding it), with the layout
+  it got (a fitted one, ``fit_layouts``, for weights the base grouping cannot take). Weights the
+  base leaves dense stay dense; weights of a module matched by an explicit ``palettize.modules``
+  pattern keep that spec (explicit modules win over the budget); fused 3-D expert weights keep
+  the base spec. Each fixed weight is listed with its reason, and all count in the total.
+- Reachability is checked from the shapes alone before any trial k-means: a target below the
+  smallest whole-model bits per weight the choices reach fails at once (``budget_floor``).
 - Cost: the whole-model bits per weight exactly as the report (``report.py``, coreai-opt's
   ``bits_per_weight``) counts it: indices + LUTs (+ scales) of each palettized weight in whole
   bytes, every other tensor at its dtype. The allocation never exceeds the target.
@@ -38,7 +42,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn as nn
 
 from . import _coreai_compat as compat
 from ._utils import is_int
@@ -48,7 +51,7 @@ from .dist_context import DistContext
 from .knapsack import solve
 
 __all__ = ["BLOCK_FILE", "Allocation", "BudgetScope", "BudgetSettings", "LayerChoice", "allocate",
-           "allocation_from_state", "apply_allocation", "apply_budget", "check_budget",
+           "allocation_from_state", "apply_allocation", "apply_budget", "budget_floor", "check_budget",
            "restore_allocation", "write_block"]
 
 log = logging.getLogger(__name__)
@@ -57,8 +60,6 @@ TOLERANCE = 0.05
 """The allocation should land within this many bits per weight under the target."""
 BLOCK_FILE = "budget_modules.yaml"
 """Written beside the export: the allocation as a ``palettize.modules`` block."""
-_OP_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d,
-               nn.ConvTranspose2d, nn.ConvTranspose3d)
 _GRANULARITY_WORDS = ("base", "per_tensor")
 
 
@@ -137,10 +138,13 @@ class LayerChoice:
     bits: int
     error: float | None
     """``sum(s * (w - q(w))**2)`` of this choice (None: read back from a checkpoint)."""
+    aliases: list[str] = field(default_factory=list)
+    """Other modules holding the same (tied) weight: they get the same spec."""
 
     @property
     def layout(self) -> str:
-        return f"g{self.group_size} axis {self.axis}" if self.group_size else "per-tensor"
+        """The report's words (``group 16 axis 0``, ``per-tensor``)."""
+        return f"group {self.group_size} axis {self.axis}" if self.group_size else "per-tensor"
 
     def spec(self) -> dict[str, Any]:
         """The ``palettize.modules`` value for this module."""
@@ -167,7 +171,8 @@ class Allocation:
 
     def modules_block(self) -> dict[str, dict[str, Any]]:
         """``{escaped module name: spec}``, a ``palettize.modules`` override block."""
-        return {re.escape(layer.module): layer.spec() for layer in self.layers}
+        return {re.escape(module): layer.spec() for layer in self.layers
+                for module in (layer.module, *layer.aliases)}
 
     def to_yaml(self) -> str:
         """A YAML file with ``modules:`` (the explicit modules first, they win over the budget)
@@ -233,16 +238,61 @@ class BudgetScope:
         return self.rest_numel + sum(t.original.numel() for t in self.tensors)
 
 
-def _fixed_reason(scope: BudgetScope, t: compat.PalettizedTensor) -> str | None:
-    pattern = next((p for p in scope.modules if re.fullmatch(p, t.module_name)), None)
+def _owners(scope: BudgetScope, t: compat.PalettizedTensor) -> list[str]:
+    """The modules holding ``t`` (a tied weight: each), ``t.module_name`` first."""
+    aliases = [a for a, source in scope.tied.items() if source == t.state_prefix]
+    names = [a[: -len(f"parametrizations.{t.attr}.")].removesuffix(".") for a in aliases]
+    return list(dict.fromkeys([t.module_name, *names]))
+
+
+def _fixed_reason(scope: BudgetScope, t: compat.PalettizedTensor, owners: list[str]
+                  ) -> str | None:
+    pattern = next((p for p in reversed(list(scope.modules))
+                    if any(re.fullmatch(p, o) for o in owners)), None)
     if pattern is not None:
-        return f"palettize.modules.{pattern} (explicit modules win over the budget)"
-    if t.state_prefix in scope.tied or t.state_prefix in scope.tied.values():
-        return "tied weight (keeps the base spec)"
-    if not isinstance(t.module, _OP_MODULES):
-        kind = type(t.module).__name__.removeprefix("Parametrized")
-        return f"{kind} weight (the budget chooses for Linear/Conv weights)"
+        return (f"keeps the palettize.modules.{pattern} spec (explicit modules win over the "
+                "budget)")
+    if isinstance(t.fake.granularity, compat.ExpertsGroupedChannel):
+        return "fused experts weight (keeps the base spec)"
     return None
+
+
+def _plan(scope: BudgetScope, budget: BudgetSettings
+          ) -> tuple[list[tuple[Any, list[str], list]], dict[str, str], int]:
+    """Shapes only, no k-means: ``(items, fixed, fixed bits)``; an item is ``(weight, owners,
+    [(n_bits, group_size, axis, bits)])`` with every compatible choice."""
+    fixed_bits, fixed, items = 8 * scope.rest_bytes, {}, []
+    for t in scope.tensors:
+        owners = _owners(scope, t)
+        reason = _fixed_reason(scope, t, owners)
+        if reason is None:
+            costs = [(n, size, axis, 8 * math.ceil(bits / 8))
+                     for n, size, axis in options_for(t, budget.choices, budget.granularity)
+                     for bits in [compat.trial_bits(t.fake, t.original, n,
+                                                    compat.granularity_for(size, axis))]
+                     if bits is not None]
+            if costs:
+                items.append((t, owners, costs))
+                continue
+            reason = "no choice fits its shape (keeps the base spec)"
+        fixed[t.name] = reason
+        fixed_bits += 8 * math.ceil(compat.storage_bits(t) / 8)
+    return items, fixed, fixed_bits
+
+
+def _unreachable(budget: BudgetSettings, lowest: float) -> PalettizeConfigError:
+    return PalettizeConfigError(
+        "budget.bits_per_weight", f"{budget.bits_per_weight} is below the smallest "
+        f"whole-model bits per weight the choices {budget.choices} reach on this model "
+        f"({lowest:.4f}, LUTs and dense tensors included); valid: {math.ceil(lowest * 100) / 100}"
+        " or more")
+
+
+def budget_floor(scope: BudgetScope, budget: Any) -> float:
+    """The smallest whole-model bits per weight ``budget``'s choices reach on ``scope``, from
+    the shapes alone (no k-means)."""
+    items, _, fixed_bits = _plan(scope, check_budget(budget))
+    return (fixed_bits + sum(min(c[3] for c in costs) for _, _, costs in items)) / scope.numel
 
 
 def allocate(scope: BudgetScope, budget: Any,
@@ -257,41 +307,30 @@ def allocate(scope: BudgetScope, budget: Any,
     """
     budget = check_budget(budget)
     start = time.perf_counter()
-    tensors = scope.tensors
     cache = ErrorCache(budget.cache)
     sens = dict(sensitivities or {})
     numel = scope.numel
-    fixed_bits = 8 * scope.rest_bytes
-    fixed: dict[str, str] = {}
+    plan, fixed, fixed_bits = _plan(scope, budget)
+    lowest = (fixed_bits + sum(min(c[3] for c in costs) for _, _, costs in plan)) / numel
+    if math.floor(budget.bits_per_weight * numel) < lowest * numel:
+        raise _unreachable(budget, lowest)  # before any trial k-means: shapes decide it
     items, runs = [], 0
     compat.ensure_kmeans_extension()
-    for t in tensors:
-        reason = _fixed_reason(scope, t)
-        if reason is None:
-            options, n = evaluate(t, options_for(t, budget.choices, budget.granularity),
-                                  sens.get(t.name), cache)
-            runs += n
-            if options:
-                items.append((t, sorted(options, key=lambda o: (o[3], o[0]))))
-                continue
-            reason = "no choice fits its shape (keeps the base spec)"
-        fixed[t.name] = reason
-        fixed_bits += 8 * math.ceil(compat.storage_bits(t) / 8)
+    for t, owners, costs in plan:
+        options, n = evaluate(t, [c[:3] for c in costs], sens.get(t.name), cache)
+        runs += n
+        items.append((t, owners, sorted(options, key=lambda o: (o[3], o[0]))))
     cache.save()
 
     budget_bits = math.floor(budget.bits_per_weight * numel) - fixed_bits
-    costs = [[o[3] for o in options] for _, options in items]
-    errors = [[o[4] for o in options] for _, options in items]
+    costs = [[o[3] for o in options] for _, _, options in items]
+    errors = [[o[4] for o in options] for _, _, options in items]
     picked = solve(costs, errors, budget_bits)
-    if picked is None:
-        lowest = (fixed_bits + sum(min(c) for c in costs)) / numel
-        raise PalettizeConfigError(
-            "budget.bits_per_weight", f"{budget.bits_per_weight} is below the smallest "
-            f"whole-model bits per weight the choices {budget.choices} reach on this model "
-            f"({lowest:.4f}, LUTs and dense tensors included); valid: {math.ceil(lowest * 100) / 100}"
-            " or more")
-    layers = [LayerChoice(t.name, t.module_name, t.original.numel(), o[0], o[1], o[2], o[3], o[4])
-              for (t, options), c in zip(items, picked) for o in [options[c]]]
+    if picked is None:  # the knapsack's cost buckets round up: the floor may just miss
+        raise _unreachable(budget, (fixed_bits + sum(min(c) for c in costs)) / numel)
+    layers = [LayerChoice(t.name, t.module_name, t.original.numel(), o[0], o[1], o[2], o[3], o[4],
+                          owners[1:])
+              for (t, owners, options), c in zip(items, picked) for o in [options[c]]]
     achieved = (fixed_bits + sum(x.bits for x in layers)) / numel
     result = Allocation(target=float(budget.bits_per_weight), achieved=achieved, layers=layers,
                         fixed=fixed, total_error=sum(x.error for x in layers),
@@ -352,7 +391,8 @@ def allocation_from_state(scope: BudgetScope, budget: Any) -> Allocation | None:
     budget = check_budget(budget)
     layers, fixed = [], {}
     for t in tensors:
-        reason = _fixed_reason(scope, t)
+        owners = _owners(scope, t)
+        reason = _fixed_reason(scope, t, owners)
         if reason is not None or t.fake.centroids is None:  # missing state: ensure_clustered says
             fixed[t.name] = reason or "no restored state"
             continue
@@ -367,7 +407,8 @@ def allocation_from_state(scope: BudgetScope, budget: Any) -> Allocation | None:
                                        "the same palettize.budget")
         compat.respec(t.fake, match[0], compat.granularity_for(match[1], match[2]))
         bits = 8 * math.ceil(compat.storage_bits(t) / 8)
-        layers.append(LayerChoice(t.name, t.module_name, t.original.numel(), *match, bits, None))
+        layers.append(LayerChoice(t.name, t.module_name, t.original.numel(), *match, bits, None,
+                                  owners[1:]))
     total = 8 * scope.rest_bytes + sum(8 * math.ceil(compat.storage_bits(t) / 8) for t in tensors)
     allocation = Allocation(target=float(budget.bits_per_weight), achieved=total / scope.numel,
                             layers=layers, fixed=fixed, total_error=None,

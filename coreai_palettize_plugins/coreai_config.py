@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import enum
 import io
+import re
 import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -90,6 +91,8 @@ def to_coreai_config(settings: PalettizeSettings, model: nn.Module | None = None
         config.set_module_type(module_type, _module_config(value, module_type))
     for pattern, value in settings.modules.items():
         config.set_module_name(pattern, _module_config(value))
+    if model is not None:
+        _embedding_entries(config, settings, model)
     _apply_training_and_schedule(config, settings)
     if model is not None:
         config = linear_like.extend_for_model(config, model)
@@ -98,6 +101,21 @@ def to_coreai_config(settings: PalettizeSettings, model: nn.Module | None = None
 
 config_from_settings = to_coreai_config
 """Alias kept for code written against 0.1."""
+
+
+def _embedding_entries(config: KMeansPalettizerConfig, settings: PalettizeSettings,
+                       model: nn.Module) -> None:
+    """An embedding named by a ``modules`` pattern gets that spec as a ``module_state_spec``
+    (an exact-name entry after the patterns): no palettizable op consumes its weight, so the
+    patterns' ``op_state_spec`` alone would leave it dense."""
+    for name, module in model.named_modules():
+        if not isinstance(module, _STATE_SPEC_TYPES) or "parametrizations" in name.split("."):
+            continue
+        pattern = next((p for p in reversed(list(settings.modules)) if re.fullmatch(p, name)),
+                       None)
+        if pattern is not None and settings.modules[pattern] not in (None, "none"):
+            config.set_module_name(re.escape(name), _module_config(settings.modules[pattern],
+                                                                   type(module)))
 
 
 def _spec(value: str | Mapping[str, Any]) -> PalettizationSpec:

@@ -33,6 +33,7 @@ from . import (
     checkpoint,
     distributed,
     export_step,
+    fitting,
     integrity,
     strategies,
 )
@@ -184,7 +185,8 @@ class Palettization:
         """
         attach.validate(model, to_coreai_config(self.settings, model),
                         as_example_inputs(example_inputs, model),
-                        patterns=self.settings.modules, described=self.settings.describe())
+                        patterns=self.settings.modules, described=self.settings.describe(),
+                        fit_layouts=self.settings.fit_layouts)
 
     check = validate_for  # the 0.1 name
 
@@ -284,7 +286,10 @@ class Palettization:
         """The config with the allocation's ``modules`` block after the explicit modules."""
         self.allocation = allocation
         self.settings.modules.update(allocation.modules_block())
-        self.config = to_coreai_config(self.settings, self.model)
+        allocated = {m for x in allocation.layers for m in (x.module, *x.aliases)}
+        with compat.classes_before_parametrization(self.model):  # as attach built it
+            config = to_coreai_config(self.settings, self.model)
+        self.config = fitting.extend_config(config, self.model, skip_modules=allocated)
 
     def allocate_budget(self, sensitivities: Mapping[str, torch.Tensor] | None = None
                         ) -> budget.Allocation:

@@ -29,7 +29,9 @@ from .layouts import (
     apply_layouts,
     assignment_indices,
     centroids_shape,
+    fit_granularity,
     flat_lut_positions,
+    layout_name,
     lut_groups,
     prepare_from_state_dict,
     reshape_expert_luts,
@@ -41,7 +43,13 @@ from .sensitivities import (
     kmeans_sensitivities,
     set_kmeans_sensitivities,
 )
-from .structure import insert_parametrizations
+from .structure import (
+    FittedLayout,
+    classes_before_parametrization,
+    fitted_layout,
+    insert_parametrizations,
+    resolve_module_configs,
+)
 from .tensors import (
     KMEANS_ENTRY,
     PalettizedTensor,
@@ -66,7 +74,7 @@ from .tracing import (
     storage_bits,
     watch_weight_uses,
 )
-from .trial import granularity_for, lut_count, respec, trial_palettize
+from .trial import granularity_for, lut_count, respec, trial_bits, trial_palettize
 
 __all__ = [
     "CACHE_ENV",
@@ -79,11 +87,13 @@ __all__ = [
     "DerivedIndicesFakePalettize",
     "ExpertsGroupedChannel",
     "ExpertsLayout",
+    "FittedLayout",
     "PalettizedTensor",
     "apply_layouts",
     "assignment_indices",
     "avoid_lut_name_match",
     "centroids_shape",
+    "classes_before_parametrization",
     "clear_kmeans_sensitivities",
     "cluster_tensors",
     "compact_support",
@@ -98,6 +108,8 @@ __all__ = [
     "every_use_palettized",
     "fake_palettized_tensors",
     "finish_clustering",
+    "fit_granularity",
+    "fitted_layout",
     "flat_lut_positions",
     "forget_derived",
     "function_name",
@@ -108,6 +120,7 @@ __all__ = [
     "is_palettized_state",
     "is_prepared",
     "kmeans_sensitivities",
+    "layout_name",
     "lut_count",
     "lut_groups",
     "make_compact",
@@ -117,6 +130,7 @@ __all__ = [
     "prepare_from_state_dict",
     "record_first_consumers",
     "reshape_expert_luts",
+    "resolve_module_configs",
     "resolved_module_configs",
     "respec",
     "set_kmeans_sensitivities",
@@ -125,6 +139,7 @@ __all__ = [
     "storage_width",
     "tied_prefixes",
     "traceable_experts",
+    "trial_bits",
     "trial_palettize",
     "unpack_bits",
     "use_exportable_experts",

@@ -8,7 +8,7 @@ from coreai_opt.inspection._bpw_utils import tensor_storage_bits
 from coreai_opt.palettization.kmeans.kmeans_fake_palettize import _KMeansFakePalettize
 from coreai_opt.palettization.spec import PerGroupedChannelGranularity, PerTensorGranularity
 
-__all__ = ["granularity_for", "lut_count", "respec", "trial_palettize"]
+__all__ = ["granularity_for", "lut_count", "respec", "trial_bits", "trial_palettize"]
 
 
 def granularity_for(group_size: int | None, axis: int | None):
@@ -35,6 +35,17 @@ def trial_palettize(template: _KMeansFakePalettize, weight: torch.Tensor, n_bits
         fake._initialize(weight)
         quantized = fake.hard_assign(weight)
     return quantized, int(tensor_storage_bits(weight, fake))
+
+
+def trial_bits(template: _KMeansFakePalettize, weight: torch.Tensor, n_bits: int,
+               granularity) -> int | None:
+    """The storage bits ``trial_palettize`` would report for this choice, from the shapes alone
+    (no k-means, no data read: a meta copy); None when the shape is incompatible."""
+    fake = _new_fake(template, n_bits, granularity, None)
+    meta = weight.detach().to("meta")
+    if not fake.check_compatible(meta):
+        return None
+    return int(tensor_storage_bits(meta, fake))
 
 
 def lut_count(template: _KMeansFakePalettize, weight: torch.Tensor, granularity) -> int | None:
