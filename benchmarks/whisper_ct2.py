@@ -103,28 +103,33 @@ def read_ct2(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str], str]:
     return variables, aliases, spec
 
 
+def _layers(variables: dict[str, np.ndarray], side: str) -> int:
+    return sum(1 for k in variables
+               if k.startswith(f"{side}/layer_") and k.endswith("ffn/linear_0/weight"))
+
+
 def whisper_config(variables: dict[str, np.ndarray], window_seconds: int = 30):
     """The ``WhisperConfig`` of tiny.en, read off the variable shapes; ``window_seconds`` < 30
     shortens the encoder's audio window (its first ``50 * window_seconds`` positions)."""
     from transformers import WhisperConfig
 
     vocab, d_model = variables["decoder/embeddings/weight"].shape
-    enc = sum(1 for k in variables if k.startswith("encoder/layer_") and k.endswith("ffn/linear_0/weight"))
-    dec = sum(1 for k in variables if k.startswith("decoder/layer_") and k.endswith("ffn/linear_0/weight"))
+    positions = variables["encoder/position_encodings/encodings"].shape[0]
     return WhisperConfig(
-        vocab_size=int(vocab), d_model=int(d_model), num_mel_bins=variables["encoder/conv1/weight"].shape[1],
-        encoder_layers=enc, decoder_layers=dec,
+        vocab_size=int(vocab), d_model=int(d_model),
+        num_mel_bins=variables["encoder/conv1/weight"].shape[1],
+        encoder_layers=_layers(variables, "encoder"), decoder_layers=_layers(variables, "decoder"),
         encoder_attention_heads=int(variables["encoder/num_heads"]),
         decoder_attention_heads=int(variables["decoder/num_heads"]),
         encoder_ffn_dim=variables["encoder/layer_0/ffn/linear_0/weight"].shape[0],
         decoder_ffn_dim=variables["decoder/layer_0/ffn/linear_0/weight"].shape[0],
-        max_source_positions=min(50 * window_seconds, variables["encoder/position_encodings/encodings"].shape[0]),
+        max_source_positions=min(50 * window_seconds, positions),
         max_target_positions=variables["decoder/position_encodings/encodings"].shape[0],
         decoder_start_token_id=SOT, bos_token_id=EOT, eos_token_id=EOT, pad_token_id=EOT,
         tie_word_embeddings=True, use_cache=True)
 
 
-def hf_state_dict(variables: dict[str, np.ndarray], window_seconds: int = 30) -> dict[str, "object"]:
+def hf_state_dict(variables: dict[str, np.ndarray], window_seconds: int = 30) -> dict[str, object]:
     """CTranslate2 names -> ``WhisperForConditionalGeneration`` names (fp32 tensors)."""
     import torch
 
@@ -154,8 +159,7 @@ def hf_state_dict(variables: dict[str, np.ndarray], window_seconds: int = 30) ->
                 put(f"{hf}.{proj}.bias", b)
 
     for side in ("encoder", "decoder"):
-        n = sum(1 for k in variables if k.startswith(f"{side}/layer_") and k.endswith("ffn/linear_0/weight"))
-        for i in range(n):
+        for i in range(_layers(variables, side)):
             hf, ct2 = f"model.{side}.layers.{i}", f"{side}/layer_{i}"
             fused(f"{hf}.self_attn", f"{ct2}/self_attention/linear_0", ("q_proj", "k_proj", "v_proj"))
             linear(f"{hf}.self_attn.out_proj", f"{ct2}/self_attention/linear_1")
@@ -190,7 +194,8 @@ def load_whisper(model_dir: Path | None = None, window_seconds: int = 30):
     if spec != "WhisperSpec":
         raise ValueError(f"{model_dir / 'model.bin'}: spec {spec!r}, expected 'WhisperSpec'")
     if aliases.get("decoder/projection/weight") != "decoder/embeddings/weight":
-        raise ValueError(f"{model_dir}: expected the output projection tied to the embeddings, got {aliases}")
+        raise ValueError(f"{model_dir}: expected the output projection tied to the embeddings, "
+                         f"got {aliases}")
     model = WhisperForConditionalGeneration(whisper_config(variables, window_seconds))
     state = hf_state_dict(variables, window_seconds)
     missing, unexpected = model.load_state_dict(state, strict=False)

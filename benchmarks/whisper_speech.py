@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
 from whisper_ct2 import CACHE, EOT, NO_TIMESTAMPS, SOT
 
 HERE = Path(__file__).resolve().parent
@@ -89,9 +88,9 @@ class SpeechSet:
     """Features, reference texts and their teacher-forcing tensors, for one split."""
 
     texts: list[str]
-    features: "object"          # [n, 80, 3000] float32
-    decoder_input_ids: "object"  # [n, T] (SOT, NO_TIMESTAMPS, tokens..., EOT padding)
-    labels: "object"             # [n, T] next tokens, -100 on the prompt and padding
+    features: object          # [n, 80, 3000] float32
+    decoder_input_ids: object  # [n, T] (SOT, NO_TIMESTAMPS, tokens..., EOT padding)
+    labels: object             # [n, T] next tokens, -100 on the prompt and padding
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -144,7 +143,7 @@ def teacher_forced_ce(model, data: SpeechSet, batch: int = 8) -> float:
 
 
 def greedy_transcribe(model, data: SpeechSet, tokens: Tokens, max_new: int = 48,
-                      batch: int = 8) -> list[str]:
+                      batch: int = 24) -> list[str]:
     """Greedy transcriptions (KV cache, special tokens and the wheel's suppress ids masked)."""
     import torch
     from transformers.cache_utils import DynamicCache, EncoderDecoderCache
