@@ -26,7 +26,7 @@ import torch.nn as nn
 from coreai_opt.palettization import KMeansPalettizer
 
 from . import _coreai_compat as compat
-from . import adapters, calibration, distributed, strategies
+from . import adapters, calibration, distributed, fitting, strategies
 from ._inputs import CallSpec, as_call_spec, keyword_call
 from ._modelcopy import copy_for_export, materialize, meta_skeleton, model_device, tracing_forward
 from .compact import CompactBase
@@ -159,6 +159,9 @@ class Palettization:
             if self._model_factory is None:
                 self._skeleton = copy_for_export(model)
             self._insert(model, example_inputs)
+            # Fitted layouts (palettize.fit_layouts) as per-module-name configs: every
+            # re-prepare of the config (export, load_palettized) builds them again.
+            self.config = fitting.extend_config(self.config, model)
             if not self.tensors():
                 raise self._nothing_palettized(model, self.skipped)
             check_overrides(model, **self._trace_record())
@@ -168,6 +171,7 @@ class Palettization:
             self.adapters = adapters.attach(model, self.settings.adapters,
                                             self.settings.training_strategy, self.tensors())
         if distributed.rank() == 0:
+            fitting.log_fitted(model)
             dense = [d for d in dense_weights(model, **self._trace_record()) if d.warned]
             if dense:
                 warnings.warn(
@@ -183,7 +187,8 @@ class Palettization:
         # coreai-opt's prepare calls model(*inputs): keyword inputs go through a root pre-hook.
         with tracing_forward(model), keyword_call(model, spec) as inputs, \
                 compat.record_first_consumers(model) as consumers:
-            self.skipped = compat.insert_parametrizations(palettizer, inputs)
+            self.skipped = compat.insert_parametrizations(
+                palettizer, inputs, fit_layouts=self.settings.fit_layouts)
         self.consumers = consumers
         self.model, self.palettizer = model, palettizer
         self.example_inputs = example_inputs.detached_cpu()
@@ -244,7 +249,8 @@ class Palettization:
         copy_ = materialize(meta_skeleton(model))
         palettizer = KMeansPalettizer(copy_, to_coreai_config(self.settings, model))
         with tracing_forward(copy_), keyword_call(copy_, spec.to(model_device(copy_))) as inputs:
-            skipped = compat.insert_parametrizations(palettizer, inputs)
+            skipped = compat.insert_parametrizations(palettizer, inputs,
+                                                     fit_layouts=self.settings.fit_layouts)
         if not compat.fake_palettized_tensors(copy_):
             raise self._nothing_palettized(model, skipped)
 

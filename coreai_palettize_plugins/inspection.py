@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.utils.parametrize as parametrize
 
+from ._coreai_compat import fitted_layout
 from ._utils import one_line
 from .engine import Palettization
 from .inspection_targets import InspectError, load_target, torch_dtype_of
@@ -64,6 +65,9 @@ class LayerPlan:
     per_channel_scale: bool = False
     reason: str = ""
     tied_to: str | None = None
+    fitted: str | None = None
+    """Set when the config's grouping cannot take this weight and it gets the nearest layout
+    that fits (``palettize.fit_layouts``); the spec shows that layout."""
 
     @property
     def spec(self) -> str:
@@ -112,7 +116,7 @@ class Inspection:
         headers = ("layer", "type", "shape", "spec", "bytes", "note")
         rows = [(layer.name, layer.type, "x".join(map(str, layer.shape)), layer.spec,
                  _size(layer.projected_bytes),
-                 f"tied to {layer.tied_to}" if layer.tied_to else layer.reason)
+                 f"tied to {layer.tied_to}" if layer.tied_to else layer.fitted or layer.reason)
                 for layer in self.layers]
         rows.append(("(other tensors)", "", "", "dense", _size(self.other_bytes),
                      "biases, norms, buffers at their own dtype"))
@@ -321,6 +325,8 @@ def _plan(name: str, module: nn.Module, weight: torch.Tensor, tensor: Any) -> La
                          ).removeprefix("torch.")
     plan.per_channel_scale = bool(fake.enable_per_channel_scale)
     plan.projected_bytes = projected
+    fitted = fitted_layout(tensor)
+    plan.fitted = fitted.note if fitted is not None else None
     return plan
 
 

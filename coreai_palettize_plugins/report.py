@@ -14,6 +14,8 @@ import torch.nn as nn
 from ._coreai_compat import (
     PalettizedTensor,
     fake_palettized_tensors,
+    fitted_layout,
+    layout_name,
     storage_bits,
     tied_prefixes,
 )
@@ -42,6 +44,10 @@ class LayerReport:
     palettized_bytes: int
     bits_per_weight: float
     sqnr_db: float
+    fitted: str | None = None
+    """Set when the config's grouping could not take this weight and it got the nearest layout
+    that fits (``palettize.fit_layouts``): ``fitted group 12 axis 0 (asked: group 16 axis 0;
+    shape ...)``; ``granularity`` is the layout it got."""
 
 
 @dataclass
@@ -83,6 +89,11 @@ class CompressionReport:
         return self.dense_bytes / max(self.palettized_bytes, 1)
 
     @property
+    def fitted(self) -> list[LayerReport]:
+        """Palettized weights given a fitted layout (``palettize.fit_layouts``)."""
+        return [r for r in self.layers if r.fitted]
+
+    @property
     def skipped(self) -> list[DenseLayer]:
         """Layers the config asked for but coreai-opt could not palettize (their shape)."""
         return [d for d in self.dense_layers if d.kind == "shape"]
@@ -97,6 +108,7 @@ class CompressionReport:
             f"{prefix}compression_ratio": float(self.compression_ratio),
             f"{prefix}palettized_layers": float(len(self.layers)),
             f"{prefix}skipped_layers": float(len(self.skipped)),
+            f"{prefix}fitted_layers": float(len(self.fitted)),
             f"{prefix}dense_layers": float(len(self.dense_layers)),
             **({f"{prefix}calibration_seconds": float(self.calibration["seconds"]),
                 f"{prefix}calibration_samples": float(self.calibration["samples"])}
@@ -140,10 +152,15 @@ class CompressionReport:
         ]
         for r in self.layers:
             lines.append(
-                f"| {r.name} | {tuple(r.shape)} | {r.n_bits} | {r.granularity} | {r.num_luts} "
+                f"| {r.name} | {tuple(r.shape)} | {r.n_bits} | {r.granularity}"
+                f"{' (fitted)' if r.fitted else ''} | {r.num_luts} "
                 f"| {r.dense_bytes} | {r.palettized_bytes} | {r.bits_per_weight:.3f} "
                 f"| {r.sqnr_db:.2f} |"
             )
+        if self.fitted:
+            lines += ["", "Fitted layouts (the config's grouping does not divide them; "
+                      "palettize.fit_layouts):", ""]
+            lines += [f"- {r.name} {tuple(r.shape)}: {r.fitted}" for r in self.fitted]
         if self.dense_layers:
             lines += ["", "Left dense (weights of linear-like layers):", ""]
             lines += [f"- {d.name} {tuple(d.shape)}: {d.reason}" for d in self.dense_layers]
@@ -160,16 +177,15 @@ class CompressionReport:
         width = max((len(r.name) for r in self.layers), default=10)
         for r in self.layers:
             lines.append(f"  {r.name:<{width}}  {r.n_bits}-bit {r.granularity:<22} "
-                         f"{r.bits_per_weight:6.3f} bpw  SQNR {r.sqnr_db:6.2f} dB")
+                         f"{r.bits_per_weight:6.3f} bpw  SQNR {r.sqnr_db:6.2f} dB"
+                         + (f"  {r.fitted}" if r.fitted else ""))
         for d in self.dense_layers:
             lines.append(f"  {d.name:<{width}}  dense: {d.reason}")
         return "\n".join(lines)
 
 
 def _granularity_name(tensor: PalettizedTensor) -> str:
-    g = tensor.fake.granularity
-    size = getattr(g, "group_size", None)
-    return f"group {size} axis {g.axis}" if size else "per-tensor"
+    return layout_name(tensor.fake.granularity)
 
 
 def palettized_bytes(tensor: PalettizedTensor) -> int:
@@ -242,6 +258,7 @@ def build_report(
             bits_per_weight=8 * packed / max(original.numel(), 1),
             sqnr_db=(recorded if recorded is not None
                      else _sqnr_db(original, t.fake.hard_assign(original))),
+            fitted=fitted.note if (fitted := fitted_layout(t)) is not None else None,
         ))
 
     rest_numel, rest_bytes, rest_fp16 = rest_of_model(model, tensors)

@@ -10,6 +10,8 @@ key                       meaning
                           ``conv1d_hf`` (HF Conv1D) and ``experts`` (fused MoE experts)
                           inherit the ``linear`` spec (``linear_like.py``)
 ``modules.<regex>``       per module name (``re.fullmatch``), same values; highest precedence
+``fit_layouts``           true (default): a weight the grouping cannot take gets the nearest
+                          layout that fits (``fitting.py``); false: coreai-opt's (left dense)
 ``config_file``           a coreai-opt YAML file (``kmeans_palettization_config:``); replaces
                           ``preset`` as the base that overrides and modules apply to
 ``schedule.start_step``   optimizer step at which palettization turns on (coreai-opt PATSchedule)
@@ -174,6 +176,9 @@ class PalettizeSettings:
     preset: Any = "w4"
     overrides: dict[str, Any] = field(default_factory=_default_overrides)
     modules: dict[str, Any] = field(default_factory=dict)
+    fit_layouts: bool = True
+    """A weight whose channels the spec's group size does not divide gets the nearest layout that
+    fits (``fitting.py``) instead of staying dense; false gives coreai-opt's behaviour exactly."""
     config_file: str | None = None
     schedule: ScheduleSettings = field(default_factory=ScheduleSettings)
     training: Any = DEFAULT_TRAINING
@@ -227,6 +232,9 @@ class PalettizeSettings:
         if self.distributed not in DISTRIBUTED_MODES:
             raise PalettizeConfigError("distributed", f"unknown mode {self.distributed!r}; "
                                        f"valid: {choices(DISTRIBUTED_MODES)}")
+        if not isinstance(self.fit_layouts, bool):
+            raise PalettizeConfigError("fit_layouts", f"must be true or false, got "
+                                       f"{self.fit_layouts!r}")
         if not isinstance(self.compact, bool):
             raise PalettizeConfigError("compact", f"must be true or false, got {self.compact!r}")
         if not self._palettizes_anything():

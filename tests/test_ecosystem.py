@@ -254,7 +254,7 @@ def test_inspect_matches_what_training_palettizes_byte_for_byte():
 
 
 def test_inspect_shows_layers_the_spec_cannot_take_as_dense_with_the_reason():
-    result = inspect_target("test_ecosystem:OddNet")
+    result = inspect_target("test_ecosystem:OddNet", ["fit_layouts=false"])
     plans = {p.name: p for p in result.layers}
     assert not plans["odd.weight"].palettized
     assert plans["odd.weight"].reason == (
@@ -263,8 +263,25 @@ def test_inspect_shows_layers_the_spec_cannot_take_as_dense_with_the_reason():
     assert plans["even.weight"].spec == "4-bit g16 axis 0 LUT float32"
     text = result.to_text()
     assert "odd.weight" in text and "skipped: shape (24, 1, 3, 3)" in text
-    excluded = inspect_target("test_ecosystem:OddNet", ["overrides.linear=null"])
+    excluded = inspect_target("test_ecosystem:OddNet", ["overrides.linear=null",
+                                                        "fit_layouts=false"])
     assert {p.name: p.reason for p in excluded.layers}["head.weight"] == "excluded by the config"
+
+
+def test_inspect_shows_fitted_layouts_and_counts_them():
+    result = inspect_target("test_ecosystem:OddNet")               # fit_layouts: true (default)
+    plans = {p.name: p for p in result.layers}
+    odd = plans["odd.weight"]
+    assert odd.palettized and odd.spec == "4-bit g12 axis 0 LUT float32" and odd.num_luts == 2
+    assert odd.fitted.startswith("fitted group 12 axis 0 (asked: group 16 axis 0; shape (24, ")
+    assert odd.projected_bytes == 24 * 9 * 4 // 8 + 2 * 16 * 4      # indices + two fp32 LUTs
+    assert plans["head.weight"].spec == "4-bit per-tensor LUT float32"   # 10 rows: one LUT
+    assert plans["even.weight"].fitted is None
+    assert "fitted group 12 axis 0" in result.to_text()
+    strict = inspect_target("test_ecosystem:OddNet", ["fit_layouts=false"])
+    assert strict.projected_bytes - result.projected_bytes == (
+        odd.dense_bytes - odd.projected_bytes + plans["head.weight"].dense_bytes
+        - plans["head.weight"].projected_bytes)
 
 
 def test_inspect_recipe_builds_the_model_from_config_on_meta():

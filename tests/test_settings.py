@@ -218,7 +218,7 @@ def test_config_that_palettizes_no_weight_of_the_model():
 
 
 def test_group_size_that_divides_nothing_palettizes_nothing():
-    engine = Palettization({"preset": {"n_bits": 4, "group_size": 7}})
+    engine = Palettization({"preset": {"n_bits": 4, "group_size": 7}}, fit_layouts=False)
     with pytest.raises(PalettizeConfigError, match=r"palettizes no weight of MixedNet.*skipped: "):
         engine.check(mixed_net(), example_image())
 

@@ -29,7 +29,9 @@ from .layouts import (
     apply_layouts,
     assignment_indices,
     centroids_shape,
+    fit_granularity,
     flat_lut_positions,
+    layout_name,
     lut_groups,
     prepare_from_state_dict,
     reshape_expert_luts,
@@ -41,7 +43,12 @@ from .sensitivities import (
     kmeans_sensitivities,
     set_kmeans_sensitivities,
 )
-from .structure import insert_parametrizations
+from .structure import (
+    FittedLayout,
+    fitted_layout,
+    insert_parametrizations,
+    resolve_module_configs,
+)
 from .tensors import (
     KMEANS_ENTRY,
     PalettizedTensor,
@@ -75,6 +82,7 @@ __all__ = [
     "DerivedIndicesFakePalettize",
     "ExpertsGroupedChannel",
     "ExpertsLayout",
+    "FittedLayout",
     "PalettizedTensor",
     "apply_layouts",
     "assignment_indices",
@@ -91,6 +99,8 @@ __all__ = [
     "ensure_kmeans_extension",
     "fake_palettized_tensors",
     "finish_clustering",
+    "fit_granularity",
+    "fitted_layout",
     "flat_lut_positions",
     "forget_derived",
     "function_name",
@@ -101,6 +111,7 @@ __all__ = [
     "is_palettized_state",
     "is_prepared",
     "kmeans_sensitivities",
+    "layout_name",
     "lut_count",
     "lut_groups",
     "make_compact",
@@ -110,6 +121,7 @@ __all__ = [
     "prepare_from_state_dict",
     "record_first_consumers",
     "reshape_expert_luts",
+    "resolve_module_configs",
     "resolved_module_configs",
     "respec",
     "set_kmeans_sensitivities",

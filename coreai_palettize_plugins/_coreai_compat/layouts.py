@@ -14,14 +14,15 @@ import torch.nn.utils.parametrize as P
 from coreai_opt.palettization import KMeansPalettizer
 from coreai_opt.palettization.kmeans.kmeans_fake_palettize import _KMeansFakePalettize
 from coreai_opt.palettization.kmeans.kmeans_support_mixins import _PalettizationSupportMixin
-from coreai_opt.palettization.spec import PerGroupedChannelGranularity
+from coreai_opt.palettization.spec import PerGroupedChannelGranularity, PerTensorGranularity
 
 from ..linear_like import experts_transposed
 from .tensors import PalettizedTensor
 
 __all__ = [
     "EXPORTABLE_EXPERTS_IMPLEMENTATION", "ExpertsGroupedChannel", "ExpertsLayout",
-    "apply_layouts", "assignment_indices", "centroids_shape", "flat_lut_positions", "lut_groups",
+    "apply_layouts", "assignment_indices", "centroids_shape", "fit_granularity",
+    "flat_lut_positions", "layout_name", "lut_groups",
     "prepare_from_state_dict", "reshape_expert_luts", "traceable_experts", "use_exportable_experts",
 ]
 
@@ -166,6 +167,50 @@ def apply_layouts(model: nn.Module) -> list[str]:
         fake.granularity = ExpertsGroupedChannel(axis=0, group_size=group, transposed=transposed)
         names.append(name)
     return names
+
+
+def layout_name(granularity: Any) -> str:
+    """``group 16 axis 0`` or ``per-tensor`` (the report's words for a granularity)."""
+    size = getattr(granularity, "group_size", None)
+    return f"group {size} axis {granularity.axis}" if size else "per-tensor"
+
+
+def fit_granularity(fake: _KMeansFakePalettize, weight: torch.Tensor) -> tuple[Any, Any] | None:
+    """The layout nearest ``fake``'s grouped-channel spec that ``weight``'s shape takes, for a
+    weight the spec's group size does not divide: ``(granularity for the fake, granularity for
+    the config)`` (they differ for fused experts, whose config spec ``apply_layouts`` converts),
+    or None when nothing fits (a per-tensor spec, or a ``cluster_dim`` no layout takes).
+
+    Candidates: the largest group size below the spec's that divides the channels (same axis,
+    same bits), and per-tensor. Of the two, the one whose rows per LUT are nearer the spec's
+    group size (by ratio) wins: 51864 rows at g16 -> g12; 40 -> g10; 17 or 34 -> per-tensor
+    (one LUT of 17 rows is nearer 16 than 17 LUTs of one row); a group as large as the whole
+    axis is written per-tensor. Only the shape is read (a meta copy)."""
+    spec = fake.granularity
+    if not isinstance(spec, PerGroupedChannelGranularity):
+        return None
+    meta = weight.detach().to("meta")
+
+    def luts(candidate: Any) -> int | None:
+        fake.granularity = candidate
+        try:
+            return len(fake._reshape_and_block(meta)[0]) if fake.check_compatible(meta) else None
+        finally:
+            fake.granularity = spec
+
+    experts = isinstance(spec, ExpertsGroupedChannel)
+    group = next(((d, n) for d in range(spec.group_size - 1, 0, -1)
+                  for n in [luts(spec.model_copy(update={"group_size": d}))] if n), None)
+    per_tensor = None if experts or luts(PerTensorGranularity()) is None else PerTensorGranularity()
+    if group is not None:
+        size, count = group
+        rows = size * count
+        if per_tensor is None or (count > 1 and rows * size >= spec.group_size ** 2):
+            fitted = spec.model_copy(update={"group_size": size})
+            config = (PerGroupedChannelGranularity(axis=0, group_size=size) if experts
+                      else fitted)
+            return fitted, config
+    return (per_tensor, per_tensor) if per_tensor is not None else None
 
 
 def prepare_from_state_dict(palettizer: KMeansPalettizer, example_inputs: tuple[Any, ...],

@@ -2,24 +2,51 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
-from coreai_opt.palettization import KMeansPalettizer
+import torch.nn as nn
+import torch.nn.utils.parametrize as P
+from coreai_opt.palettization import KMeansPalettizer, KMeansPalettizerConfig
 
-from .layouts import apply_layouts, traceable_experts
+from .layouts import apply_layouts, fit_granularity, layout_name, traceable_experts
 from .tensors import PalettizedTensor, fake_palettized_tensors
 
-__all__ = ["insert_parametrizations"]
+__all__ = ["FittedLayout", "fitted_layout", "insert_parametrizations", "resolve_module_configs"]
+
+_FITTED = "_plugin_fitted_layout"
+
+
+@dataclass(frozen=True)
+class FittedLayout:
+    """A weight the config's grouping could not take, given the nearest layout that fits.
+
+    ``spec_layout``: what the config asked for (``group 16 axis 0``); ``layout``: what it got;
+    ``config_granularity``: the coreai-opt granularity a config needs to rebuild it; ``reason``:
+    coreai-opt's incompatibility."""
+
+    spec_layout: str
+    layout: str
+    config_granularity: Any
+    reason: str
+
+    @property
+    def note(self) -> str:
+        return f"fitted {self.layout} (asked: {self.spec_layout}; {self.reason})"
 
 
 def insert_parametrizations(
-    palettizer: KMeansPalettizer, example_inputs: tuple[Any, ...]
+    palettizer: KMeansPalettizer, example_inputs: tuple[Any, ...], *, fit_layouts: bool = False
 ) -> dict[str, str]:
     """Insert the fake-palettize parametrizations without clustering.
 
     Mirrors ``KMeansPalettizer.prepare(state_dict=...)`` up to the point where it would load a
     state dict. Returns ``{weight name: reason}`` for weights the config asked for but whose shape
-    the spec cannot take (coreai-opt drops those and leaves them dense).
+    the spec cannot take (coreai-opt drops those and leaves them dense). With ``fit_layouts``,
+    such a weight gets the nearest layout that fits instead (``fit_granularity``), marked on its
+    fake (``fitted_layout``), and is not returned.
     """
     model = palettizer._model
     palettizer._module_config_dict = palettizer._config.build_module_config_dict(model)
@@ -28,11 +55,50 @@ def insert_parametrizations(
     apply_layouts(model)
     skipped = {}
     for tensor in fake_palettized_tensors(model):
-        if not tensor.fake.check_compatible(tensor.original):
-            skipped[tensor.name] = _incompatibility(tensor)
+        if tensor.fake.check_compatible(tensor.original):
+            continue
+        reason = _incompatibility(tensor)
+        fitted = fit_granularity(tensor.fake, tensor.original) if fit_layouts else None
+        if fitted is None:
+            skipped[tensor.name] = reason
+            continue
+        spec_layout = layout_name(tensor.fake.granularity)
+        tensor.fake.granularity = fitted[0]
+        setattr(tensor.fake, _FITTED, FittedLayout(spec_layout, layout_name(fitted[0]),
+                                                    fitted[1], reason))
     palettizer._remove_incompatible_fake_palett_modules()
     palettizer._mark_model_as_prepared(model)
     return skipped
+
+
+def fitted_layout(tensor: PalettizedTensor) -> FittedLayout | None:
+    """The fitted layout ``insert_parametrizations`` gave this weight (None: the config's own)."""
+    return getattr(tensor.fake, _FITTED, None)
+
+
+def resolve_module_configs(config: KMeansPalettizerConfig, model: nn.Module) -> dict[str, Any]:
+    """``{module name: module config}`` as coreai-opt resolves ``config`` on ``model`` (name >
+    type > global), also on a prepared model: a parametrized module matches the type entries of
+    its class before parametrization (coreai-opt compares the exact class name)."""
+    with _classes_before_parametrization(model):
+        levels = config.build_module_config_dict(model)
+    resolved: dict[str, Any] = {}
+    for level in levels.values():
+        for name, module_config in level.items():
+            resolved.setdefault(name, module_config)
+    return resolved
+
+
+@contextlib.contextmanager
+def _classes_before_parametrization(model: nn.Module) -> Iterator[None]:
+    swapped = [(m, type(m)) for m in model.modules() if P.is_parametrized(m)]
+    try:
+        for module, _ in swapped:
+            module.__class__ = P.type_before_parametrizations(module)
+        yield
+    finally:
+        for module, cls in swapped:
+            module.__class__ = cls
 
 
 def _incompatibility(tensor: PalettizedTensor) -> str:
