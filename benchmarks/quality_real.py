@@ -43,18 +43,13 @@ OUT = HERE / "quality_real_results.json"
 STEPS, LR, BATCH = 30, 1e-5, 4
 
 
-def head(bits: int) -> dict | None:
-    """The tied ``proj_out``/``embed_tokens`` (51864x384): 51864 rows do not divide into the
-    presets' 16-channel groups, so it gets groups of 8 by hand (else it stays dense, ~19 bpw).
-    ``w8`` is per-tensor and takes it as it is."""
-    if bits == 8:
-        return None
-    return {"n_bits": bits, "granularity": "per_grouped_channel", "group_size": 8}
-
-
 def pal(preset: str, bits: int, **extra) -> dict:
-    modules = {"proj_out": head(bits)} if head(bits) else {}
-    return {"preset": preset, "modules": modules, "export": {"formats": []}, **extra}
+    """A ``palettize`` section. The tied ``proj_out``/``embed_tokens`` (51864x384, half the
+    weights) has 51864 rows, which w4/w6's 16-channel groups do not divide: ``fit_layouts``
+    (default) gives it groups of 8 at the same bits (before it, ``modules: {proj_out: {n_bits,
+    granularity: per_grouped_channel, group_size: 8}}`` by hand, the same layout); w8 is
+    per-tensor."""
+    return {"preset": preset, "export": {"formats": []}, **extra}
 
 
 CAL = {"calibration": {"samples": 16}}
