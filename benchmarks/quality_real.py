@@ -187,6 +187,27 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def table(results: dict) -> str:
+    """The RESULTS.md table: each arm's bits per weight, WER, CE and CE against ``ft-dense``."""
+    ref = results.get("ft-dense", {}).get("ce")
+    rows = ["| arm | bits/weight (whole model) | WER | CE | CE / ft-dense | train s | eval s |",
+            "|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        if "error" in r:
+            rows.append(f"| {name} | error: {r['error'][:80]} | | | | | |")
+            continue
+        bpw = r.get("bits_per_weight")
+        rel = f"{r['ce'] / ref:.2f}x" if ref else "-"
+        rows.append(f"| {name} | {bpw:.2f} | {100 * r['wer']:.1f} % | {r['ce']:.3f} | {rel} | "
+                    f"{r.get('train_seconds', 0):.0f} | "
+                    f"{r.get('ce_seconds', 0) + r.get('decode_seconds', 0):.0f} |"
+                    if bpw else
+                    f"| {name} | 32 (fp32) | {100 * r['wer']:.1f} % | {r['ce']:.3f} | {rel} | "
+                    f"{r.get('train_seconds', 0):.0f} | "
+                    f"{r.get('ce_seconds', 0) + r.get('decode_seconds', 0):.0f} |")
+    return "\n".join(rows)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated arm names")
@@ -197,6 +218,7 @@ def main(argv=None) -> None:
     parser.add_argument("--uncached", action="store_true",
                         help="also evaluate palettized arms without parametrize.cached() (slow)")
     parser.add_argument("--plot", action="store_true", help="only write quality_real.png")
+    parser.add_argument("--table", action="store_true", help="only print the RESULTS.md table")
     args = parser.parse_args(argv)
     if args.list:
         print("\n".join(f"{k}: {v}" for k, v in ARMS.items()))
@@ -204,6 +226,9 @@ def main(argv=None) -> None:
     results = json.loads(args.out.read_text()) if args.out.is_file() else {}
     if args.plot:
         plot(results, HERE / "quality_real.png")
+        return
+    if args.table:
+        print(table(results))
         return
     import torch
     import whisper_ct2
