@@ -43,13 +43,20 @@ OUT = HERE / "quality_real_results.json"
 STEPS, LR, BATCH = 30, 1e-5, 4
 
 
+def head(bits: int) -> dict | None:
+    """The tied ``proj_out``/``embed_tokens`` (51864x384, half the weights): its 51864 rows do not
+    divide into w4/w6's 16-channel groups. The recorded arms give it groups of 8 by hand;
+    ``fit_layouts`` (default since the fit-layouts merge) would give it groups of 12 without this
+    entry. w8 is per-tensor and takes it as it is."""
+    if bits == 8:
+        return None
+    return {"n_bits": bits, "granularity": "per_grouped_channel", "group_size": 8}
+
+
 def pal(preset: str, bits: int, **extra) -> dict:
-    """A ``palettize`` section. The tied ``proj_out``/``embed_tokens`` (51864x384, half the
-    weights) has 51864 rows, which w4/w6's 16-channel groups do not divide: ``fit_layouts``
-    (default) gives it groups of 8 at the same bits (before it, ``modules: {proj_out: {n_bits,
-    granularity: per_grouped_channel, group_size: 8}}`` by hand, the same layout); w8 is
-    per-tensor."""
-    return {"preset": preset, "export": {"formats": []}, **extra}
+    """A ``palettize`` section: ``preset``, the head at ``bits`` (:func:`head`), no export."""
+    modules = {"proj_out": head(bits)} if head(bits) else {}
+    return {"preset": preset, "modules": modules, "export": {"formats": []}, **extra}
 
 
 CAL = {"calibration": {"samples": 16}}
