@@ -13,6 +13,7 @@ from coreai_opt.palettization import KMeansPalettizer, KMeansPalettizerConfig
 
 from .layouts import apply_layouts, fit_granularity, layout_name, traceable_experts
 from .tensors import PalettizedTensor, fake_palettized_tensors
+from .tracing import every_use_palettized
 
 __all__ = ["FittedLayout", "fitted_layout", "insert_parametrizations", "resolve_module_configs"]
 
@@ -50,7 +51,7 @@ def insert_parametrizations(
     """
     model = palettizer._model
     palettizer._module_config_dict = palettizer._config.build_module_config_dict(model)
-    with traceable_experts(model):
+    with traceable_experts(model), every_use_palettized(palettizer, model):
         palettizer._handler.prepare(model, example_inputs=example_inputs)
     apply_layouts(model)
     skipped = {}
