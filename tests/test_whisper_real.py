@@ -53,7 +53,9 @@ def test_ct2_reader_layout(whisper):
 
 def test_converted_whisper_transcribes_and_survives_w8(whisper):
     """Dense: a broken conversion (a swapped split, a missing bias) gives WER near 100 %; the
-    converted model gets ~18 % on these synthetic sentences. w8 k-means keeps it."""
+    converted model gets ~18 % on these synthetic sentences. w8 k-means of every projection
+    keeps it (the tied 51864x384 table stays dense here: its 256-entry k-means alone takes
+    minutes on 2 cores; ``benchmarks/quality_real.py`` palettizes it)."""
     from coreai_palettize_plugins.engine import Palettization
 
     model_dir, tokens, data = whisper
@@ -63,11 +65,15 @@ def test_converted_whisper_transcribes_and_survives_w8(whisper):
     dense = ws.evaluate(model, data, tokens)
     assert dense["wer"] < 0.30 and dense["ce"] < 0.6, dense
 
-    engine = Palettization({"preset": "w8", "training": "frozen", "export": {"formats": []}})
+    engine = Palettization({"preset": "w8", "training": "frozen", "modules": {"proj_out": None},
+                            "export": {"formats": []}})
     engine.prepare(model, {"input_features": data.features[:1],
                            "decoder_input_ids": data.decoder_input_ids[:1], "use_cache": False})
     report = engine.report()
-    assert report.bits_per_weight < 9.0  # the tied 51864x384 table is palettized too
+    names = {layer.name for layer in report.layers}
+    assert "model.decoder.layers.3.encoder_attn.v_proj.weight" in names
+    assert "model.encoder.layers.0.self_attn.q_proj.weight" in names
+    assert not any(name.startswith("proj_out") for name in names)
     with torch.nn.utils.parametrize.cached():
         w8 = ws.evaluate(model, data, tokens)
     assert w8["ce"] < dense["ce"] * 1.05 and w8["wer"] <= dense["wer"] + 0.05, (dense, w8)
