@@ -40,6 +40,7 @@ __all__ = [
     "broadcast_object",
     "check_parallelism",
     "cluster",
+    "local_only",
     "palettized_state_hash",
     "plan_owners",
     "rank",
@@ -49,8 +50,23 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
+_LOCAL = [False]  # set by ``local_only``
+
+
 def _active() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return (not _LOCAL[0] and dist.is_available() and dist.is_initialized()
+            and dist.get_world_size() > 1)
+
+
+@contextlib.contextmanager
+def local_only() -> Iterator[None]:
+    """The block runs on this rank alone (no collectives): e.g. rank 0 rebuilding a gathered
+    FSDP2 model for export."""
+    previous, _LOCAL[0] = _LOCAL[0], True
+    try:
+        yield
+    finally:
+        _LOCAL[0] = previous
 
 
 def rank() -> int:
@@ -110,7 +126,7 @@ def plan_owners(sizes: Sequence[int], world: int, mode: str) -> list[int]:
     return owners
 
 
-UNSUPPORTED_PARALLELISM = ("fsdp", "deepspeed", "model_parallel")
+UNSUPPORTED_PARALLELISM = ("fsdp", "deepspeed")
 
 
 def check_parallelism(settings: PalettizeSettings, kind: str, *, what: str,
@@ -127,8 +143,13 @@ def check_parallelism(settings: PalettizeSettings, kind: str, *, what: str,
     """
     if kind in UNSUPPORTED_PARALLELISM:
         raise PalettizeConfigError(
-            "", f"{what} is not supported (coreai-opt keeps palettization state in buffers "
-            "FSDP/DeepSpeed would shard or ignore); train with DDP, see README 'Distributed'")
+            "", f"{what} is not supported (FSDP1 and DeepSpeed ZeRO shard or ignore the "
+            "palettization state); use FSDP2 (Lightning ModelParallelStrategy, or fully_shard "
+            "after Palettization.prepare) or DDP, see README 'Distributed'")
+    if kind == "model_parallel":
+        from .fsdp import check_supported
+
+        check_supported(settings, what)
     needs = (kind == "ddp" and settings.start_step > 0
              and not trains_dense_weight(settings.training_strategy))
     if needs and find_unused is False:
@@ -196,6 +217,10 @@ def _comm_device() -> torch.device:
 
 def cluster(palettizer, tensors: list[compat.PalettizedTensor], mode: str) -> ClusterStats:
     """k-means for ``tensors`` (those without centroids), once across all ranks."""
+    from . import fsdp
+
+    if any(fsdp.is_sharded(t.original) for t in tensors):
+        return fsdp.cluster(palettizer, tensors, mode)
     world = world_size()
     owners = plan_owners([t.original.numel() for t in tensors], world, mode)
     me = rank()

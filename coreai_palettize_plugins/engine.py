@@ -442,6 +442,10 @@ class Palettization:
     def report(self) -> CompressionReport:
         """The compression report (whole-model sizes; dense weights with their reasons)."""
         self._require_clustered()
+        from . import fsdp
+
+        if fsdp.model_is_sharded(self.model):  # every rank takes part
+            return fsdp.report(self)
         report = build_report(self.model, **self._trace_record())
         if self.calibration_stats is not None:
             report.calibration = self.calibration_stats.to_dict()
@@ -546,7 +550,12 @@ class Palettization:
 
     def export_on_main(self, directory: str | Path | None = None, **kwargs: Any
                        ) -> ExportResult | None:
-        """``export`` on global rank 0 only; every rank waits at a barrier afterwards."""
+        """``export`` on global rank 0 only; every rank waits at a barrier afterwards. An FSDP2
+        model's full state is gathered to rank 0 first (every rank takes part)."""
+        from . import fsdp
+
+        if fsdp.model_is_sharded(self.model):
+            return fsdp.export_on_main(self, directory, **kwargs)
         result = None
         try:
             if distributed.rank() == 0:

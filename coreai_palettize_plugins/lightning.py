@@ -25,7 +25,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
 from . import _coreai_compat as compat
-from . import distributed
+from . import distributed, fsdp
 from ._batches import call_spec_from_batch
 from ._inputs import CallSpec
 from .calibration import CalibrationData
@@ -37,9 +37,9 @@ from .settings import ConfigSource, PalettizeConfigError
 __all__ = ["PalettizationCallback", "default_example_inputs"]
 
 
-def _check_strategy(trainer: pl.Trainer, engine: Palettization) -> None:
+def _check_strategy(trainer: pl.Trainer, engine: Palettization) -> str:
     """Fail before training for strategies that cannot work; switch DDP to
-    ``find_unused_parameters=True`` where the schedule needs it."""
+    ``find_unused_parameters=True`` where the schedule needs it. Returns the strategy's kind."""
     from lightning.pytorch.strategies import (
         DDPStrategy,
         DeepSpeedStrategy,
@@ -58,6 +58,7 @@ def _check_strategy(trainer: pl.Trainer, engine: Palettization) -> None:
             find_unused=ddp_kwargs.get("find_unused_parameters"),
             fix="use strategy='ddp_find_unused_parameters_true'"):
         ddp_kwargs["find_unused_parameters"] = True
+    return kind
 
 
 def _ddp_kwargs(strategy: Any) -> dict[str, Any]:
@@ -190,9 +191,12 @@ class PalettizationCallback(Callback):
         if stage != "fit":
             self._attach_on_palettized_load(trainer, pl_module, stage)
             return
-        _check_strategy(trainer, self.engine)
+        kind = _check_strategy(trainer, self.engine)
         self._provide_calibration_data(trainer, pl_module)
-        if is_overridden("configure_model", pl_module):
+        if kind == "model_parallel":  # before configure_model applies fully_shard
+            fsdp.attach_before_sharding(self.engine, pl_module,
+                                        lambda: self._resolve_example_inputs(trainer, pl_module))
+        elif is_overridden("configure_model", pl_module):
             self._attach_after_configure_model(trainer, pl_module)
         else:
             self.engine.attach(pl_module, self._resolve_example_inputs(trainer, pl_module))

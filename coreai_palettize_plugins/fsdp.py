@@ -1,0 +1,291 @@
+"""FSDP2 (``torch.distributed.fsdp.fully_shard``): k-means on sharded weights, restore targets,
+export on rank 0.
+
+The palettized structure goes in before ``fully_shard`` (Lightning: ``setup``, before the
+module's ``configure_model`` shards it; the engine API: ``prepare`` -> ``fully_shard``). FSDP2 then
+shards each dense weight (``parametrizations.<attr>.original``, a ``DTensor`` with ``Shard(0)``)
+and replicates the fake-palettize buffers: the LUTs (``centroids``) are full on every rank.
+
+k-means on sharded weights (``cluster``):
+
+- **local**: when a weight's LUT groups lie along dim 0 (``per_grouped_channel``, axis 0, scalar
+  LUTs) and every rank's row range starts on a group boundary, each rank clusters the rows it
+  holds; the LUT pieces are all-gathered. No weight is gathered, and the k-means time divides by
+  the number of ranks.
+- **gather**: otherwise one weight at a time is all-gathered (``full_tensor``), its owner (greedy
+  bin packing, as ``distributed.plan_owners``) keeps it, clusters it, and broadcasts the state.
+
+Both end bit-identical to a single-process run (scalar k-means is deterministic, per group).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from coreai_opt.palettization.kmeans.palettizer import _calculate_centroids_for_module
+
+from . import _coreai_compat as compat
+from . import distributed
+from .checks import PalettizeConfigError
+
+if TYPE_CHECKING:
+    from .engine import Palettization
+    from .export import ExportResult
+    from .settings import PalettizeSettings
+
+__all__ = ["check_supported", "cluster", "is_sharded", "placeholder_centroids",
+           "export_on_main", "replicated_state_bytes"]
+
+log = logging.getLogger(__name__)
+
+SUPPORTED = "palettize.training=ste (the default), without compact/adapters/calibration/budget"
+
+
+def _dtensor() -> type | None:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without DTensor
+        return None
+    return DTensor
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """A ``DTensor`` (a parameter FSDP2 sharded)."""
+    dtensor = _dtensor()
+    return dtensor is not None and isinstance(tensor, dtensor)
+
+
+def model_is_sharded(model: nn.Module) -> bool:
+    """Any parameter of ``model`` is a ``DTensor`` (``fully_shard`` was applied)."""
+    return any(is_sharded(p) for p in model.parameters())
+
+
+def check_supported(settings: PalettizeSettings, what: str) -> None:
+    """The settings FSDP2 runs with; anything else fails before training with the fix.
+
+    Raises:
+        PalettizeConfigError: naming the key and the supported path.
+    """
+    tail = f"is not supported under {what} (FSDP2); supported: {SUPPORTED}, or train with DDP"
+    if settings.training_strategy != "ste":
+        raise PalettizeConfigError(
+            "training", f"{settings.training_strategy!r} {tail} (frozen/lut keep weight-shaped "
+            "index state or LUT Parameters FSDP2 would replicate or shard wrongly)")
+    if settings.adapters is not None:
+        raise PalettizeConfigError("adapters", f"(LoRA on the compact base) {tail}")
+    if settings.calibration is not None:
+        raise PalettizeConfigError("calibration", tail)
+    if settings.budget is not None:
+        raise PalettizeConfigError("budget", tail)
+
+
+def placeholder_centroids(tensors: Sequence[compat.PalettizedTensor]) -> None:
+    """Give every weight without centroids a zero LUT of its final shape, still marked
+    uninitialized, so a sharded checkpoint (DCP loads only keys the model already has) restores
+    them; k-means overwrites them when nothing was restored."""
+    from ._coreai_compat.layouts import centroids_shape
+
+    for t in tensors:
+        if t.fake.centroids is None:
+            t.fake.centroids = torch.zeros(centroids_shape(t), dtype=t.original.dtype,
+                                           device=t.original.device)
+            t.fake._centroids_initialized = False
+
+
+# ---------------------------------------------------------------- k-means on shards
+
+
+def _row_ranges(rows: int, world: int) -> list[tuple[int, int]]:
+    """Each rank's ``[start, end)`` rows under FSDP2's ``Shard(0)`` (``torch.chunk`` sizes)."""
+    chunk = -(-rows // world)
+    return [(min(r * chunk, rows), min((r + 1) * chunk, rows)) for r in range(world)]
+
+
+def _aligned(t: compat.PalettizedTensor, weight: Any) -> bool:
+    """The weight's LUT groups are whole on each rank's dim-0 shard."""
+    from torch.distributed.tensor import Shard
+
+    fake = t.fake
+    group = fake._axis0_group_size()
+    if (group is None or fake.cluster_dim != 1 or fake.enable_per_channel_scale
+            or fake._sensitivities is not None or weight.device_mesh.ndim != 1
+            or tuple(weight.placements) != (Shard(0),)):
+        return False
+    ranges = _row_ranges(weight.shape[0], weight.device_mesh.size())
+    return all(start % group == 0 for start, _ in ranges) and weight.shape[0] % group == 0
+
+
+def _cluster_one(fake: Any, weight: torch.Tensor) -> None:
+    """coreai-opt's per-weight k-means (as its sequential path), on ``weight``."""
+    fake.disable_fake_palett()
+    _calculate_centroids_for_module((fake, weight))
+    fake.enable_fake_palett()
+
+
+def cluster(palettizer: Any, tensors: list[compat.PalettizedTensor], mode: str
+            ) -> distributed.ClusterStats:
+    """k-means for ``tensors`` whose weights FSDP2 sharded; every rank ends with the full LUTs."""
+    world, me = distributed.world_size(), distributed.rank()
+    weights = [t.original.detach() for t in tensors]
+    local = [is_sharded(w) and _aligned(t, w) for t, w in zip(tensors, weights)]
+    compat.end_deferral(tensors)
+    compat.ensure_kmeans_extension()
+    with distributed.agree("k-means (local shards)"), distributed._progress_on_rank_zero():
+        for t, w, here in zip(tensors, weights, local):
+            if here and w.to_local().shape[0]:
+                _cluster_one(t.fake, w.to_local())
+    sparse = _any_rank([bool(here and t.fake._sparsity_mask is not None)
+                        for t, here in zip(tensors, local)])
+    local = [here and not s for here, s in zip(local, sparse)]
+    for t, here in zip(tensors, local):
+        if here:
+            _gather_luts(t)
+    rest = [i for i, here in enumerate(local) if not here]
+    owners = distributed.plan_owners([weights[i].numel() for i in rest], world, mode)
+    stats = distributed.ClusterStats(
+        mode=f"fsdp2 ({sum(local)} local, {len(rest)} gathered)", world_size=world,
+        clustered_here=[t.name for t, here in zip(tensors, local) if here],
+        owners={tensors[i].name: o for i, o in zip(rest, owners)},
+        palettized_elements=sum(w.numel() for w in weights))
+    mine: list[tuple[compat.PalettizedTensor, torch.Tensor]] = []
+    for i, owner in zip(rest, owners):  # one weight at a time; only its owner keeps it
+        full = weights[i].full_tensor() if is_sharded(weights[i]) else weights[i]
+        if owner == me:
+            mine.append((tensors[i], full))
+        del full
+    with distributed.agree("k-means (gathered weights)"), distributed._progress_on_rank_zero():
+        for t, full in mine:
+            _reset_sparsity(t.fake)
+            _cluster_one(t.fake, full)
+            stats.clustered_here.append(t.name)
+    mine.clear()
+    if world > 1 and rest:
+        stats.broadcast_bytes = distributed._broadcast_results([tensors[i] for i in rest], owners)
+    return stats
+
+
+def _any_rank(flags: list[bool]) -> list[bool]:
+    if not flags or distributed.world_size() <= 1:
+        return flags
+    buffer = torch.tensor(flags, dtype=torch.int32, device=distributed._comm_device())
+    dist.all_reduce(buffer, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in buffer.tolist()]
+
+
+def _reset_sparsity(fake: Any) -> None:
+    """Sparsity is detected per tensor: forget what a shard showed (the forward re-detects on
+    the unsharded weight)."""
+    fake._sparsity_mask = None
+    fake._sparsity_detected = False
+
+
+def _gather_luts(t: compat.PalettizedTensor) -> None:
+    """All-gather the LUT rows each rank clustered for its shard into the full LUT (rank order
+    is row order), then load it as a restored LUT (indices re-derived from it)."""
+    from ._coreai_compat.layouts import centroids_shape
+
+    weight = t.original.detach()
+    full_shape = centroids_shape(t)
+    group = t.fake._axis0_group_size()
+    counts = [(end - start) // group for start, end in _row_ranges(weight.shape[0], distributed.world_size())]
+    most = max(counts)
+    mine = t.fake.centroids if counts[distributed.rank()] else None
+    device = distributed._comm_device()
+    dtype = mine.dtype if mine is not None else weight.dtype
+    padded = torch.zeros((most, *full_shape[1:]), dtype=dtype, device=device)
+    if mine is not None:
+        padded[:mine.shape[0]] = mine.to(device)
+    pieces = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(pieces, padded)
+    full = torch.cat([p[:n] for p, n in zip(pieces, counts)]).to(weight.device)
+    _reset_sparsity(t.fake)
+    t.fake.indices = None
+    state = t.fake.state_dict()
+    state["centroids"] = full
+    state.pop("indices", None)
+    t.fake.load_state_dict(state, strict=False)
+
+
+# ---------------------------------------------------------------- export and state
+
+
+def _full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's full state dict on rank 0 (CPU, one tensor gathered at a time); ``{}`` on
+    the other ranks. Every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                cpu_offload=True))
+
+
+def export_on_main(engine: Palettization, directory: Any, **kwargs: Any) -> ExportResult | None:
+    """Export a sharded model: every rank gathers the full state to rank 0 (CPU, one tensor at a
+    time), which rebuilds the palettized model from it (no k-means) and exports it like a single
+    process. Returns the result on rank 0."""
+    state = _full_state_dict(engine.model)
+    result = None
+    try:
+        if distributed.rank() == 0:
+            result = _unsharded_engine(engine, state).export(directory, **kwargs)
+    finally:
+        distributed.barrier()
+    return result
+
+
+def report(engine: Palettization) -> Any:
+    """The compression report of a sharded model, as a single process would build it: rank 0
+    gathers the full state and builds it on an unsharded copy; every rank gets it."""
+    state = _full_state_dict(engine.model)
+    built = _unsharded_engine(engine, state).report() if distributed.rank() == 0 else None
+    del state
+    return distributed.broadcast_object(built)
+
+
+def _unsharded_engine(engine: Palettization, state: dict[str, torch.Tensor]) -> Palettization:
+    """A process-local engine over a fresh copy of the model loaded from ``state``."""
+    import warnings
+
+    from .engine import Palettization
+
+    copy = Palettization(engine.settings, model_factory=engine._model_factory)
+    copy._skeleton = engine._skeleton
+    with distributed.local_only(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # attach's warnings were given once already
+        copy.prepare(engine._new_model(None), engine.example_inputs, state_dict=state)
+    copy.calibration_stats = engine.calibration_stats
+    return copy
+
+
+def replicated_state_bytes(model: nn.Module) -> int:
+    """Bytes of palettization state FSDP2 replicates on every rank (LUTs and other buffers of
+    the fake-palettize modules)."""
+    return sum(b.numel() * b.element_size() for t in compat.fake_palettized_tensors(model)
+               for b in t.fake.buffers())
+
+
+def iter_sharded(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, parameter)`` for the parameters FSDP2 sharded."""
+    return ((n, p) for n, p in model.named_parameters() if is_sharded(p))
+
+
+def attach_before_sharding(engine: Palettization, model: nn.Module,
+                           example_inputs: Any) -> None:
+    """Lightning ``ModelParallelStrategy``: build the palettized structure before the module's
+    ``configure_model`` shards it, with zero LUTs a sharded checkpoint can restore into.
+
+    Raises:
+        PalettizeConfigError: the module has no weights yet (built inside ``configure_model``)
+            or they are on the meta device.
+    """
+    if any(p.is_meta for p in model.parameters()) or not any(True for _ in model.parameters()):
+        raise PalettizeConfigError(
+            "", f"{type(model).__name__} has no materialized weights before configure_model: "
+            "under the ModelParallelStrategy build the layers in __init__ (configure_model "
+            "should only apply fully_shard), or use the engine API (prepare, then fully_shard)")
+    engine.attach(model, example_inputs() if callable(example_inputs) else example_inputs)
+    placeholder_centroids(engine.tensors())
