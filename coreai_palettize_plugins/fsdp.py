@@ -38,8 +38,14 @@ if TYPE_CHECKING:
     from .export import ExportResult
     from .settings import PalettizeSettings
 
-__all__ = ["check_supported", "cluster", "is_sharded", "placeholder_centroids",
-           "export_on_main", "replicated_state_bytes"]
+__all__ = [
+    "check_supported",
+    "cluster",
+    "export_on_main",
+    "is_sharded",
+    "placeholder_centroids",
+    "replicated_state_bytes",
+]
 
 log = logging.getLogger(__name__)
 
@@ -72,16 +78,16 @@ def check_supported(settings: PalettizeSettings, what: str) -> None:
         PalettizeConfigError: naming the key and the supported path.
     """
     tail = f"is not supported under {what} (FSDP2); supported: {SUPPORTED}, or train with DDP"
-    if settings.training_strategy != "ste":
-        raise PalettizeConfigError(
-            "training", f"{settings.training_strategy!r} {tail} (frozen/lut keep weight-shaped "
-            "index state or LUT Parameters FSDP2 would replicate or shard wrongly)")
     if settings.adapters is not None:
         raise PalettizeConfigError("adapters", f"(LoRA on the compact base) {tail}")
     if settings.calibration is not None:
         raise PalettizeConfigError("calibration", tail)
     if settings.budget is not None:
         raise PalettizeConfigError("budget", tail)
+    if settings.training_strategy != "ste":
+        raise PalettizeConfigError(
+            "training", f"{settings.training_strategy!r} {tail} (frozen/lut keep weight-shaped "
+            "index state or LUT Parameters FSDP2 would replicate or shard wrongly)")
 
 
 def placeholder_centroids(tensors: Sequence[compat.PalettizedTensor]) -> None:
@@ -192,7 +198,8 @@ def _gather_luts(t: compat.PalettizedTensor) -> None:
     weight = t.original.detach()
     full_shape = centroids_shape(t)
     group = t.fake._axis0_group_size()
-    counts = [(end - start) // group for start, end in _row_ranges(weight.shape[0], distributed.world_size())]
+    ranges = _row_ranges(weight.shape[0], distributed.world_size())
+    counts = [(end - start) // group for start, end in ranges]
     most = max(counts)
     mine = t.fake.centroids if counts[distributed.rank()] else None
     device = distributed._comm_device()

@@ -9,37 +9,13 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from _probe import KMEANS_CALLS, palettized_state_hash, record
-from helpers import TokenDataset, tiny_llama
+from _fsdp2_models import TinyLlamaModule
+from _probe import KMEANS_CALLS, record
+from helpers import TokenDataset, lut_hash
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
-from torch.distributed.fsdp import fully_shard
 
 from coreai_palettize_plugins.lightning import PalettizationCallback
-
-
-class TinyLlamaModule(pl.LightningModule):
-    """A tiny Llama whose ``configure_model`` shards every decoder layer, then the root."""
-
-    def __init__(self, lr: float = 1e-3) -> None:
-        super().__init__()
-        self.lr = lr
-        self.model = tiny_llama()
-
-    def configure_model(self) -> None:
-        mesh = self.device_mesh["data_parallel"]
-        for layer in self.model.model.layers:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(self.model, mesh=mesh)
-
-    def forward(self, input_ids):
-        return self.model(input_ids=input_ids).logits
-
-    def training_step(self, batch, batch_idx):
-        return self.model(**batch).loss
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=self.lr)
 
 
 class Probe(Callback):
@@ -47,11 +23,11 @@ class Probe(Callback):
         self.out, self.callback = out, callback
 
     def on_fit_start(self, trainer, pl_module):
-        record(self.out, trainer.global_rank, lut_hash_at_start=palettized_state_hash(pl_module),
+        record(self.out, trainer.global_rank, lut_hash_at_start=lut_hash(pl_module),
                kmeans_at_start=list(KMEANS_CALLS))
 
     def on_train_end(self, trainer, pl_module):
-        record(self.out, trainer.global_rank, lut_hash_at_end=palettized_state_hash(pl_module),
+        record(self.out, trainer.global_rank, lut_hash_at_end=lut_hash(pl_module),
                kmeans_total=list(KMEANS_CALLS), global_step=trainer.global_step,
                engine_step=self.callback.engine.step)
 
@@ -63,21 +39,24 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--ckpt", default=None)
     parser.add_argument("--training", default="ste")
+    parser.add_argument("--formats", default="torch", help="comma-separated, or 'default'")
     args = parser.parse_args()
     torch.set_num_threads(1)
     pl.seed_everything(0, verbose=False)
     module = TinyLlamaModule(lr=args.lr)
-    callback = PalettizationCallback("w4", example_inputs={"input_ids": torch.zeros(1, 16, dtype=torch.long)},
-                                     export_dir=args.out / "export", export_formats=["torch"],
-                                     training=args.training)
-    data = torch.utils.data.DataLoader(TokenDataset(blocks=16, length=16), batch_size=2)
+    formats = {"export_formats": args.formats.split(",") if args.formats else []}
+    callback = PalettizationCallback("w4", export_dir=args.out / "export",
+                                     training=args.training,
+                                     **(formats if args.formats != "default" else {}))
+    # 2 batches of 2 per rank and epoch: a checkpoint per epoch is a clean resume point.
+    data = torch.utils.data.DataLoader(TokenDataset(blocks=8, length=16), batch_size=2)
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, max_steps=args.steps, logger=False,
         strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(args.out),
         callbacks=[callback, Probe(args.out, callback),
                    ModelCheckpoint(dirpath=args.out / "ckpt", save_top_k=-1,
-                                   every_n_train_steps=2, filename="{step}")])
+                                   filename="{step}")])
     try:
         trainer.fit(module, data, ckpt_path=args.ckpt)
     except Exception as error:
