@@ -1,72 +1,34 @@
-"""The engine's calibration step (``palettize.calibration``; see ``calibration.py``): where the
-batches come from, computing or loading the sensitivities on every rank, handing them to
-coreai-opt's weighted k-means, and the stats for the report."""
+"""The calibration phase (``palettize.calibration``; the mechanics are in ``calibration.py``):
+where the batches come from, computing or loading the sensitivities on every rank, handing them
+to coreai-opt's weighted k-means, and the stats for the report.
+
+``calibrate(tensors, settings, model=, data=, dist=)`` gets the palettized tensors, its settings
+section, the loss/data callable and the distributed context, and returns the stats (and the raw
+sensitivities when a budget wants them); it never sees the engine."""
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed as dist
+import torch.nn as nn
 
 from . import _coreai_compat as compat
 from . import calibration as core
-from . import distributed
+from .calibration import CalibrationData, CalibrationStats
 from .checks import PalettizeConfigError
+from .dist_context import DistContext
 
 if TYPE_CHECKING:
     from .calibration import CalibrationSettings
-    from .engine import Palettization
 
 __all__ = ["CalibrationData", "CalibrationStats", "calibrate", "plan_batches", "release"]
 
 log = logging.getLogger("coreai_palettize_plugins.calibration")
-
-@dataclass
-class CalibrationData:
-    """What an adapter hands the engine: the loss and where the training data is.
-
-    ``loss(batch, batch_index)``: the model's own training loss of one collated batch (moved to
-    the device by the adapter). ``dataset`` + ``collate_fn`` + ``batch_size``: the deterministic
-    plan (see the module docstring); else ``loader`` is iterated (a new iterator).
-    """
-
-    loss: Callable[[Any, int], torch.Tensor]
-    loader: Iterable[Any] | None = None
-    dataset: Any = None
-    collate_fn: Callable[[list[Any]], Any] | None = None
-    batch_size: int | None = None
-
-    @classmethod
-    def from_loader(cls, loss: Callable[[Any, int], torch.Tensor], loader: Any,
-                    batch_size: int | None = None) -> CalibrationData:
-        """From a torch ``DataLoader`` (its dataset, collate_fn, batch size) or any iterable."""
-        return cls(loss=loss, loader=loader, dataset=getattr(loader, "dataset", None),
-                   collate_fn=getattr(loader, "collate_fn", None),
-                   batch_size=batch_size or getattr(loader, "batch_size", None))
-
-
-@dataclass
-class CalibrationStats:
-    """What calibration did (``report.calibration``, ``report.json``)."""
-
-    source: str            # "computed" or "loaded"
-    samples: int
-    batches: int
-    seconds: float
-    weights: int
-    world_size: int
-    path: str | None = None
-    data: str = ""         # how the batches were chosen
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 def _map_style(data: CalibrationData) -> bool:
     ds = data.dataset
@@ -115,28 +77,30 @@ def plan_batches(data: CalibrationData, settings: CalibrationSettings, rank: int
         "(not an indexable dataset)")
 
 
-def calibrate(engine: Palettization, tensors: list[compat.PalettizedTensor]) -> CalibrationStats:
-    """Sensitivities for ``tensors`` (computed, or loaded from ``calibration.path``), set as the
-    weights of coreai-opt's k-means. Identical on every rank. Call right before k-means
-    (clustering is deferred meanwhile, so the forward uses the dense weights)."""
-    settings = engine.settings.calibration
-    assert settings is not None
+def calibrate(tensors: list[compat.PalettizedTensor], settings: CalibrationSettings, *,
+              model: nn.Module, data: Callable[[], CalibrationData] | None, dist: DistContext,
+              keep_raw: bool = False
+              ) -> tuple[CalibrationStats, dict[str, torch.Tensor] | None]:
+    """Sensitivities for ``tensors`` (computed with ``data``'s loss on ``model``, or loaded from
+    ``settings.path``), set as the weights of coreai-opt's k-means; identical on every rank of
+    ``dist``. Call right before k-means (clustering is deferred meanwhile, so the forward uses
+    the dense weights). Returns the stats, and with ``keep_raw`` the raw (not normalized)
+    sensitivities per weight name (the budget's objective), else ``None``."""
     started = time.perf_counter()
     path = settings.path
-    exists = distributed.broadcast_object(bool(path) and Path(path).is_file())
+    exists = dist.broadcast_object(bool(path) and Path(path).is_file())
     if exists:
-        sens, meta = _load_everywhere(path, tensors)
+        sens, meta = _load_everywhere(path, tensors, dist)
         stats = CalibrationStats("loaded", int(meta.get("samples", 0)), int(meta.get("batches", 0)),
-                                 0.0, len(tensors), distributed.world_size(), path,
+                                 0.0, len(tensors), dist.world_size, path,
                                  str(meta.get("data", "")))
     else:
-        sens, stats = _compute_everywhere(engine, tensors, settings)
-    if engine.settings.budget is not None:   # raw (not per-weight normalized): budget objective
-        engine.sensitivities = {t.name: sens[t.name] for t in tensors}
+        sens, stats = _compute_everywhere(model, data, tensors, settings, dist)
+    raw = {t.name: sens[t.name] for t in tensors} if keep_raw else None
     compat.set_kmeans_sensitivities(tensors, {t.name: core.kmeans_weights(sens.pop(t.name))
                                               for t in tensors})
     stats.seconds = time.perf_counter() - started
-    if distributed.rank() == 0:
+    if dist.is_main:
         if stats.source == "loaded":
             log.info("palettize: calibration: loaded the sensitivities of %d weights from %s "
                      "(not computed)", len(tensors), path)
@@ -144,64 +108,57 @@ def calibrate(engine: Palettization, tensors: list[compat.PalettizedTensor]) -> 
             log.info("palettize: calibration: computed the sensitivities of %d weights from %d "
                      "samples (%d batches) in %.1f s%s", len(tensors), stats.samples,
                      stats.batches, stats.seconds, f"; saved to {path}" if path else "")
-    return stats
+    return stats, raw
 
 
-def _compute_everywhere(engine: Palettization, tensors: list[compat.PalettizedTensor],
-                        settings: CalibrationSettings
-                        ) -> tuple[dict[str, torch.Tensor], CalibrationStats]:
+def _compute_everywhere(model: nn.Module, provider: Callable[[], CalibrationData] | None,
+                        tensors: list[compat.PalettizedTensor], settings: CalibrationSettings,
+                        dist: DistContext) -> tuple[dict[str, torch.Tensor], CalibrationStats]:
     # Deferred fakes forward the dense Parameter itself (no lazy k-means); the caller's
     # end_deferral / k-means follows.
     compat.defer_clustering(tensors)
-    provider = engine.calibration_data
     if provider is None:
         raise PalettizeConfigError("calibration", "no training data to calibrate with: use the "
                                    "Lightning or HF callback, or set engine.calibration_data")
     params = {t.name: t.original for t in tensors}
-    with distributed.agree("palettize.calibration"):
+    with dist.agree("palettize.calibration"):
         data = provider()
-        batches, total, how = plan_batches(data, settings, distributed.rank(),
-                                           distributed.world_size())
-        progress = core._progress(total, settings.show_progress)
-        with core._calibration_mode(engine.model, params), progress:
+        batches, total, how = plan_batches(data, settings, dist.rank, dist.world_size)
+        progress = core._progress(total, settings.show_progress and dist.is_main)
+        with core._calibration_mode(model, params), progress:
             sums, n_batches, n_samples = core._accumulate(params, data.loss, batches, progress)
-    n_batches, n_samples = core._all_reduce(sums, n_batches, n_samples)
+    n_batches, n_samples = core._all_reduce(sums, n_batches, n_samples, dist)
     if n_batches == 0:
         raise PalettizeConfigError("calibration", "the train data gave no batch to calibrate on")
     sens = core._means(sums, n_batches)
     if settings.path:
-        with distributed.agree("palettize.calibration save"):
-            if distributed.rank() == 0:
+        with dist.agree("palettize.calibration save"):
+            if dist.is_main:
                 core.save_sensitivities(settings.path, sens, batches=n_batches, samples=n_samples,
-                                   data=how)
+                                        data=how)
     return sens, CalibrationStats("computed", n_samples, n_batches, 0.0, len(tensors),
-                                  distributed.world_size(), settings.path, how)
+                                  dist.world_size, settings.path, how)
 
 
-def _load_everywhere(path: str, tensors: list[compat.PalettizedTensor]
+def _load_everywhere(path: str, tensors: list[compat.PalettizedTensor], dist: DistContext
                      ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Rank 0 reads the file; every rank receives the identical tensors."""
     sens: dict[str, torch.Tensor] = {}
     meta: dict[str, Any] = {}
-    with distributed.agree("palettize.calibration load"):
-        if distributed.rank() == 0:
+    with dist.agree("palettize.calibration load"):
+        if dist.is_main:
             sens, meta = core.load_sensitivities(path, tensors)
-    if distributed.world_size() > 1:
-        meta = distributed.broadcast_object(meta)
-        device = torch.device("cuda", torch.cuda.current_device()) \
-            if dist.get_backend() == "nccl" else torch.device("cpu")
-        buffers = {t.name: (sens[t.name] if t.name in sens
-                            else torch.empty(tuple(t.original.shape))).to(device) for t in tensors}
-        works = [dist.broadcast(b, src=0, async_op=True) for b in buffers.values()]
-        for work in works:
-            work.wait()
-        sens = {k: v.cpu() for k, v in buffers.items()}
+    if dist.active:
+        meta = dist.broadcast_object(meta)
+        buffers = [sens[t.name] if t.name in sens else torch.empty(tuple(t.original.shape))
+                   for t in tensors]
+        sens = {t.name: b.cpu() for t, b in zip(tensors, dist.broadcast(buffers))}
     return sens, meta
 
 
-def release(engine: Palettization, tensors: list[compat.PalettizedTensor]) -> None:
+def release(tensors: list[compat.PalettizedTensor], *, reclusters: bool) -> None:
     """After k-means: drop the sensitivities, unless a warm-up schedule will re-cluster at
-    switch-on (coreai-opt then uses them again, from the same fit-start calibration)."""
-    if engine.settings.start_step == 0:
+    switch-on (``reclusters``: coreai-opt then uses them again, from the same fit-start
+    calibration)."""
+    if not reclusters:
         compat.clear_kmeans_sensitivities(tensors)
-

@@ -12,12 +12,16 @@
   ``bits_per_weight``) counts it: indices + LUTs (+ scales) of each palettized weight in whole
   bytes, every other tensor at its dtype. The allocation never exceeds the target.
 - Objective: per layer, ``sum(s * (w - q(w))**2)`` with ``s`` the calibration sensitivities when
-  given (``allocate(..., sensitivities=)``; k-means is then sensitivity-weighted too), else the
+  given (``allocate(scope, budget, sensitivities)``; k-means is then sensitivity-weighted too), else the
   plain squared error; ``q`` is coreai-opt's own k-means of that layer at that choice.
 - Allocator: exact multiple-choice knapsack (``knapsack.solve``; its docstring says why not greedy).
 - ``cache``: a JSON file of every layer's error and bits for every choice, keyed by name, shape,
   dtype, a checksum of the weight (and sensitivities) and the spec: a new target needs no k-means.
 - Distributed: rank 0 computes, every rank applies the broadcast allocation.
+
+The phase gets a ``BudgetScope`` (the palettized tensors and what it must know of the rest of the
+model), its settings section and the distributed context, and returns an ``Allocation``; the
+caller (the engine) adds the allocation's ``modules`` block to its settings and config.
 """
 
 from __future__ import annotations
@@ -31,23 +35,19 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn as nn
 
 from . import _coreai_compat as compat
-from . import distributed
 from ._utils import is_int
 from .budget_errors import ErrorCache, evaluate, options_for
 from .checks import VALID_N_BITS, PalettizeConfigError, build_section, choices, section_mapping
+from .dist_context import DistContext
 from .knapsack import solve
-from .report import rest_of_model
 
-if TYPE_CHECKING:
-    from .engine import Palettization
-
-__all__ = ["BLOCK_FILE", "Allocation", "BudgetSettings", "LayerChoice", "allocate",
+__all__ = ["BLOCK_FILE", "Allocation", "BudgetScope", "BudgetSettings", "LayerChoice", "allocate",
            "allocation_from_state", "apply_allocation", "apply_budget", "check_budget",
            "restore_allocation", "write_block"]
 
@@ -213,12 +213,31 @@ class Allocation:
 # --------------------------------------------------------------------------------------------
 
 
-def _fixed_reason(engine: Palettization, t: compat.PalettizedTensor,
-                  user_modules: Mapping[str, Any]) -> str | None:
-    pattern = next((p for p in user_modules if re.fullmatch(p, t.module_name)), None)
+@dataclass
+class BudgetScope:
+    """What the budget reads: the palettized weights and the rest of the model's storage.
+
+    ``modules``: the explicit ``palettize.modules`` (they win over the budget); ``tied``: tied
+    weight prefixes (alias -> source; they keep the base spec); ``rest_numel``/``rest_bytes``:
+    the elements and bytes of every tensor that is not a palettized weight (``report``).
+    """
+
+    tensors: list[compat.PalettizedTensor]
+    modules: Mapping[str, Any]
+    tied: Mapping[str, str]
+    rest_numel: int
+    rest_bytes: int
+
+    @property
+    def numel(self) -> int:
+        return self.rest_numel + sum(t.original.numel() for t in self.tensors)
+
+
+def _fixed_reason(scope: BudgetScope, t: compat.PalettizedTensor) -> str | None:
+    pattern = next((p for p in scope.modules if re.fullmatch(p, t.module_name)), None)
     if pattern is not None:
         return f"palettize.modules.{pattern} (explicit modules win over the budget)"
-    if t.state_prefix in engine.tied or t.state_prefix in engine.tied.values():
+    if t.state_prefix in scope.tied or t.state_prefix in scope.tied.values():
         return "tied weight (keeps the base spec)"
     if not isinstance(t.module, _OP_MODULES):
         kind = type(t.module).__name__.removeprefix("Parametrized")
@@ -226,32 +245,31 @@ def _fixed_reason(engine: Palettization, t: compat.PalettizedTensor,
     return None
 
 
-def allocate(engine: Palettization, sensitivities: Mapping[str, torch.Tensor] | None = None
-             ) -> Allocation:
-    """The allocation for ``engine.settings.budget`` on the attached, not yet clustered model
-    (this process only; ``apply_budget`` is the distributed entry point).
+def allocate(scope: BudgetScope, budget: Any,
+             sensitivities: Mapping[str, torch.Tensor] | None = None) -> Allocation:
+    """The allocation for ``budget`` (``palettize.budget``) on the attached, not yet clustered
+    weights of ``scope`` (this process only; ``apply_budget`` is the distributed entry point).
 
     ``sensitivities``: ``{weight name: tensor shaped like the weight}`` (``calibration``).
 
     Raises:
         PalettizeConfigError: the target is below the smallest whole-model bpw the choices reach.
     """
-    budget = check_budget(engine.settings.budget)
+    budget = check_budget(budget)
     start = time.perf_counter()
-    tensors = engine.tensors()
+    tensors = scope.tensors
     cache = ErrorCache(budget.cache)
-    user_modules = engine.settings.modules
     sens = dict(sensitivities or {})
-    rest_numel, rest_bytes, _ = rest_of_model(engine.model, tensors)
-    numel = rest_numel + sum(t.original.numel() for t in tensors)
-    fixed_bits = 8 * rest_bytes
+    numel = scope.numel
+    fixed_bits = 8 * scope.rest_bytes
     fixed: dict[str, str] = {}
     items, runs = [], 0
     compat.ensure_kmeans_extension()
     for t in tensors:
-        reason = _fixed_reason(engine, t, user_modules)
+        reason = _fixed_reason(scope, t)
         if reason is None:
-            options, n = evaluate(t, options_for(t, budget), sens.get(t.name), cache)
+            options, n = evaluate(t, options_for(t, budget.choices, budget.granularity),
+                                  sens.get(t.name), cache)
             runs += n
             if options:
                 items.append((t, sorted(options, key=lambda o: (o[3], o[0]))))
@@ -278,7 +296,7 @@ def allocate(engine: Palettization, sensitivities: Mapping[str, torch.Tensor] | 
     result = Allocation(target=float(budget.bits_per_weight), achieved=achieved, layers=layers,
                         fixed=fixed, total_error=sum(x.error for x in layers),
                         seconds=time.perf_counter() - start, kmeans_runs=runs,
-                        explicit_modules=dict(user_modules))
+                        explicit_modules=dict(scope.modules))
     highest = (fixed_bits + sum(max(c) for c in costs)) / numel
     if achieved < budget.bits_per_weight - TOLERANCE:
         warnings.warn(f"palettize.budget: achieved {achieved:.4f} bits/weight, more than "
@@ -289,39 +307,37 @@ def allocate(engine: Palettization, sensitivities: Mapping[str, torch.Tensor] | 
     return result
 
 
-def apply_allocation(engine: Palettization, allocation: Allocation) -> None:
-    """Switch the attached weights to the allocation and rebuild ``engine.config`` with its
-    ``modules`` block added after the explicit modules (the config is built after it)."""
-    from .coreai_config import to_coreai_config
-
-    by_name = {t.name: t for t in engine.tensors()}
+def apply_allocation(tensors: list[compat.PalettizedTensor], allocation: Allocation
+                     ) -> dict[str, dict[str, Any]]:
+    """Switch the attached weights to the allocation. Returns its ``modules`` block: the caller
+    adds it after the explicit modules and rebuilds the coreai-opt config with it."""
+    by_name = {t.name: t for t in tensors}
     missing = [x.name for x in allocation.layers if x.name not in by_name]
     if missing:
         raise RuntimeError(f"palettize.budget: the allocation names weights this model does not "
                            f"palettize: {', '.join(missing[:5])}")
     for x in allocation.layers:
         compat.respec(by_name[x.name].fake, x.n_bits, compat.granularity_for(x.group_size, x.axis))
-    engine.settings.modules.update(allocation.modules_block())
-    engine.config = to_coreai_config(engine.settings, engine.model)
+    return allocation.modules_block()
 
 
-def restore_allocation(engine: Palettization, saved: Mapping[str, Any]) -> Allocation:
-    """A checkpoint's allocation, applied without k-means (resume).
+def restore_allocation(tensors: list[compat.PalettizedTensor], budget: Any,
+                       saved: Mapping[str, Any]) -> Allocation:
+    """A checkpoint's allocation, applied to ``tensors`` without k-means (resume).
 
     Raises:
         PalettizeConfigError: this run's ``palettize.budget`` target differs from the saved one.
     """
     allocation = Allocation.from_dict(saved)
-    budget = engine.settings.budget
     if budget is None or float(budget["bits_per_weight"]) != allocation.target:
         raise PalettizeConfigError("budget", f"the checkpoint was palettized with a "
                                    f"{allocation.target} bits/weight budget; resume with the same "
                                    "palettize.budget")
-    apply_allocation(engine, allocation)
+    apply_allocation(tensors, allocation)
     return allocation
 
 
-def allocation_from_state(engine: Palettization) -> Allocation | None:
+def allocation_from_state(scope: BudgetScope, budget: Any) -> Allocation | None:
     """The allocation a restored checkpoint holds, read from its LUT sizes (no k-means), applied;
     None when nothing was restored. Each weight's choice is the budget option with as many LUT
     entries and LUTs as its restored centroids.
@@ -330,19 +346,19 @@ def allocation_from_state(engine: Palettization) -> Allocation | None:
         PalettizeConfigError: the restored allocation exceeds this run's target, or a weight's
             LUTs match no option of this run's budget.
     """
-    tensors = engine.tensors()
+    tensors = scope.tensors
     if not any(t.fake.centroids is not None for t in tensors):
         return None
-    budget = check_budget(engine.settings.budget)
-    user_modules = dict(engine.settings.modules)
+    budget = check_budget(budget)
     layers, fixed = [], {}
     for t in tensors:
-        reason = _fixed_reason(engine, t, user_modules)
+        reason = _fixed_reason(scope, t)
         if reason is not None or t.fake.centroids is None:  # missing state: ensure_clustered says
             fixed[t.name] = reason or "no restored state"
             continue
         entries, luts = t.fake.centroids.shape[1], t.fake.centroids.shape[0]
-        match = next(((n, size, axis) for n, size, axis in options_for(t, budget)
+        match = next(((n, size, axis)
+                      for n, size, axis in options_for(t, budget.choices, budget.granularity)
                       if 2 ** n == entries and compat.lut_count(
                           t.fake, t.original, compat.granularity_for(size, axis)) == luts), None)
         if match is None:
@@ -352,17 +368,15 @@ def allocation_from_state(engine: Palettization) -> Allocation | None:
         compat.respec(t.fake, match[0], compat.granularity_for(match[1], match[2]))
         bits = 8 * math.ceil(compat.storage_bits(t) / 8)
         layers.append(LayerChoice(t.name, t.module_name, t.original.numel(), *match, bits, None))
-    rest_numel, rest_bytes, _ = rest_of_model(engine.model, tensors)
-    numel = rest_numel + sum(t.original.numel() for t in tensors)
-    total = 8 * rest_bytes + sum(8 * math.ceil(compat.storage_bits(t) / 8) for t in tensors)
-    allocation = Allocation(target=float(budget.bits_per_weight), achieved=total / numel,
+    total = 8 * scope.rest_bytes + sum(8 * math.ceil(compat.storage_bits(t) / 8) for t in tensors)
+    allocation = Allocation(target=float(budget.bits_per_weight), achieved=total / scope.numel,
                             layers=layers, fixed=fixed, total_error=None,
-                            explicit_modules=user_modules)
+                            explicit_modules=dict(scope.modules))
     if allocation.achieved > allocation.target:
         raise PalettizeConfigError("budget", f"the checkpoint holds {allocation.achieved:.4f} "
                                    f"bits/weight, above this run's target {allocation.target}; "
                                    "resume with the same palettize.budget")
-    apply_allocation(engine, allocation)
+    apply_allocation(tensors, allocation)
     return allocation
 
 
@@ -376,15 +390,16 @@ def write_block(allocation: Allocation, extra_files: Any = None) -> Any:
     return write
 
 
-def apply_budget(engine: Palettization, sensitivities: Mapping[str, torch.Tensor] | None = None
-                 ) -> Allocation:
-    """Rank 0 allocates, every rank applies the same allocation (a failure stops all ranks)."""
+def apply_budget(scope: BudgetScope, budget: Any, dist: DistContext,
+                 sensitivities: Mapping[str, torch.Tensor] | None = None) -> Allocation:
+    """Rank 0 allocates, every rank applies the same allocation to ``scope.tensors`` (a failure
+    stops all ranks)."""
     plain = None
-    with distributed.agree("palettize budget"):
-        if distributed.rank() == 0:
-            plain = allocate(engine, sensitivities).to_dict()
-    allocation = Allocation.from_dict(distributed.broadcast_object(plain))
-    apply_allocation(engine, allocation)
+    with dist.agree("palettize budget"):
+        if dist.is_main:
+            plain = allocate(scope, budget, sensitivities).to_dict()
+    allocation = Allocation.from_dict(dist.broadcast_object(plain))
+    apply_allocation(scope.tensors, allocation)
     log.info("palettize: budget %.3f bits/weight -> %.4f achieved (%d k-means runs, %.1f s)",
              allocation.target, allocation.achieved, allocation.kmeans_runs, allocation.seconds)
     return allocation

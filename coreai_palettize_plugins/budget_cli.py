@@ -4,7 +4,6 @@ of a recipe's model for a bits-per-weight target, without training."""
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
 from pathlib import Path
 
 __all__ = ["add_budget_command", "run_budget"]
@@ -30,7 +29,6 @@ def run_budget(args: argparse.Namespace) -> str:
     import torch
     from transformers import set_seed
 
-    from .budget import apply_budget
     from .engine import Palettization
     from .recipes import build_model, load_recipe, load_tokenizer
     from .recipes.checks import thaw
@@ -52,15 +50,10 @@ def run_budget(args: argparse.Namespace) -> str:
     set_seed(recipe.training_args.seed)
     model = build_model(recipe.model, tokenizer, local_files_only=local.model)
     engine.attach(model, {"input_ids": torch.zeros(1, 8, dtype=torch.long)})
-    allocation = apply_budget(engine)
+    allocation = engine.allocate_budget()
     text = allocation.to_text()
     if args.output:
         Path(args.output).write_text(allocation.to_yaml())
         text += f"\nwrote {args.output}"
     return text
 
-
-def main(argv: Sequence[str] | None = None) -> int:  # pragma: no cover - via cli.main
-    from .cli import main as cli_main
-
-    return cli_main(["budget", *(argv or [])])

@@ -10,16 +10,13 @@ import logging
 import math
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from . import _coreai_compat as compat
 from . import calibration
-
-if TYPE_CHECKING:
-    from .budget import BudgetSettings
 
 __all__ = ["CACHE_VERSION", "ErrorCache", "evaluate", "options_for"]
 
@@ -44,18 +41,20 @@ def _layer_key(t: compat.PalettizedTensor, sensitivities: torch.Tensor | None) -
     return hashlib.sha1(json.dumps(parts).encode()).hexdigest()
 
 
-def options_for(t: compat.PalettizedTensor, budget: BudgetSettings
-                 ) -> list[tuple[int, int | None, int | None]]:
-    """``(n_bits, group_size or None, axis)`` per choice for this weight, cheapest layout first."""
+def options_for(t: compat.PalettizedTensor, choices: Sequence[int],
+                granularity: Sequence[str | int] | None
+                ) -> list[tuple[int, int | None, int | None]]:
+    """``(n_bits, group_size or None, axis)`` per choice of ``palettize.budget`` (its ``choices``
+    and ``granularity``) for this weight, cheapest layout first."""
     base = t.fake.granularity
     base_size, axis = getattr(base, "group_size", None), getattr(base, "axis", None)
     layouts: list[tuple[int | None, int | None]] = []
-    for g in budget.granularity or ["base"]:
+    for g in granularity or ["base"]:
         layout = ((base_size, axis if base_size else None) if g == "base" else
                   (None, None) if g == "per_tensor" else (int(g), axis or 0))
         if layout not in layouts:
             layouts.append(layout)
-    return [(n, size, ax) for n in budget.choices for size, ax in layouts]
+    return [(n, size, ax) for n in choices for size, ax in layouts]
 
 
 def _option_key(n_bits: int, group_size: int | None, axis: int | None) -> str:

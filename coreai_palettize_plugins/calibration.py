@@ -39,22 +39,67 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
 from . import _coreai_compat as compat
-from . import distributed
 from ._utils import is_int
 from .checks import PalettizeConfigError, build_section, choices, section_mapping
+from .dist_context import DistContext
 
 __all__ = ["CalibrationData", "CalibrationSettings", "CalibrationStats", "build_calibration",
-           "calibrate", "compute_sensitivities", "kmeans_weights", "load_sensitivities",
-           "move_to_device", "plan_batches", "release", "save_sensitivities"]
+           "compute_sensitivities", "kmeans_weights", "load_sensitivities", "move_to_device",
+           "save_sensitivities"]
 
 log = logging.getLogger(__name__)
 
 KEYS = ("samples", "batches", "path", "show_progress")
 FILE_FORMAT = "coreai-palettize-sensitivities"
+
+
+# --------------------------------------------------------------------------------------------
+# What the adapters hand in, what calibration reports
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CalibrationData:
+    """What an adapter hands the engine: the loss and where the training data is.
+
+    ``loss(batch, batch_index)``: the model's own training loss of one collated batch (moved to
+    the device by the adapter). ``dataset`` + ``collate_fn`` + ``batch_size``: the deterministic
+    plan (see the module docstring); else ``loader`` is iterated (a new iterator).
+    """
+
+    loss: Callable[[Any, int], torch.Tensor]
+    loader: Iterable[Any] | None = None
+    dataset: Any = None
+    collate_fn: Callable[[list[Any]], Any] | None = None
+    batch_size: int | None = None
+
+    @classmethod
+    def from_loader(cls, loss: Callable[[Any, int], torch.Tensor], loader: Any,
+                    batch_size: int | None = None) -> CalibrationData:
+        """From a torch ``DataLoader`` (its dataset, collate_fn, batch size) or any iterable."""
+        return cls(loss=loss, loader=loader, dataset=getattr(loader, "dataset", None),
+                   collate_fn=getattr(loader, "collate_fn", None),
+                   batch_size=batch_size or getattr(loader, "batch_size", None))
+
+
+@dataclass
+class CalibrationStats:
+    """What calibration did (``report.calibration``, ``report.json``)."""
+
+    source: str            # "computed" or "loaded"
+    samples: int
+    batches: int
+    seconds: float
+    weights: int
+    world_size: int
+    path: str | None = None
+    data: str = ""         # how the batches were chosen
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 # --------------------------------------------------------------------------------------------
@@ -232,21 +277,15 @@ def _accumulate(params: Mapping[str, nn.Parameter], loss_fn: Callable[[Any, int]
     return sums, n_batches, n_samples
 
 
-def _all_reduce(sums: dict[str, torch.Tensor], n_batches: int, n_samples: int
-                ) -> tuple[int, int]:
+def _all_reduce(sums: dict[str, torch.Tensor], n_batches: int, n_samples: int,
+                ctx: DistContext) -> tuple[int, int]:
     """Sum the per-rank sums and counts in place on every rank (one async all-reduce each)."""
-    if distributed.world_size() <= 1 or not dist.is_initialized():
+    if not ctx.active:
         return n_batches, n_samples
-    device = next(iter(sums.values())).device if sums else torch.device("cpu")
-    if dist.get_backend() == "nccl" and device.type != "cuda":
-        device = torch.device("cuda", torch.cuda.current_device())
-    counts = torch.tensor([n_batches, n_samples], dtype=torch.float64, device=device)
-    moved = {k: v.to(device) for k, v in sums.items()}
-    works = [dist.all_reduce(t, async_op=True) for t in [*moved.values(), counts]]
-    for work in works:
-        work.wait()
-    for key, tensor in moved.items():
-        sums[key] = tensor.to(sums[key].device)
+    counts = torch.tensor([n_batches, n_samples], dtype=torch.float64)
+    *reduced, counts = ctx.all_reduce([*sums.values(), counts])
+    for key, tensor in zip(list(sums), reduced):
+        sums[key] = tensor
     return int(counts[0].item()), int(counts[1].item())
 
 
@@ -265,33 +304,37 @@ def compute_sensitivities(
     *,
     params: Mapping[str, nn.Parameter] | None = None,
     show_progress: bool = False,
+    dist: DistContext | None = None,
 ) -> dict[str, torch.Tensor]:
     """Diagonal Fisher sensitivities: the mean over ``batches`` of ``grad(loss_fn(batch))**2``.
 
     Returns ``{fully qualified weight name: float32 tensor of the weight's shape}``, e.g.
     ``model.layers.0.self_attn.q_proj.weight``. ``params`` (default ``palettized_weights(model)``:
     the palettized weights of a prepared model, else every parameter of 2+ dimensions) chooses
-    the weights. Under ``torch.distributed`` the sums and counts are all-reduced: every rank
-    passes its own batches and gets the identical result. Nothing of the model changes (see
+    the weights. Under ``torch.distributed`` (``dist``, default: the default process group) the
+    sums and counts are all-reduced: every rank passes its own batches and gets the identical
+    result. Nothing of the model changes (see
     the module docstring). A prepared model must still be unclustered (deferred), so that its
     forward uses the dense weights.
     """
     params = dict(params) if params is not None else palettized_weights(model)
-    progress = _progress(None, show_progress)
+    dist = dist or DistContext.current()
+    progress = _progress(None, show_progress and dist.is_main)
     with _calibration_mode(model, params), progress:
         sums, n_batches, n_samples = _accumulate(
             params, lambda batch, _: loss_fn(batch), enumerate(batches), progress)
-    n_batches, _ = _all_reduce(sums, n_batches, n_samples)
+    n_batches, _ = _all_reduce(sums, n_batches, n_samples, dist)
     if n_batches == 0:
         raise ValueError("compute_sensitivities: no batch to calibrate on")
     return _means(sums, n_batches)
 
 
 def _progress(total: int | None, show: bool) -> Any:
+    """A tqdm bar when ``show`` (the caller passes it on rank 0 only)."""
     from tqdm.auto import tqdm
 
     # tqdm reads TQDM_DISABLE itself unless ``disable`` is passed explicitly.
-    kwargs = {} if show and distributed.rank() == 0 else {"disable": True}
+    kwargs = {} if show else {"disable": True}
     return tqdm(total=total, desc="palettize: calibrating", unit="batch", **kwargs)
 
 
@@ -361,15 +404,3 @@ def load_sensitivities(path: str | os.PathLike, tensors: list[compat.PalettizedT
                                    f"weight(s) ({', '.join(missing[:3])}{more}); delete it to "
                                    "recompute")
     return out, meta
-
-
-# The engine's step (CalibrationData, CalibrationStats, calibrate, release) lives in
-# _calibration_step.py; its public names are part of this module's API.
-from ._calibration_step import (  # noqa: E402
-    CalibrationData,
-    CalibrationStats,
-    calibrate,
-    plan_batches,
-    release,
-)
-

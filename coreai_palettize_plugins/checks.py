@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch.nn as nn
@@ -240,16 +240,16 @@ def training_options(value: Any) -> dict[str, Any]:
     return {k: v for k, v in value.items() if k != "type"} if isinstance(value, Mapping) else {}
 
 
-def check_training(value: Any) -> None:
+def check_training(value: Any, spec_class: Callable[[str], type[Any] | None]) -> None:
+    """``palettize.training``: a known strategy and valid options for its coreai-opt spec class
+    (``spec_class(name)``: ``strategies.spec_class``, None for a strategy without options)."""
     from pydantic import ValidationError
-
-    from . import strategies  # registers the coreai-opt specs of ste/lut
 
     name, options = training_name(value), training_options(value)
     if name not in TRAINING_STRATEGY_KEYS:
         raise PalettizeConfigError("training", f"unknown strategy {name!r}; "
                                    f"valid: {choices(TRAINING_STRATEGY_KEYS)}")
-    spec_cls = strategies.spec_class(name)
+    spec_cls = spec_class(name)
     if spec_cls is None and options:
         raise PalettizeConfigError("training", f"{name!r} takes no options")
     fields = [] if spec_cls is None else [f for f in spec_cls.model_fields if f != "type"]

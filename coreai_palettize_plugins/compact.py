@@ -24,17 +24,14 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn as nn
 
 from . import _coreai_compat as compat
 from . import strategies
-from .settings import PalettizeConfigError
-
-if TYPE_CHECKING:
-    from .engine import Palettization
+from .checks import PalettizeConfigError
 
 __all__ = ["CompactBase", "compact_state_bytes"]
 
@@ -53,17 +50,20 @@ def _hook_optimizers() -> None:
 
 
 class CompactBase:
-    """Makes one engine's eligible palettized weights compact (see the module docstring)."""
+    """Makes one model's eligible palettized weights compact (see the module docstring).
+
+    ``enabled``: ``palettize.compact``. The caller (the engine) calls ``update(started)`` after
+    every change of the palettized state (``started``: the schedule has switched on)."""
 
     def __deepcopy__(self, memo: dict) -> CompactBase:
         """Shared, not copied: a deep copy of the model (EMA, SWA) keeps its load hooks."""
         return self
 
-    def __init__(self, engine: Palettization) -> None:
+    def __init__(self, model: nn.Module, tensors: list[compat.PalettizedTensor],
+                 enabled: bool) -> None:
         _hook_optimizers()
-        self.engine = engine
-        self.enabled = bool(engine.settings.compact)
-        model = engine.model
+        self.model = model
+        self.enabled = bool(enabled)
         self.lists: dict[int, list[nn.Module]] = {}
         self._fake_of: dict[int, Any] = {}  # id(parametrization list) -> its fake palettizer
         self.unsupported: dict[str, str] = {}
@@ -73,7 +73,7 @@ class CompactBase:
             plist.register_load_state_dict_pre_hook(self._load_pre_hook)
             self._fake_of[id(plist)] = t.fake
         self.candidates: list[compat.PalettizedTensor] = []
-        for t in engine.tensors():
+        for t in tensors:
             if strategies.hooks(t).trains_dense_weight:
                 continue
             reason = compat.compact_support(t.fake, t.original.shape)
@@ -90,12 +90,12 @@ class CompactBase:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def update(self) -> list[str]:
-        """Make every weight compact that is clustered, palettizing at the current step and not
-        compact yet. Returns their names."""
+    def update(self, started: bool) -> list[str]:
+        """Make every weight compact that is clustered, palettizing at the current step
+        (``started``: the schedule's start step is reached) and not compact yet. Returns their
+        names."""
         if not self.enabled:
             return []
-        started = self.engine.step >= self.engine.settings.start_step
         done = []
         for t in self.candidates:
             fake = t.fake
@@ -149,7 +149,7 @@ class CompactBase:
         """``state`` with every compact weight in coreai-opt's dense layout (``original`` = the
         palettized weight, unpacked ``indices``): what a fresh prepared copy loads."""
         out = dict(state)
-        for prefix, t in compat.palettized_prefixes(self.engine.model):
+        for prefix, t in compat.palettized_prefixes(self.model):
             if not compat.is_compact(t.fake) or prefix + "0.packed_indices" not in out:
                 continue
             del out[prefix + "0.packed_indices"]

@@ -26,8 +26,9 @@ import torch
 import torch.distributed as dist
 
 from . import _coreai_compat as compat
-from ._utils import dtype_from_name, dtype_name, one_line
+from ._utils import dtype_from_name, dtype_name
 from .checks import PalettizeConfigError
+from .dist_context import DistContext
 from .strategies import trains_dense_weight
 
 if TYPE_CHECKING:
@@ -40,7 +41,6 @@ __all__ = [
     "broadcast_object",
     "check_parallelism",
     "cluster",
-    "local_only",
     "palettized_state_hash",
     "plan_owners",
     "rank",
@@ -50,23 +50,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-_LOCAL = [False]  # set by ``local_only``
-
-
 def _active() -> bool:
-    return (not _LOCAL[0] and dist.is_available() and dist.is_initialized()
-            and dist.get_world_size() > 1)
-
-
-@contextlib.contextmanager
-def local_only() -> Iterator[None]:
-    """The block runs on this rank alone (no collectives): e.g. rank 0 rebuilding a gathered
-    FSDP2 model for export."""
-    previous, _LOCAL[0] = _LOCAL[0], True
-    try:
-        yield
-    finally:
-        _LOCAL[0] = previous
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def rank() -> int:
@@ -159,37 +144,14 @@ def check_parallelism(settings: PalettizeSettings, kind: str, *, what: str,
     return needs
 
 
-@contextlib.contextmanager
-def agree(what: str) -> Iterator[None]:
-    """Run the block on every rank; if it failed anywhere, raise everywhere.
-
-    The failing rank re-raises its own exception; the others raise a ``RuntimeError`` naming the
-    rank and the original error. Without a process group this is a no-op wrapper.
-    """
-    error: BaseException | None = None
-    try:
-        yield
-    except Exception as e:
-        error = e
-    if _active():
-        message = None if error is None else one_line(error, causes=True)
-        messages: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(messages, message)
-        failed = [(r, m) for r, m in enumerate(messages) if m is not None]
-        if error is None and failed:
-            failed_rank, failed_message = failed[0]
-            raise RuntimeError(f"palettize: {what} failed on rank {failed_rank}: {failed_message}")
-    if error is not None:
-        raise error
+def agree(what: str) -> contextlib.AbstractContextManager[None]:
+    """``DistContext.agree`` on the default group: a failure on any rank raises on every rank."""
+    return DistContext.current().agree(what)
 
 
 def broadcast_object(value: Any, src: int = 0) -> Any:
     """``value`` from rank ``src`` on every rank (small metadata only)."""
-    if not _active():
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
+    return DistContext.current().broadcast_object(value, src)
 
 
 @contextlib.contextmanager

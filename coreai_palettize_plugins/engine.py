@@ -10,13 +10,15 @@
 
 ``prepare(model, example_inputs, state_dict=None)`` does attach + (load or cluster) in one call.
 The adapters only map framework hooks onto these methods; nothing here knows a framework.
+The engine orchestrates phases that never see it: ``attach`` (structure), ``calibration``,
+``budget``, k-means (``distributed``), ``compact``, ``adapters``, ``report`` and ``export``. Each
+gets the palettized tensors, its settings section and a ``DistContext`` and returns data; the
+engine calls them in order and keeps their results.
 """
 
 from __future__ import annotations
 
 import logging
-import re
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,24 +27,32 @@ import torch
 import torch.nn as nn
 from coreai_opt.palettization import KMeansPalettizer
 
+from . import (
+    _calibration_step,
+    adapters,
+    attach,
+    budget,
+    checkpoint,
+    distributed,
+    export_step,
+    strategies,
+)
 from . import _coreai_compat as compat
-from . import adapters, calibration, distributed, strategies
-from ._inputs import CallSpec, as_call_spec, keyword_call
-from ._modelcopy import copy_for_export, materialize, meta_skeleton, model_device, tracing_forward
+from ._inputs import CallSpec, as_call_spec
+from ._modelcopy import copy_for_export
+from .attach import PalettizationWarning
+from .calibration import CalibrationData, CalibrationStats
 from .compact import CompactBase
 from .coreai_config import config_to_yaml, to_coreai_config
-from .dense_reasons import check_overrides, dense_weights
-from .export import ExportResult, export_palettized
-from .report import CompressionReport, build_report
-from .settings import ConfigSource, PalettizeConfigError, PalettizeSettings
+from .dense_reasons import check_overrides
+from .dist_context import DistContext
+from .export import ExportResult
+from .report import CompressionReport, rest_of_model
+from .settings import ConfigSource, PalettizeSettings
 
 __all__ = ["CallSpec", "Palettization", "PalettizationWarning", "as_example_inputs"]
 
 log = logging.getLogger(__name__)
-
-
-class PalettizationWarning(UserWarning):
-    """A layer the config asked for was left dense, or similar surprises."""
 
 
 def as_example_inputs(value: Any, model: nn.Module | None = None) -> CallSpec:
@@ -81,13 +91,7 @@ class Palettization:
         export_formats: Sequence[str] | None = None,
         **fields: Any,
     ) -> None:
-        export = dict(fields.pop("export", None) or {})
-        if export_dir is not None:
-            export["dir"] = str(export_dir)
-        if export_formats is not None:
-            export["formats"] = list(export_formats)
-        if export:
-            fields["export"] = export
+        export_step.fold_shortcuts(fields, export_dir, export_formats)
         self.settings = PalettizeSettings.resolve(config, overrides=overrides, modules=modules,
                                                   **fields)
         self.config = to_coreai_config(self.settings)
@@ -101,21 +105,23 @@ class Palettization:
         """First torch function that consumed each parameter in attach's tracing forward."""
         self.tied: dict[str, str] = {}
         self.cluster_stats: distributed.ClusterStats | None = None
-        self.calibration_data: Callable[[], calibration.CalibrationData] | None = None
+        self.calibration_data: Callable[[], CalibrationData] | None = None
         """``palettize.calibration``: returns the loss and training data (set by the adapters)."""
-        self.calibration_stats: calibration.CalibrationStats | None = None
+        self.calibration_stats: CalibrationStats | None = None
         self._restored = False
         self._model_factory = model_factory
         self._skeleton: nn.Module | None = None
         self._training: Any = None
-        self.allocation: Any = None
-        """``budget.Allocation`` once ``palettize.budget`` was applied (before k-means)."""
+        self.allocation: budget.Allocation | None = None
+        """The allocation once ``palettize.budget`` was applied (before k-means)."""
         self.sensitivities: dict[str, torch.Tensor] | None = None
         """Per-weight sensitivities (``calibration``): the budget's objective weights by them."""
         self.compact: CompactBase | None = None
         """The compact base (``palettize.compact``), from ``attach``."""
         self.adapters: adapters.LoraAttachment | None = None
         """The LoRA adapters on the palettized base (``palettize.adapters`` or a PeftModel)."""
+        self.dist_context: DistContext | None = None
+        """The phases' process group (``None``: the default group, read at each phase)."""
 
     # ---------------------------------------------------------------- structure
 
@@ -149,88 +155,42 @@ class Palettization:
             raise RuntimeError(f"{type(model).__name__} is already palettized (prepared by "
                                "coreai-opt); build a new model or reuse its Palettization")
         example_inputs = as_example_inputs(example_inputs, model)
-        with distributed.agree("palettize setup"):  # a failure on any rank stops every rank
+        with self.dist.agree("palettize setup"):  # a failure on any rank stops every rank
             self._use_settings_of_rank_zero()
-            self._check_module_patterns(model)
+            attach.check_module_patterns(self.settings.modules, model)
             # Extended for the model's linear-like modules (HF Conv1D, fused MoE experts): the
             # config checkpoints, the packed artifact and load_palettized carry.
             self.config = adapters.exclude_adapter_layers(to_coreai_config(self.settings, model),
                                                           model)
             if self._model_factory is None:
                 self._skeleton = copy_for_export(model)
-            self._insert(model, example_inputs)
+            attached = attach.insert(model, self.config, example_inputs, self.settings.num_workers)
+            self.model, self.palettizer = model, attached.palettizer
+            self.skipped, self.consumers, self.tied = (attached.skipped, attached.consumers,
+                                                       attached.tied)
+            self.example_inputs = example_inputs.detached_cpu()
             if not self.tensors():
-                raise self._nothing_palettized(model, self.skipped)
+                raise attach.nothing_palettized(model, self.settings.describe(), self.skipped)
             check_overrides(model, **self._trace_record())
-            self._prepare_parameters()
-            self.compact = CompactBase(self)
+            attach.prepare_parameters(self.tensors(), self.settings.start_step)
+            self.compact = CompactBase(model, self.tensors(), bool(self.settings.compact))
             # After the structure, before the optimizer and DDP: LoRA on the frozen base.
             self.adapters = adapters.attach(model, self.settings.adapters,
                                             self.settings.training_strategy, self.tensors())
-        if distributed.rank() == 0:
-            dense = [d for d in dense_weights(model, **self._trace_record()) if d.warned]
-            if dense:
-                warnings.warn(
-                    f"palettize: {len(dense)} weight(s) of linear-like layers left dense "
-                    "(report().dense_layers lists them):\n"
-                    + "\n".join(f"  {d.name}: {d.reason}" for d in dense),
-                    PalettizationWarning, stacklevel=2)
+        if self.dist.is_main:
+            attach.warn_dense(model, self._trace_record())
 
-    def _insert(self, model: nn.Module, example_inputs: CallSpec) -> None:
-        palettizer = KMeansPalettizer(model, self.config)
-        palettizer._num_workers = self.settings.num_workers
-        spec = example_inputs.to(model_device(model))
-        # coreai-opt's prepare calls model(*inputs): keyword inputs go through a root pre-hook.
-        with tracing_forward(model), keyword_call(model, spec) as inputs, \
-                compat.record_first_consumers(model) as consumers:
-            self.skipped = compat.insert_parametrizations(palettizer, inputs)
-        self.consumers = consumers
-        self.model, self.palettizer = model, palettizer
-        self.example_inputs = example_inputs.detached_cpu()
-        self.tied = compat.tied_prefixes(model)
-        if self.tied:
-            model.register_load_state_dict_pre_hook(self._fill_tied_keys)
-        # No lazy k-means: until cluster() or a verified restore, reading a palettized weight
-        # returns the dense Parameter (an optimizer built from ``m.weight`` gets the real one).
-        compat.defer_clustering(self.tensors())
-
-    def _prepare_parameters(self) -> None:
-        """Before the optimizer and DDP exist: the strategies' parameters, and dense weights that
-        never get a gradient frozen, so plain DDP does not wait for them ("Expected to have
-        finished reduction in the prior iteration")."""
-        for t in self.tensors():
-            hooks = strategies.hooks(t)
-            hooks.prepare_parameters(t)
-            if not hooks.trains_dense_weight and not self.settings.start_step:
-                t.original.requires_grad_(False)
+    @property
+    def dist(self) -> DistContext:
+        """The ranks the phases agree across: ``dist_context`` when set (a sharded run's group
+        and mesh), else the default process group."""
+        return self.dist_context or DistContext.current()
 
     def _use_settings_of_rank_zero(self) -> None:
-        """One resolved config on every rank (lazily resolved interpolations such as ``${now:}``
-        may differ per process): rank 0's settings win, with a warning naming what differed."""
-        ours = self.settings.to_dict()
-        theirs = distributed.broadcast_object(ours)
-        if theirs == ours:
-            return
-        differing = sorted(k for k in ours if ours[k] != theirs.get(k))
-        log.warning("palettize: rank %d had different settings (%s); using rank 0's",
-                    distributed.rank(), ", ".join(differing))
-        self.settings = PalettizeSettings(**theirs, base_config=self.settings.base_config)
-        self.config = to_coreai_config(self.settings)
-
-    def _check_module_patterns(self, model: nn.Module) -> None:
-        names = [n for n, _ in model.named_modules() if n]
-        for pattern in self.settings.modules:
-            if not any(re.fullmatch(pattern, n) for n in names):
-                sample = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
-                raise PalettizeConfigError(
-                    f"modules.{pattern}", f"matches no module of {type(model).__name__} "
-                    f"(re.fullmatch); module names look like: {sample}")
-
-    def _nothing_palettized(self, model: nn.Module, skipped: Mapping[str, str]) -> Exception:
-        return PalettizeConfigError(
-            "", f"the config palettizes no weight of {type(model).__name__} "
-            f"({self.settings.describe()}); check palettize.preset/overrides/modules"
-            + (f" (skipped: {', '.join(skipped)})" if skipped else ""))
+        theirs = attach.settings_of_rank_zero(self.settings.to_dict(), self.dist)
+        if theirs is not None:
+            self.settings = PalettizeSettings(**theirs, base_config=self.settings.base_config)
+            self.config = to_coreai_config(self.settings)
 
     def validate_for(self, model: nn.Module, example_inputs: Any) -> None:
         """Validate the config against ``model`` without touching it (a dry run on a copy).
@@ -239,14 +199,9 @@ class Palettization:
             PalettizeConfigError: a ``modules`` regex matches no module, or the config
                 palettizes no weight. Use it to fail before any training starts.
         """
-        self._check_module_patterns(model)
-        spec = as_example_inputs(example_inputs, model)
-        copy_ = materialize(meta_skeleton(model))
-        palettizer = KMeansPalettizer(copy_, to_coreai_config(self.settings, model))
-        with tracing_forward(copy_), keyword_call(copy_, spec.to(model_device(copy_))) as inputs:
-            skipped = compat.insert_parametrizations(palettizer, inputs)
-        if not compat.fake_palettized_tensors(copy_):
-            raise self._nothing_palettized(model, skipped)
+        attach.validate(model, to_coreai_config(self.settings, model),
+                        as_example_inputs(example_inputs, model),
+                        patterns=self.settings.modules, described=self.settings.describe())
 
     check = validate_for  # the 0.1 name
 
@@ -254,14 +209,6 @@ class Palettization:
         """The engine is shared, not copied, when a model holding its hooks is deep-copied (an
         EMA or SWA copy): it holds the palettizer's live training state."""
         return self
-
-    def _fill_tied_keys(self, module, state_dict, prefix, *args) -> None:
-        """Checkpoints may hold a tied weight's palettized state once (HF drops duplicates):
-        copy it to the alias keys, or the alias would load stale indices and re-derive them."""
-        for alias, source in self.tied.items():
-            for key in [k for k in state_dict if k.startswith(prefix + source)]:
-                state_dict.setdefault(prefix + alias + key[len(prefix + source):], state_dict[key])
-
 
     # ---------------------------------------------------------------- clustering and state
 
@@ -284,22 +231,27 @@ class Palettization:
         calibrate = self.settings.calibration is not None and any(
             not t.initialized for t in tensors)
         if calibrate:  # sensitivity-weighted k-means: before it, on the dense weights
-            self.calibration_stats = calibration.calibrate(self, tensors)
+            self.calibration_stats, self.sensitivities = _calibration_step.calibrate(
+                tensors, self.settings.calibration, model=self.model,
+                data=self.calibration_data, dist=self.dist,
+                keep_raw=self.settings.budget is not None)
         self._apply_budget()  # after calibration: its sensitivities weight the budget's objective
         self.sensitivities = None
         compat.end_deferral(tensors)
         self._cluster([t for t in tensors if not t.initialized])
         if calibrate:
-            calibration.release(self, tensors)
+            _calibration_step.release(tensors, reclusters=self.settings.start_step > 0)
         compat.finish_clustering(self.palettizer)
-        self.compact.update()
+        self._update_compact()
+
+    def _update_compact(self) -> None:
+        self.compact.update(self.step >= self.settings.start_step)
 
     def _cluster(self, pending: list[compat.PalettizedTensor]) -> None:
         if pending:
             self.cluster_stats = distributed.cluster(self.palettizer, pending,
                                                      self.settings.distributed)
-            for t in pending:
-                strategies.hooks(t).after_cluster(t)
+            self._run_hooks(pending, "after_cluster")
 
     def ensure_clustered(self, expect_restored: bool = False) -> None:
         """Before training: run k-means unless a checkpoint restored the palettized state.
@@ -320,14 +272,15 @@ class Palettization:
             return
         self._apply_budget()  # resume: the allocation the restored LUTs were clustered with
         compat.end_deferral(tensors)  # restored: the fakes palettize from here on
-        missing = [t.name for t, ok in zip(tensors, restored) if not ok]
-        if missing:
-            raise RuntimeError(
-                f"the loaded checkpoint has no palettized state (centroids/indices) for "
-                f"{len(missing)} weight(s): {', '.join(missing[:5])}"
-                f"{' ...' if len(missing) > 5 else ''}; it does not come from this config")
+        checkpoint.require_restored(tensors, restored)
         self._restored = True
-        self.compact.update()
+        self._update_compact()
+
+    def _budget_scope(self) -> budget.BudgetScope:
+        tensors = self.tensors()
+        rest_numel, rest_bytes, _ = rest_of_model(self.model, tensors)
+        return budget.BudgetScope(tensors, dict(self.settings.modules), self.tied, rest_numel,
+                                  rest_bytes)
 
     def _apply_budget(self) -> None:
         """With ``palettize.budget``: choose each weight's bits (rank 0, broadcast) and rebuild
@@ -336,10 +289,24 @@ class Palettization:
         LUTs instead."""
         if self.settings.budget is None or self.allocation is not None:
             return
-        from .budget import allocation_from_state, apply_budget
-
         # A restored checkpoint (e.g. HF resume) holds the allocation in its LUT sizes.
-        self.allocation = allocation_from_state(self) or apply_budget(self, self.sensitivities)
+        scope = self._budget_scope()
+        self._use_allocation(
+            budget.allocation_from_state(scope, self.settings.budget)
+            or budget.apply_budget(scope, self.settings.budget, self.dist, self.sensitivities))
+
+    def _use_allocation(self, allocation: budget.Allocation) -> None:
+        """The config with the allocation's ``modules`` block after the explicit modules."""
+        self.allocation = allocation
+        self.settings.modules.update(allocation.modules_block())
+        self.config = to_coreai_config(self.settings, self.model)
+
+    def allocate_budget(self, sensitivities: Mapping[str, torch.Tensor] | None = None
+                        ) -> budget.Allocation:
+        """The allocation ``palettize.budget`` gives the attached, not yet clustered model (this
+        process only, not applied). ``sensitivities``: per weight name, shaped like the weight."""
+        self._require_attached()
+        return budget.allocate(self._budget_scope(), self.settings.budget, sensitivities)
 
     def prepare(self, model: nn.Module, example_inputs: Any,
                 state_dict: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
@@ -352,12 +319,8 @@ class Palettization:
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint needs besides the model's own state: the PAT step and config."""
-        state = {"version": 1, "step": self.step, "config": config_to_yaml(self.config)}
-        if self.calibration_stats is not None:
-            state["calibration"] = self.calibration_stats.to_dict()
-        if self.allocation is not None:
-            state["budget"] = self.allocation.to_dict()
-        return state
+        return checkpoint.engine_state(self.step, config_to_yaml(self.config),
+                                       self.calibration_stats, self.allocation)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore from ``state_dict()``. The model's tensors come from its own state dict.
@@ -366,17 +329,12 @@ class Palettization:
             PalettizeConfigError: the checkpoint was palettized with another config.
         """
         if state.get("budget") is not None and self.allocation is None and self.attached:
-            from .budget import restore_allocation
-
-            self.allocation = restore_allocation(self, state["budget"])  # no k-means
-        saved = state.get("config")
-        if saved is not None and saved != config_to_yaml(self.config):
-            raise PalettizeConfigError("", "the checkpoint was palettized with a different config "
-                                       "than this run's; resume with the same palettize settings")
+            self._use_allocation(budget.restore_allocation(  # no k-means
+                self.tensors(), self.settings.budget, state["budget"]))
+        step, calibration = checkpoint.read_engine_state(state, config_to_yaml(self.config))
         if self.palettizer is not None:
-            compat.set_step(self.palettizer, int(state.get("step", 0)))
-        if state.get("calibration"):
-            self.calibration_stats = calibration.CalibrationStats(**state["calibration"])
+            compat.set_step(self.palettizer, step)
+        self.calibration_stats = calibration or self.calibration_stats
         self._restored = True
 
     def _require_attached(self) -> None:
@@ -398,14 +356,18 @@ class Palettization:
         compat.set_step(self.palettizer, step)
         self._training = self.palettizer.training_mode()
         self._training.__enter__()
-        self.compact.update()
+        self._update_compact()
 
     def before_optimizer_step(self) -> None:
         """After the last backward of an optimizer step: the strategies free what only the
         forwards needed (``ste``'s cached palettized weights), so the step itself runs with
         dense-level memory."""
-        for t in self.tensors():
-            strategies.hooks(t).before_optimizer_step(t)
+        self._run_hooks(self.tensors(), "before_optimizer_step")
+
+    def _run_hooks(self, tensors: list[compat.PalettizedTensor], hook: str, *args: Any) -> None:
+        """``hook`` of each weight's training strategy (``strategies.StrategyHooks``)."""
+        for t in tensors:
+            getattr(strategies.hooks(t), hook)(t, *args)
 
     def after_optimizer_step(self, step: int) -> None:
         """Advance the PAT schedule to optimizer step ``step`` and run the strategies' hooks.
@@ -418,17 +380,15 @@ class Palettization:
         compat.set_step(self.palettizer, step)
         tensors = self.tensors()
         self._cluster([t for t in tensors if not t.initialized])
-        for t in tensors:
-            strategies.hooks(t).after_optimizer_step(t, step)
-        self.compact.update()
+        self._run_hooks(tensors, "after_optimizer_step", step)
+        self._update_compact()
 
     sync_step = after_optimizer_step  # the 0.1 name
 
     def stop_training(self) -> None:
         """Leave training mode (restores the model's train/eval state)."""
         if self._training is not None:
-            for t in self.tensors():
-                strategies.hooks(t).finish(t)
+            self._run_hooks(self.tensors(), "finish")
             context, self._training = self._training, None
             context.__exit__(None, None, None)
 
@@ -446,40 +406,17 @@ class Palettization:
 
         if fsdp.model_is_sharded(self.model):  # every rank takes part
             return fsdp.report(self)
-        report = build_report(self.model, **self._trace_record())
-        if self.calibration_stats is not None:
-            report.calibration = self.calibration_stats.to_dict()
-        if self.allocation is not None:
-            report.budget = self.allocation.summary()
-        return report
+        return export_step.report(self.model, self._trace_record(), self.calibration_stats,
+                                  self.allocation)
 
     def _require_clustered(self) -> None:
-        """Report and export read the palettized weights: never while clustering is deferred
-        (ending the deferral here would run k-means lazily on whichever rank reads first)."""
         self._require_attached()
-        pending = compat.deferred(self.tensors())
-        if pending:
-            raise RuntimeError(
-                f"palettize: {len(pending)} weight(s) are not clustered yet ({pending[0]}, ...): "
-                "call ensure_clustered() (or cluster()) before report() or export()")
+        export_step.require_clustered(self.tensors())
 
     def set_export_inputs(self, example_inputs: Any) -> None:
         """Trace the export with these inputs (e.g. a real data sample) instead of attach's:
         anything ``attach`` takes (a tensor, a tuple, a mapping of keywords, a ``CallSpec``)."""
         self.example_inputs = as_example_inputs(example_inputs, self.model).detached_cpu()
-
-    def _new_model(self, configure: Callable[[nn.Module], None] | None) -> nn.Module:
-        """A new, unprepared instance of the model's architecture (for export)."""
-        if self._model_factory is not None:
-            with torch.random.fork_rng(devices=[]):
-                model = self._model_factory()
-        elif self._skeleton is not None:
-            model = materialize(self._skeleton)
-        else:
-            raise RuntimeError("attach() a model first")
-        if configure is not None:
-            configure(model)
-        return model
 
     def export(
         self,
@@ -504,36 +441,14 @@ class Palettization:
         directory = directory or self.settings.export.dir
         if directory is None:
             raise ValueError("no export directory: pass one or set palettize.export.dir")
-        extra = set(strategies.strategy_state_keys(self.model))
-        if self.allocation is not None:  # + budget_modules.yaml, the allocation as modules:
-            from .budget import write_block
-
-            extra_files = write_block(self.allocation, extra_files)
-        result = export_palettized(
-            self.model,
-            config=self.config,
-            example_inputs=self.example_inputs,
-            directory=directory,
-            factory=lambda: self._new_model(configure_model),
+        return export_step.export(
+            self.model, directory, compact=self.compact, allocation=self.allocation,
+            extra_files=extra_files, config=self.config, example_inputs=self.example_inputs,
+            factory=lambda: export_step.new_model(self._model_factory, self._skeleton,
+                                                  configure_model),
             formats=formats if formats is not None else self.settings.export.formats,
-            report=self.report(),
-            state_dict=self.compact.dense_state_dict(
-                {k: v for k, v in self.model.state_dict().items() if k not in extra}),
-            metadata=metadata,
-            extra_files=extra_files,
-            strict=strict,
-            adapters=self._adapter_export(),
-        )
-        log.info("palettize: exported %s to %s", ", ".join(result.written) or "nothing",
-                 result.directory)
-        return result
-
-    def _adapter_export(self) -> adapters.AdapterExport | None:
-        if self.adapters is None:
-            return None
-        chosen = self.settings.adapters
-        return adapters.AdapterExport(self.adapters, merge=bool(chosen and chosen.merge),
-                                      refit_luts=bool(chosen and chosen.refit_luts))
+            report=self.report(), metadata=metadata, strict=strict,
+            adapters=export_step.adapter_export(self.adapters, self.settings.adapters))
 
     def finish_training(self, default_export_dir: str | Path, **export_kwargs: Any
                         ) -> ExportResult | None:
@@ -558,8 +473,8 @@ class Palettization:
             return fsdp.export_on_main(self, directory, **kwargs)
         result = None
         try:
-            if distributed.rank() == 0:
+            if self.dist.is_main:
                 result = self.export(directory, **kwargs)
         finally:
-            distributed.barrier()
+            self.dist.barrier()
         return result

@@ -32,6 +32,7 @@ from coreai_opt.palettization.kmeans.palettizer import _calculate_centroids_for_
 from . import _coreai_compat as compat
 from . import distributed
 from .checks import PalettizeConfigError
+from .dist_context import DistContext
 
 if TYPE_CHECKING:
     from .engine import Palettization
@@ -176,11 +177,11 @@ def cluster(palettizer: Any, tensors: list[compat.PalettizedTensor], mode: str
 
 
 def _any_rank(flags: list[bool]) -> list[bool]:
-    if not flags or distributed.world_size() <= 1:
+    """Per position: true on any rank."""
+    if not flags:
         return flags
-    buffer = torch.tensor(flags, dtype=torch.int32, device=distributed._comm_device())
-    dist.all_reduce(buffer, op=dist.ReduceOp.MAX)
-    return [bool(v) for v in buffer.tolist()]
+    (summed,) = DistContext.current().all_reduce([torch.tensor(flags, dtype=torch.int32)])
+    return [bool(v) for v in summed.tolist()]
 
 
 def _reset_sparsity(fake: Any) -> None:
@@ -257,13 +258,16 @@ def _unsharded_engine(engine: Palettization, state: dict[str, torch.Tensor]) -> 
     """A process-local engine over a fresh copy of the model loaded from ``state``."""
     import warnings
 
+    from . import export_step
     from .engine import Palettization
 
     copy = Palettization(engine.settings, model_factory=engine._model_factory)
     copy._skeleton = engine._skeleton
-    with distributed.local_only(), warnings.catch_warnings():
+    copy.dist_context = DistContext()  # this rank alone: no collectives
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # attach's warnings were given once already
-        copy.prepare(engine._new_model(None), engine.example_inputs, state_dict=state)
+        fresh = export_step.new_model(engine._model_factory, engine._skeleton, None)
+        copy.prepare(fresh, engine.example_inputs, state_dict=state)
     copy.calibration_stats = engine.calibration_stats
     return copy
 

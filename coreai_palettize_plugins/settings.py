@@ -48,8 +48,10 @@ from typing import Any
 
 from coreai_opt.palettization import KMeansPalettizerConfig
 
+from . import strategies
 from ._utils import is_int
 from .adapters import AdapterSettings, build_adapter_settings, check_adapter_training
+from .budget import check_budget
 from .calibration import CalibrationSettings, build_calibration
 from .checks import (
     DISTRIBUTED_MODES,
@@ -213,7 +215,7 @@ class PalettizeSettings:
             self.config_file = os.fspath(self.config_file)
             if not Path(self.config_file).is_file():
                 raise PalettizeConfigError("config_file", f"no such file: {self.config_file}")
-        check_training(self.training)
+        check_training(self.training, strategies.spec_class)
         self._check_budget()
         if self.adapters is not None and self.training == DEFAULT_TRAINING:
             self.training = "frozen"  # adapters train on a frozen base; the default ste would not
@@ -236,8 +238,6 @@ class PalettizeSettings:
                 "palettize.overrides.<type>=<preset>")
 
     def _check_budget(self) -> None:
-        from .budget import check_budget  # budget.py imports the report, which needs settings
-
         budget = check_budget(_to_plain(self.budget))
         self.budget = None if budget is None else dataclasses.asdict(budget)
 

@@ -12,7 +12,7 @@ import yaml
 from helpers import KMeansCounter, run_python, tiny_llama
 
 from coreai_palettize_plugins import Palettization
-from coreai_palettize_plugins.budget import TOLERANCE, allocate
+from coreai_palettize_plugins.budget import TOLERANCE
 from coreai_palettize_plugins.knapsack import solve
 from coreai_palettize_plugins.recipes import load_recipe
 from coreai_palettize_plugins.settings import PalettizeConfigError, PalettizeSettings
@@ -173,13 +173,13 @@ def test_changed_weights_invalidate_their_cache_entries(clustered, cache_file, m
     with torch.no_grad():
         model.model.layers[0].mlp.up_proj.weight.mul_(1.5)
     counter = KMeansCounter(monkeypatch)
-    allocate(engine_for(3.5, cache_file, model=model))
+    engine_for(3.5, cache_file, model=model).allocate_budget()
     assert counter.calls == ["model.layers.0.mlp.up_proj.weight"] * len(CHOICES)
 
 
 def test_explicit_modules_win_over_the_budget():
     engine = engine_for(3.5, modules={"lm_head": "w3"})
-    allocation = allocate(engine)
+    allocation = engine.allocate_budget()
     assert "lm_head.weight" in allocation.fixed and "explicit modules" in \
         allocation.fixed["lm_head.weight"]
     assert all(x.name != "lm_head.weight" for x in allocation.layers)
@@ -191,11 +191,11 @@ def test_explicit_modules_win_over_the_budget():
 
 def test_sensitivities_weight_the_objective():
     engine = engine_for(3.5)
-    plain = {x.name: x.n_bits for x in allocate(engine).layers}
+    plain = {x.name: x.n_bits for x in engine.allocate_budget().layers}
     victim = min(plain, key=plain.get)  # a layer the plain error gives the fewest bits
     sens = {t.name: torch.full_like(t.original, 1e-6) for t in engine.tensors()}
     sens[victim] = torch.full_like(sens[victim], 1e6)
-    weighted = {x.name: x.n_bits for x in allocate(engine, sens).layers}
+    weighted = {x.name: x.n_bits for x in engine.allocate_budget(sens).layers}
     assert weighted[victim] > plain[victim]
 
 

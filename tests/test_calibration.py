@@ -374,8 +374,8 @@ def test_calibration_sensitivities_weight_the_budget_and_resume_keeps_both(tmp_p
 
     seen = []
     allocate = budget.allocate
-    monkeypatch.setattr(budget, "allocate", lambda engine, sens=None: seen.append(sens) or
-                        allocate(engine, sens))
+    monkeypatch.setattr(budget, "allocate", lambda scope, target, sens=None: seen.append(sens)
+                        or allocate(scope, target, sens))
     target = {"bits_per_weight": 4.0, "choices": [2, 4, 8]}
     callback, net, _ = _fit(tmp_path, "full", epochs=2, budget=target)
     (sens,) = seen
