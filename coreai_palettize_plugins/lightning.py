@@ -310,14 +310,28 @@ class PalettizationCallback(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # A restored checkpoint (model weights, then this callback's state) must hold the state.
+        # Strategies that restore after setup (ModelParallelStrategy) restore after on_fit_start:
+        # cluster at the sanity check or train start instead.
+        if not trainer.strategy.restore_checkpoint_after_setup:
+            self._cluster_and_report(trainer)
+
+    def _cluster_and_report(self, trainer: pl.Trainer) -> None:
+        if self.report is not None and self.engine.clustered:
+            return
         self.engine.ensure_clustered()
         self.report = self.engine.report()
         self._log(trainer, self.report.metrics())
+
+    @override
+    def on_sanity_check_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == "fit":
+            self._cluster_and_report(trainer)
 
     # ------------------------------------------------------------------ training
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._cluster_and_report(trainer)
         self.engine.start_training(step=trainer.global_step)
 
     @override

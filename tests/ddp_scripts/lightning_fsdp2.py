@@ -22,7 +22,7 @@ class Probe(Callback):
     def __init__(self, out: Path, callback: PalettizationCallback) -> None:
         self.out, self.callback = out, callback
 
-    def on_fit_start(self, trainer, pl_module):
+    def on_train_start(self, trainer, pl_module):  # after the callback's (listed first)
         record(self.out, trainer.global_rank, lut_hash_at_start=lut_hash(pl_module),
                kmeans_at_start=list(KMEANS_CALLS))
 
@@ -48,8 +48,11 @@ def main() -> None:
     callback = PalettizationCallback("w4", export_dir=args.out / "export",
                                      training=args.training,
                                      **(formats if args.formats != "default" else {}))
-    # 2 batches of 2 per rank and epoch: a checkpoint per epoch is a clean resume point.
-    data = torch.utils.data.DataLoader(TokenDataset(blocks=8, length=16), batch_size=2)
+    # 2 batches of 2 per rank and epoch, every block the same: Lightning's epoch-end checkpoint
+    # resumes with a different batch order, which must not matter here.
+    dataset = TokenDataset(blocks=8, length=16)
+    dataset.tokens[:] = dataset.tokens[0]
+    data = torch.utils.data.DataLoader(dataset, batch_size=2)
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, max_steps=args.steps, logger=False,
         strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
