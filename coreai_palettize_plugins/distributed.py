@@ -39,6 +39,7 @@ __all__ = [
     "agree",
     "barrier",
     "broadcast_object",
+    "check_fsdp2",
     "check_parallelism",
     "cluster",
     "palettized_state_hash",
@@ -112,6 +113,7 @@ def plan_owners(sizes: Sequence[int], world: int, mode: str) -> list[int]:
 
 
 UNSUPPORTED_PARALLELISM = ("fsdp", "deepspeed")
+SUPPORTED = "palettize.training=ste (the default), without compact/adapters/calibration/budget"
 
 
 def check_parallelism(settings: PalettizeSettings, kind: str, *, what: str,
@@ -132,9 +134,7 @@ def check_parallelism(settings: PalettizeSettings, kind: str, *, what: str,
             "palettization state); use FSDP2 (Lightning ModelParallelStrategy, or fully_shard "
             "after Palettization.prepare) or DDP, see README 'Distributed'")
     if kind == "model_parallel":
-        from .fsdp import check_supported
-
-        check_supported(settings, what)
+        check_fsdp2(settings, what)
     needs = (kind == "ddp" and settings.start_step > 0
              and not trains_dense_weight(settings.training_strategy))
     if needs and find_unused is False:
@@ -152,6 +152,25 @@ def agree(what: str) -> contextlib.AbstractContextManager[None]:
 def broadcast_object(value: Any, src: int = 0) -> Any:
     """``value`` from rank ``src`` on every rank (small metadata only)."""
     return DistContext.current().broadcast_object(value, src)
+
+
+def check_fsdp2(settings: PalettizeSettings, what: str) -> None:
+    """The settings FSDP2 runs with; anything else fails before training with the fix.
+
+    Raises:
+        PalettizeConfigError: naming the key and the supported path.
+    """
+    tail = f"is not supported under {what} (FSDP2); supported: {SUPPORTED}, or train with DDP"
+    if settings.adapters is not None:
+        raise PalettizeConfigError("adapters", f"(LoRA on the compact base) {tail}")
+    if settings.calibration is not None:
+        raise PalettizeConfigError("calibration", tail)
+    if settings.budget is not None:
+        raise PalettizeConfigError("budget", tail)
+    if settings.training_strategy != "ste":
+        raise PalettizeConfigError(
+            "training", f"{settings.training_strategy!r} {tail} (frozen/lut keep weight-shaped "
+            "index state or LUT Parameters FSDP2 would replicate or shard wrongly)")
 
 
 @contextlib.contextmanager
@@ -179,10 +198,6 @@ def _comm_device() -> torch.device:
 
 def cluster(palettizer, tensors: list[compat.PalettizedTensor], mode: str) -> ClusterStats:
     """k-means for ``tensors`` (those without centroids), once across all ranks."""
-    from . import fsdp
-
-    if any(fsdp.is_sharded(t.original) for t in tensors):
-        return fsdp.cluster(palettizer, tensors, mode)
     world = world_size()
     owners = plan_owners([t.original.numel() for t in tensors], world, mode)
     me = rank()

@@ -35,6 +35,7 @@ from . import (
     checkpoint,
     distributed,
     export_step,
+    fsdp,
     strategies,
 )
 from . import _coreai_compat as compat
@@ -249,8 +250,9 @@ class Palettization:
 
     def _cluster(self, pending: list[compat.PalettizedTensor]) -> None:
         if pending:
-            self.cluster_stats = distributed.cluster(self.palettizer, pending,
-                                                     self.settings.distributed)
+            sharded = any(fsdp.is_sharded(t.original) for t in pending)  # FSDP2
+            self.cluster_stats = (fsdp.cluster if sharded else distributed.cluster)(
+                self.palettizer, pending, self.settings.distributed)
             self._run_hooks(pending, "after_cluster")
 
     def ensure_clustered(self, expect_restored: bool = False) -> None:
@@ -353,6 +355,8 @@ class Palettization:
         self._require_attached()
         if self._training is not None:
             return
+        if fsdp.model_is_sharded(self.model):  # fully_shard'ed by the user's own loop
+            fsdp.check_supported(self.settings, "fully_shard")
         compat.set_step(self.palettizer, step)
         self._training = self.palettizer.training_mode()
         self._training.__enter__()
@@ -402,8 +406,6 @@ class Palettization:
     def report(self) -> CompressionReport:
         """The compression report (whole-model sizes; dense weights with their reasons)."""
         self._require_clustered()
-        from . import fsdp
-
         if fsdp.model_is_sharded(self.model):  # every rank takes part
             return fsdp.report(self)
         return export_step.report(self.model, self._trace_record(), self.calibration_stats,
@@ -467,8 +469,6 @@ class Palettization:
                        ) -> ExportResult | None:
         """``export`` on global rank 0 only; every rank waits at a barrier afterwards. An FSDP2
         model's full state is gathered to rank 0 first (every rank takes part)."""
-        from . import fsdp
-
         if fsdp.model_is_sharded(self.model):
             return fsdp.export_on_main(self, directory, **kwargs)
         result = None

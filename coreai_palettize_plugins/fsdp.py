@@ -33,11 +33,10 @@ from . import _coreai_compat as compat
 from . import distributed
 from .checks import PalettizeConfigError
 from .dist_context import DistContext
+from .distributed import check_fsdp2 as check_supported
 
 if TYPE_CHECKING:
-    from .engine import Palettization
     from .export import ExportResult
-    from .settings import PalettizeSettings
 
 __all__ = [
     "check_supported",
@@ -50,7 +49,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SUPPORTED = "palettize.training=ste (the default), without compact/adapters/calibration/budget"
 
 
 def _dtensor() -> type | None:
@@ -70,25 +68,6 @@ def is_sharded(tensor: torch.Tensor) -> bool:
 def model_is_sharded(model: nn.Module) -> bool:
     """Any parameter of ``model`` is a ``DTensor`` (``fully_shard`` was applied)."""
     return any(is_sharded(p) for p in model.parameters())
-
-
-def check_supported(settings: PalettizeSettings, what: str) -> None:
-    """The settings FSDP2 runs with; anything else fails before training with the fix.
-
-    Raises:
-        PalettizeConfigError: naming the key and the supported path.
-    """
-    tail = f"is not supported under {what} (FSDP2); supported: {SUPPORTED}, or train with DDP"
-    if settings.adapters is not None:
-        raise PalettizeConfigError("adapters", f"(LoRA on the compact base) {tail}")
-    if settings.calibration is not None:
-        raise PalettizeConfigError("calibration", tail)
-    if settings.budget is not None:
-        raise PalettizeConfigError("budget", tail)
-    if settings.training_strategy != "ste":
-        raise PalettizeConfigError(
-            "training", f"{settings.training_strategy!r} {tail} (frozen/lut keep weight-shaped "
-            "index state or LUT Parameters FSDP2 would replicate or shard wrongly)")
 
 
 def placeholder_centroids(tensors: Sequence[compat.PalettizedTensor]) -> None:
@@ -231,7 +210,7 @@ def _full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
                                                                 cpu_offload=True))
 
 
-def export_on_main(engine: Palettization, directory: Any, **kwargs: Any) -> ExportResult | None:
+def export_on_main(engine: Any, directory: Any, **kwargs: Any) -> ExportResult | None:
     """Export a sharded model: every rank gathers the full state to rank 0 (CPU, one tensor at a
     time), which rebuilds the palettized model from it (no k-means) and exports it like a single
     process. Returns the result on rank 0."""
@@ -245,7 +224,7 @@ def export_on_main(engine: Palettization, directory: Any, **kwargs: Any) -> Expo
     return result
 
 
-def report(engine: Palettization) -> Any:
+def report(engine: Any) -> Any:
     """The compression report of a sharded model, as a single process would build it: rank 0
     gathers the full state and builds it on an unsharded copy; every rank gets it."""
     state = _full_state_dict(engine.model)
@@ -254,14 +233,13 @@ def report(engine: Palettization) -> Any:
     return distributed.broadcast_object(built)
 
 
-def _unsharded_engine(engine: Palettization, state: dict[str, torch.Tensor]) -> Palettization:
+def _unsharded_engine(engine: Any, state: dict[str, torch.Tensor]) -> Any:
     """A process-local engine over a fresh copy of the model loaded from ``state``."""
     import warnings
 
     from . import export_step
-    from .engine import Palettization
 
-    copy = Palettization(engine.settings, model_factory=engine._model_factory)
+    copy = type(engine)(engine.settings, model_factory=engine._model_factory)
     copy._skeleton = engine._skeleton
     copy.dist_context = DistContext()  # this rank alone: no collectives
     with warnings.catch_warnings():
@@ -284,7 +262,7 @@ def iter_sharded(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     return ((n, p) for n, p in model.named_parameters() if is_sharded(p))
 
 
-def attach_before_sharding(engine: Palettization, model: nn.Module,
+def attach_before_sharding(engine: Any, model: nn.Module,
                            example_inputs: Any) -> None:
     """Lightning ``ModelParallelStrategy``: build the palettized structure before the module's
     ``configure_model`` shards it, with zero LUTs a sharded checkpoint can restore into.

@@ -97,7 +97,7 @@ def _parallelism(args: TrainingArguments, model: nn.Module | None) -> tuple[str,
 
     state = AcceleratorState() if AcceleratorState._shared_state else None
     if args.fsdp or getattr(state, "fsdp_plugin", None) is not None:
-        return "fsdp", "the HF Trainer's FSDP (accelerate FSDP1 or FSDP2)", None
+        return "fsdp", "FSDP", None
     if args.deepspeed or getattr(state, "deepspeed_plugin", None) is not None:
         return "deepspeed", "DeepSpeed", None
     if args.world_size <= 1:
