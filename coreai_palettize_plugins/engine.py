@@ -357,6 +357,7 @@ class Palettization:
             return
         if fsdp.model_is_sharded(self.model):  # fully_shard'ed by the user's own loop
             fsdp.check_supported(self.settings, "fully_shard")
+            fsdp.check_placements(self.model)
         compat.set_step(self.palettizer, step)
         self._training = self.palettizer.training_mode()
         self._training.__enter__()

@@ -21,7 +21,7 @@ Both end bit-identical to a single-process run (scalar k-means is deterministic,
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from .export import ExportResult
 
 __all__ = [
+    "check_placements",
     "check_supported",
     "cluster",
     "export_on_main",
@@ -68,6 +69,23 @@ def is_sharded(tensor: torch.Tensor) -> bool:
 def model_is_sharded(model: nn.Module) -> bool:
     """Any parameter of ``model`` is a ``DTensor`` (``fully_shard`` was applied)."""
     return any(is_sharded(p) for p in model.parameters())
+
+
+def check_placements(model: nn.Module) -> None:
+    """Palettized weights must be sharded FSDP2's way (``Shard(0)`` on each mesh dimension, or
+    replicated): tensor parallelism would hand the fake-palettize modules a ``DTensor``.
+
+    Raises:
+        PalettizeConfigError: naming the first weight sharded otherwise.
+    """
+    from torch.distributed.tensor import Replicate, Shard
+
+    for t in compat.fake_palettized_tensors(model):
+        weight = t.original
+        if is_sharded(weight) and any(p not in (Shard(0), Replicate()) for p in weight.placements):
+            raise PalettizeConfigError(
+                "", f"{t.name} is sharded as {tuple(weight.placements)}: tensor parallelism is "
+                "not supported; shard with fully_shard only (FSDP2, Shard(0)), or train with DDP")
 
 
 def placeholder_centroids(tensors: Sequence[compat.PalettizedTensor]) -> None:
@@ -100,6 +118,7 @@ def _aligned(t: compat.PalettizedTensor, weight: Any) -> bool:
     group = fake._axis0_group_size()
     if (group is None or fake.cluster_dim != 1 or fake.enable_per_channel_scale
             or fake._sensitivities is not None or weight.device_mesh.ndim != 1
+            or weight.device_mesh.size() != distributed.world_size()
             or tuple(weight.placements) != (Shard(0),)):
         return False
     ranges = _row_ranges(weight.shape[0], weight.device_mesh.size())
@@ -255,11 +274,6 @@ def replicated_state_bytes(model: nn.Module) -> int:
     the fake-palettize modules)."""
     return sum(b.numel() * b.element_size() for t in compat.fake_palettized_tensors(model)
                for b in t.fake.buffers())
-
-
-def iter_sharded(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(name, parameter)`` for the parameters FSDP2 sharded."""
-    return ((n, p) for n, p in model.named_parameters() if is_sharded(p))
 
 
 def attach_before_sharding(engine: Any, model: nn.Module,
