@@ -1,9 +1,8 @@
 """The attach phase: coreai-opt's palettized structure inserted into a model, nothing clustered.
 
-``insert(model, config, example_inputs, num_workers)`` returns what the tracing forward learned
-(``Attached``); ``check_module_patterns`` and ``validate`` fail before any training starts;
-``prepare_parameters`` readies the strategies' parameters before the optimizer and DDP exist.
-Nothing here sees the engine: it calls these in order and keeps the result.
+``build(model, settings, example_inputs)`` returns everything attach made (``Attached``: the
+palettizer, what the tracing forward learned, the compact base, the adapters); ``validate``
+is its dry run on a copy. Nothing here sees the engine: it calls these and keeps the result.
 """
 
 from __future__ import annotations
@@ -13,18 +12,23 @@ import re
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch.nn as nn
 from coreai_opt.palettization import KMeansPalettizer
 
 from . import _coreai_compat as compat
-from . import strategies
+from . import adapters, strategies
 from ._inputs import CallSpec, keyword_call
-from ._modelcopy import materialize, meta_skeleton, model_device, tracing_forward
+from ._modelcopy import copy_for_export, materialize, meta_skeleton, model_device, tracing_forward
 from .checks import PalettizeConfigError
-from .dense_reasons import dense_weights
+from .compact import CompactBase
+from .coreai_config import to_coreai_config
+from .dense_reasons import check_overrides, dense_weights
 from .dist_context import DistContext
+
+if TYPE_CHECKING:
+    from .settings import PalettizeSettings
 
 __all__ = ["Attached", "PalettizationWarning", "check_module_patterns", "insert",
            "nothing_palettized", "prepare_parameters", "settings_of_rank_zero", "tied_keys_hook",
@@ -48,6 +52,45 @@ class Attached:
     """First torch function that consumed each parameter in the tracing forward."""
     tied: dict[str, str] = field(default_factory=dict)
     """Tied weight prefixes: alias -> source."""
+    config: Any = None
+    """The coreai-opt config, extended for the model's linear-like modules."""
+    skeleton: nn.Module | None = None
+    """A zero-memory meta copy of the model before attach (the export rebuilds it)."""
+    compact: CompactBase | None = None
+    adapters: adapters.LoraAttachment | None = None
+
+    def trace_record(self, settings: PalettizeSettings) -> dict[str, Any]:
+        """What attach learned, for the dense reasons (``report.dense_weights``)."""
+        return {"skipped": self.skipped, "consumers": self.consumers, "settings": settings,
+                "module_configs": compat.resolved_module_configs(self.palettizer)}
+
+
+def build(model: nn.Module, settings: PalettizeSettings, example_inputs: CallSpec, *,
+          skeleton: bool) -> Attached:
+    """The palettized structure for ``settings`` in ``model`` (in place), the strategies'
+    parameters, the compact base and the LoRA adapters; with ``skeleton`` a meta copy taken
+    before (for the export). Before the model is wrapped and the optimizer exists.
+
+    Raises:
+        PalettizeConfigError: a ``modules`` regex matches no module, or nothing is palettized.
+    """
+    check_module_patterns(settings.modules, model)
+    # Extended for the model's linear-like modules (HF Conv1D, fused MoE experts): the config
+    # checkpoints, the packed artifact and load_palettized carry.
+    config = adapters.exclude_adapter_layers(to_coreai_config(settings, model), model)
+    copy_ = copy_for_export(model) if skeleton else None
+    attached = insert(model, config, example_inputs, settings.num_workers)
+    attached.config, attached.skeleton = config, copy_
+    tensors = compat.fake_palettized_tensors(model)
+    if not tensors:
+        raise nothing_palettized(model, settings.describe(), attached.skipped)
+    check_overrides(model, **attached.trace_record(settings))
+    prepare_parameters(tensors, settings.start_step)
+    attached.compact = CompactBase(model, tensors, bool(settings.compact))
+    # After the structure, before the optimizer and DDP: LoRA on the frozen base.
+    attached.adapters = adapters.attach(model, settings.adapters, settings.training_strategy,
+                                        tensors)
+    return attached
 
 
 def insert(model: nn.Module, config: Any, example_inputs: CallSpec,

@@ -9,11 +9,9 @@
     engine.finish_training("out/")             # leave training mode; export on rank 0
 
 ``prepare(model, example_inputs, state_dict=None)`` does attach + (load or cluster) in one call.
-The adapters only map framework hooks onto these methods; nothing here knows a framework.
-The engine orchestrates phases that never see it: ``attach`` (structure), ``calibration``,
-``budget``, k-means (``distributed``), ``compact``, ``adapters``, ``report`` and ``export``. Each
-gets the palettized tensors, its settings section and a ``DistContext`` and returns data; the
-engine calls them in order and keeps their results.
+The adapters only map framework hooks onto these methods; nothing here knows a framework. The
+phases (attach, calibration, budget, k-means, compact, adapters, report, export) never see the
+engine: each gets tensors, its settings section and a ``DistContext``, and returns data.
 """
 
 from __future__ import annotations
@@ -36,16 +34,15 @@ from . import (
     distributed,
     export_step,
     fsdp,
+    integrity,
     strategies,
 )
 from . import _coreai_compat as compat
 from ._inputs import CallSpec, as_call_spec
-from ._modelcopy import copy_for_export
 from .attach import PalettizationWarning
 from .calibration import CalibrationData, CalibrationStats
 from .compact import CompactBase
 from .coreai_config import config_to_yaml, to_coreai_config
-from .dense_reasons import check_overrides
 from .dist_context import DistContext
 from .export import ExportResult
 from .report import CompressionReport, rest_of_model
@@ -113,6 +110,7 @@ class Palettization:
         self._model_factory = model_factory
         self._skeleton: nn.Module | None = None
         self._training: Any = None
+        self._attached: attach.Attached | None = None
         self.allocation: budget.Allocation | None = None
         """The allocation once ``palettize.budget`` was applied (before k-means)."""
         self.sensitivities: dict[str, torch.Tensor] | None = None
@@ -157,27 +155,18 @@ class Palettization:
                                "coreai-opt); build a new model or reuse its Palettization")
         example_inputs = as_example_inputs(example_inputs, model)
         with self.dist.agree("palettize setup"):  # a failure on any rank stops every rank
-            self._use_settings_of_rank_zero()
-            attach.check_module_patterns(self.settings.modules, model)
-            # Extended for the model's linear-like modules (HF Conv1D, fused MoE experts): the
-            # config checkpoints, the packed artifact and load_palettized carry.
-            self.config = adapters.exclude_adapter_layers(to_coreai_config(self.settings, model),
-                                                          model)
-            if self._model_factory is None:
-                self._skeleton = copy_for_export(model)
-            attached = attach.insert(model, self.config, example_inputs, self.settings.num_workers)
-            self.model, self.palettizer = model, attached.palettizer
-            self.skipped, self.consumers, self.tied = (attached.skipped, attached.consumers,
-                                                       attached.tied)
-            self.example_inputs = example_inputs.detached_cpu()
-            if not self.tensors():
-                raise attach.nothing_palettized(model, self.settings.describe(), self.skipped)
-            check_overrides(model, **self._trace_record())
-            attach.prepare_parameters(self.tensors(), self.settings.start_step)
-            self.compact = CompactBase(model, self.tensors(), bool(self.settings.compact))
-            # After the structure, before the optimizer and DDP: LoRA on the frozen base.
-            self.adapters = adapters.attach(model, self.settings.adapters,
-                                            self.settings.training_strategy, self.tensors())
+            theirs = attach.settings_of_rank_zero(self.settings.to_dict(), self.dist)
+            if theirs is not None:  # one resolved config on every rank: rank 0's
+                self.settings = PalettizeSettings(**theirs, base_config=self.settings.base_config)
+            self._attached = attach.build(model, self.settings, example_inputs,
+                                          skeleton=self._model_factory is None)
+        a = self._attached
+        self.model, self.palettizer, self.config, self._skeleton = (
+            model, a.palettizer, a.config, a.skeleton)
+        self.skipped, self.consumers, self.tied = a.skipped, a.consumers, a.tied
+        self.compact, self.adapters = a.compact, a.adapters
+        self.example_inputs = example_inputs.detached_cpu()
+        integrity.watch_loads(self)  # a checkpoint's LUT shapes must fit this config
         if self.dist.is_main:
             attach.warn_dense(model, self._trace_record())
 
@@ -186,12 +175,6 @@ class Palettization:
         """The ranks the phases agree across: ``dist_context`` when set (a sharded run's group
         and mesh), else the default process group."""
         return self.dist_context or DistContext.current()
-
-    def _use_settings_of_rank_zero(self) -> None:
-        theirs = attach.settings_of_rank_zero(self.settings.to_dict(), self.dist)
-        if theirs is not None:
-            self.settings = PalettizeSettings(**theirs, base_config=self.settings.base_config)
-            self.config = to_coreai_config(self.settings)
 
     def validate_for(self, model: nn.Module, example_inputs: Any) -> None:
         """Validate the config against ``model`` without touching it (a dry run on a copy).
@@ -250,6 +233,7 @@ class Palettization:
 
     def _cluster(self, pending: list[compat.PalettizedTensor]) -> None:
         if pending:
+            integrity.check_weights_finite(pending, self.dist)  # every rank: no NaN is clustered
             sharded = any(fsdp.is_sharded(t.original) for t in pending)  # FSDP2
             self.cluster_stats = (fsdp.cluster if sharded else distributed.cluster)(
                 self.palettizer, pending, self.settings.distributed)
@@ -275,6 +259,7 @@ class Palettization:
         self._apply_budget()  # resume: the allocation the restored LUTs were clustered with
         compat.end_deferral(tensors)  # restored: the fakes palettize from here on
         checkpoint.require_restored(tensors, restored)
+        integrity.check_restored(self)  # finite LUTs and weights, indices < 2**n_bits
         self._restored = True
         self._update_compact()
 
@@ -386,6 +371,7 @@ class Palettization:
         tensors = self.tensors()
         self._cluster([t for t in tensors if not t.initialized])
         self._run_hooks(tensors, "after_optimizer_step", step)
+        integrity.check_luts_finite(tensors, step)
         self._update_compact()
 
     sync_step = after_optimizer_step  # the 0.1 name
@@ -400,9 +386,7 @@ class Palettization:
     # ---------------------------------------------------------------- report and export
 
     def _trace_record(self) -> dict[str, Any]:
-        """What attach learned, for the dense reasons (``report.dense_weights``)."""
-        return {"skipped": self.skipped, "consumers": self.consumers, "settings": self.settings,
-                "module_configs": compat.resolved_module_configs(self.palettizer)}
+        return self._attached.trace_record(self.settings)
 
     def report(self) -> CompressionReport:
         """The compression report (whole-model sizes; dense weights with their reasons)."""
@@ -468,14 +452,15 @@ class Palettization:
 
     def export_on_main(self, directory: str | Path | None = None, **kwargs: Any
                        ) -> ExportResult | None:
-        """``export`` on global rank 0 only; every rank waits at a barrier afterwards. An FSDP2
-        model's full state is gathered to rank 0 first (every rank takes part)."""
+        """``export`` on global rank 0 only; the other ranks wait for it without a deadline
+        (not at a barrier bounded by the process group's timeout). An FSDP2 model's full state
+        is gathered to rank 0 first (every rank takes part)."""
         if fsdp.model_is_sharded(self.model):
             return fsdp.export_on_main(self, directory, **kwargs)
-        result = None
-        try:
-            if self.dist.is_main:
-                result = self.export(directory, **kwargs)
-        finally:
-            self.dist.barrier()
-        return result
+        return export_step.on_main(self.dist, lambda: self.export(directory, **kwargs))
+
+    def check_export_dir(self, default_export_dir: str | Path) -> None:
+        """Refuse a bad export directory before training (``palettize.export.dir``, else
+        ``default_export_dir``), on rank 0; nothing is created. Raises PalettizeConfigError."""
+        if self.settings.export.formats:
+            export_step.check_dir(self.dist, self.settings.export.dir or default_export_dir)

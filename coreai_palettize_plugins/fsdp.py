@@ -21,7 +21,7 @@ Both end bit-identical to a single-process run (scalar k-means is deterministic,
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -233,14 +233,11 @@ def export_on_main(engine: Any, directory: Any, **kwargs: Any) -> ExportResult |
     """Export a sharded model: every rank gathers the full state to rank 0 (CPU, one tensor at a
     time), which rebuilds the palettized model from it (no k-means) and exports it like a single
     process. Returns the result on rank 0."""
+    from . import export_step
+
     state = _full_state_dict(engine.model)
-    result = None
-    try:
-        if distributed.rank() == 0:
-            result = _unsharded_engine(engine, state).export(directory, **kwargs)
-    finally:
-        distributed.barrier()
-    return result
+    return export_step.on_main(
+        engine.dist, lambda: _unsharded_engine(engine, state).export(directory, **kwargs))
 
 
 def report(engine: Any) -> Any:
@@ -276,8 +273,7 @@ def replicated_state_bytes(model: nn.Module) -> int:
                for b in t.fake.buffers())
 
 
-def attach_before_sharding(engine: Any, model: nn.Module,
-                           example_inputs: Any) -> None:
+def attach_before_sharding(engine: Any, model: nn.Module, attach: Callable[[], None]) -> None:
     """Lightning ``ModelParallelStrategy``: build the palettized structure before the module's
     ``configure_model`` shards it, with zero LUTs a sharded checkpoint can restore into.
 
@@ -290,5 +286,5 @@ def attach_before_sharding(engine: Any, model: nn.Module,
             "", f"{type(model).__name__} has no materialized weights before configure_model: "
             "under the ModelParallelStrategy build the layers in __init__ (configure_model "
             "should only apply fully_shard), or use the engine API (prepare, then fully_shard)")
-    engine.attach(model, example_inputs() if callable(example_inputs) else example_inputs)
+    attach()
     placeholder_centroids(engine.tensors())
