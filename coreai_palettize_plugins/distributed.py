@@ -39,6 +39,7 @@ __all__ = [
     "agree",
     "barrier",
     "broadcast_object",
+    "check_fsdp2",
     "check_parallelism",
     "cluster",
     "palettized_state_hash",
@@ -111,7 +112,8 @@ def plan_owners(sizes: Sequence[int], world: int, mode: str) -> list[int]:
     return owners
 
 
-UNSUPPORTED_PARALLELISM = ("fsdp", "deepspeed", "model_parallel")
+UNSUPPORTED_PARALLELISM = ("fsdp", "deepspeed")
+SUPPORTED = "palettize.training=ste (the default), without compact/adapters/calibration/budget"
 
 
 def check_parallelism(settings: PalettizeSettings, kind: str, *, what: str,
@@ -128,8 +130,11 @@ def check_parallelism(settings: PalettizeSettings, kind: str, *, what: str,
     """
     if kind in UNSUPPORTED_PARALLELISM:
         raise PalettizeConfigError(
-            "", f"{what} is not supported (coreai-opt keeps palettization state in buffers "
-            "FSDP/DeepSpeed would shard or ignore); train with DDP, see README 'Distributed'")
+            "", f"{what} is not supported (FSDP1 and DeepSpeed ZeRO shard or ignore the "
+            "palettization state); use FSDP2 (Lightning ModelParallelStrategy, or fully_shard "
+            "after Palettization.prepare) or DDP, see README 'Distributed'")
+    if kind == "model_parallel":
+        check_fsdp2(settings, what)
     needs = (kind == "ddp" and settings.start_step > 0
              and not trains_dense_weight(settings.training_strategy))
     if needs and find_unused is False:
@@ -147,6 +152,25 @@ def agree(what: str) -> contextlib.AbstractContextManager[None]:
 def broadcast_object(value: Any, src: int = 0) -> Any:
     """``value`` from rank ``src`` on every rank (small metadata only)."""
     return DistContext.current().broadcast_object(value, src)
+
+
+def check_fsdp2(settings: PalettizeSettings, what: str) -> None:
+    """The settings FSDP2 runs with; anything else fails before training with the fix.
+
+    Raises:
+        PalettizeConfigError: naming the key and the supported path.
+    """
+    tail = f"is not supported under {what} (FSDP2); supported: {SUPPORTED}, or train with DDP"
+    if settings.adapters is not None:
+        raise PalettizeConfigError("adapters", f"(LoRA on the compact base) {tail}")
+    if settings.calibration is not None:
+        raise PalettizeConfigError("calibration", tail)
+    if settings.budget is not None:
+        raise PalettizeConfigError("budget", tail)
+    if settings.training_strategy != "ste":
+        raise PalettizeConfigError(
+            "training", f"{settings.training_strategy!r} {tail} (frozen/lut keep weight-shaped "
+            "index state or LUT Parameters FSDP2 would replicate or shard wrongly)")
 
 
 @contextlib.contextmanager

@@ -34,6 +34,7 @@ from . import (
     distributed,
     export_step,
     fitting,
+    fsdp,
     integrity,
     strategies,
 )
@@ -235,8 +236,9 @@ class Palettization:
     def _cluster(self, pending: list[compat.PalettizedTensor]) -> None:
         if pending:
             integrity.check_weights_finite(pending, self.dist)  # every rank: no NaN is clustered
-            self.cluster_stats = distributed.cluster(self.palettizer, pending,
-                                                     self.settings.distributed)
+            sharded = any(fsdp.is_sharded(t.original) for t in pending)  # FSDP2
+            self.cluster_stats = (fsdp.cluster if sharded else distributed.cluster)(
+                self.palettizer, pending, self.settings.distributed)
             self._run_hooks(pending, "after_cluster")
 
     def ensure_clustered(self, expect_restored: bool = False) -> None:
@@ -343,6 +345,9 @@ class Palettization:
         self._require_attached()
         if self._training is not None:
             return
+        if fsdp.model_is_sharded(self.model):  # fully_shard'ed by the user's own loop
+            fsdp.check_supported(self.settings, "fully_shard")
+            fsdp.check_placements(self.model)
         compat.set_step(self.palettizer, step)
         self._training = self.palettizer.training_mode()
         self._training.__enter__()
@@ -391,6 +396,8 @@ class Palettization:
     def report(self) -> CompressionReport:
         """The compression report (whole-model sizes; dense weights with their reasons)."""
         self._require_clustered()
+        if fsdp.model_is_sharded(self.model):  # every rank takes part
+            return fsdp.report(self)
         return export_step.report(self.model, self._trace_record(), self.calibration_stats,
                                   self.allocation)
 
@@ -451,7 +458,10 @@ class Palettization:
     def export_on_main(self, directory: str | Path | None = None, **kwargs: Any
                        ) -> ExportResult | None:
         """``export`` on global rank 0 only; the other ranks wait for it without a deadline
-        (not at a barrier bounded by the process group's timeout)."""
+        (not at a barrier bounded by the process group's timeout). An FSDP2 model's full state
+        is gathered to rank 0 first (every rank takes part)."""
+        if fsdp.model_is_sharded(self.model):
+            return fsdp.export_on_main(self, directory, **kwargs)
         return export_step.on_main(self.dist, lambda: self.export(directory, **kwargs))
 
     def check_export_dir(self, default_export_dir: str | Path) -> None:

@@ -61,17 +61,22 @@ def tensor_digest(tensor: torch.Tensor) -> str:
     return "sha256:" + digest.hexdigest()
 
 
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of an FSDP2 ``DTensor`` (each rank checks what it holds), else itself."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
 def _all_finite(tensors: list[torch.Tensor]) -> bool:
     """One device sync per device for all of them."""
     flags: dict[torch.device, list[torch.Tensor]] = {}
-    for t in tensors:
+    for t in map(_local, tensors):
         if t.numel() and t.is_floating_point():
             flags.setdefault(t.device, []).append(torch.isfinite(t).all())
     return all(bool(torch.stack(f).all()) for f in flags.values())
 
 
 def _nonfinite(tensor: torch.Tensor) -> str:
-    t = tensor.detach()
+    t = _local(tensor).detach()
     return (f"{int(torch.isnan(t).sum())} NaN, {int(torch.isinf(t).sum())} Inf "
             f"of {t.numel()} values")
 
@@ -111,7 +116,7 @@ def check_weights_finite(tensors: list[compat.PalettizedTensor],
         if _all_finite(dense):
             return
         bad = [f"{t.name} ({_nonfinite(t.original)})" for t in tensors
-               if t.original.numel() and not bool(torch.isfinite(t.original).all())]
+               if t.original.numel() and not bool(torch.isfinite(_local(t.original)).all())]
         raise IntegrityError(
             f"palettize: non-finite values in {len(bad)} weight(s) before k-means: "
             f"{'; '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; fix the model or the "
@@ -193,7 +198,7 @@ def check_restored(engine: Palettization, source: str = "the checkpoint") -> Non
     params = [(n, p) for n, p in engine.model.named_parameters() if p.numel()]
     if not _all_finite([p for _, p in params]):
         problems += [f"{n} ({_nonfinite(p)})" for n, p in params
-                     if p.is_floating_point() and not bool(torch.isfinite(p).all())]
+                     if p.is_floating_point() and not bool(torch.isfinite(_local(p)).all())]
     if problems:
         raise IntegrityError(
             f"palettize: {source} is damaged: {'; '.join(problems[:5])}"

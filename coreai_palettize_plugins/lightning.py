@@ -29,7 +29,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
 from . import _coreai_compat as compat
-from . import distributed, integrity
+from . import distributed, fsdp, integrity
 from ._batches import call_spec_from_batch
 from ._inputs import CallSpec
 from .calibration import CalibrationData
@@ -41,9 +41,9 @@ from .settings import ConfigSource, PalettizeConfigError
 __all__ = ["PalettizationCallback", "default_example_inputs", "traced_module"]
 
 
-def _check_strategy(trainer: pl.Trainer, engine: Palettization) -> None:
+def _check_strategy(trainer: pl.Trainer, engine: Palettization) -> str:
     """Fail before training for strategies that cannot work; switch DDP to
-    ``find_unused_parameters=True`` where the schedule needs it."""
+    ``find_unused_parameters=True`` where the schedule needs it. Returns the strategy's kind."""
     from lightning.pytorch.strategies import (
         DDPStrategy,
         DeepSpeedStrategy,
@@ -62,6 +62,7 @@ def _check_strategy(trainer: pl.Trainer, engine: Palettization) -> None:
             find_unused=ddp_kwargs.get("find_unused_parameters"),
             fix="use strategy='ddp_find_unused_parameters_true'"):
         ddp_kwargs["find_unused_parameters"] = True
+    return kind
 
 
 def _ddp_kwargs(strategy: Any) -> dict[str, Any]:
@@ -220,10 +221,13 @@ class PalettizationCallback(Callback):
         if stage != "fit":
             self._attach_on_palettized_load(trainer, pl_module, stage)
             return
-        _check_strategy(trainer, self.engine)
+        kind = _check_strategy(trainer, self.engine)
         self.engine.check_export_dir(Path(trainer.default_root_dir) / "palettized")
         self._provide_calibration_data(trainer, pl_module)
-        if is_overridden("configure_model", pl_module):
+        if kind == "model_parallel":  # before configure_model applies fully_shard
+            fsdp.attach_before_sharding(self.engine, pl_module,
+                                        lambda: self._attach(trainer, pl_module))
+        elif is_overridden("configure_model", pl_module):
             self._attach_after_configure_model(trainer, pl_module)
         else:
             self._attach(trainer, pl_module)
@@ -349,6 +353,14 @@ class PalettizationCallback(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # A restored checkpoint (model weights, then this callback's state) must hold the state.
+        # Strategies that restore after setup (ModelParallelStrategy) restore after on_fit_start:
+        # cluster at the sanity check or train start instead.
+        if not trainer.strategy.restore_checkpoint_after_setup:
+            self._cluster_and_report(trainer)
+
+    def _cluster_and_report(self, trainer: pl.Trainer) -> None:
+        if self.report is not None and self.engine.clustered:
+            return
         self.engine.ensure_clustered()
         if self._checksums is not None:  # what the checkpoint recorded when it was saved
             integrity.verify_checksums(self.engine, self._checksums,
@@ -357,10 +369,16 @@ class PalettizationCallback(Callback):
         self.report = self.engine.report()
         self._log(trainer, self.report.metrics())
 
+    @override
+    def on_sanity_check_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == "fit":
+            self._cluster_and_report(trainer)
+
     # ------------------------------------------------------------------ training
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._cluster_and_report(trainer)
         self.engine.start_training(step=trainer.global_step)
 
     @override

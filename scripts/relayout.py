@@ -67,6 +67,7 @@ MAPPING: dict[str, str] = {
     "attach": "engine.attach",
     "checkpoint": "engine.checkpoint",
     "distributed": "engine.distributed",
+    "fsdp": "engine.fsdp",
     "compact": "engine.compact",
     # export/: artifacts and the report
     "export": "export.writer",

@@ -112,3 +112,16 @@ def with_default_training(config_dict: dict, strategy: dict | None = None) -> di
         return node
 
     return walk(config_dict)
+
+
+def lut_hash(model: nn.Module) -> str:
+    """sha256 over every LUT (``centroids``) of a prepared model, names included (FSDP2 state
+    dicts carry no derived ``ste`` indices, so compare the LUTs alone)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if name.endswith(".centroids"):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()

@@ -41,11 +41,13 @@ class DerivedIndicesFakePalettize(_KMeansFakePalettize):
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
         """``<prefix>indices`` derived from the dense weight, which the parametrization list
         saved just before (``<list prefix>original``; absent when the fake's own state is
-        saved alone, e.g. for the DDP broadcast, where every rank derives them itself)."""
+        saved alone, e.g. for the DDP broadcast, where every rank derives them itself; or
+        sharded by FSDP2: its checkpoints and gathered state go without them)."""
         super()._save_to_state_dict(destination, prefix, keep_vars)
         owner, _, position = prefix[:-1].rpartition(".")
         weight = destination.get(f"{owner}.original" if owner else "original")
-        if position == "0" and weight is not None and self.centroids is not None:
+        if (position == "0" and weight is not None and self.centroids is not None
+                and type(weight).__name__ != "DTensor"):
             destination[prefix + "indices"] = _derived(self, weight)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:

@@ -1,0 +1,69 @@
+"""The engine API with a user's own FSDP2 loop, under torchrun (2 ranks, gloo, CPU):
+prepare (or attach) -> fully_shard -> optimizer -> one SGD step on a global batch -> gather the
+full state on rank 0 -> finish_training (export on rank 0). Facts per rank as JSON."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from _fsdp2_models import ENGINE_MODULES, global_batch
+from _probe import KMEANS_CALLS, record
+from helpers import lut_hash, tiny_llama
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+
+from coreai_palettize_plugins import Palettization
+from coreai_palettize_plugins.fsdp import replicated_state_bytes
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--lr", type=float, default=2.0)
+    parser.add_argument("--cluster", choices=["before-shard", "after-shard"], default="after-shard")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = tiny_llama()
+    x = global_batch()
+    engine = Palettization("w4", modules=ENGINE_MODULES, export_dir=args.out / "export",
+                           export_formats=["torch"])
+    if args.cluster == "before-shard":
+        engine.prepare(model, {"input_ids": x[:1]})
+    else:
+        engine.attach(model, {"input_ids": x[:1]})
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    engine.ensure_clustered()
+    record(args.out, rank, lut_hash=lut_hash(model), kmeans=list(KMEANS_CALLS),
+           stats_mode=engine.cluster_stats.mode if engine.cluster_stats else None,
+           replicated_bytes=replicated_state_bytes(model),
+           sharded_bytes=sum(p.to_local().numel() * p.element_size() for p in model.parameters()))
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
+    engine.start_training(0)
+    batch = x[rank * 2 // world:(rank + 1) * 2 // world]      # this rank's part of the batch
+    loss = model(input_ids=batch, labels=batch).loss
+    loss.backward()
+    engine.before_optimizer_step()
+    optimizer.step()
+    optimizer.zero_grad()
+    engine.after_optimizer_step(1)
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                 cpu_offload=True))
+    if rank == 0:
+        torch.save(state, args.out / "full_state.pt")
+    result = engine.finish_training(args.out / "export")
+    record(args.out, rank, loss=loss.item(), exported=result is not None,
+           lut_hash_at_end=lut_hash(model))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""FSDP2 (``fully_shard``) on real 2-process gloo groups: the engine API under torchrun and
+Lightning's ModelParallelStrategy, against a single process on the same weights and batch."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import count_kmeans, lut_hash, run_python, tiny_llama
+from safetensors.torch import load_file
+
+from coreai_palettize_plugins import Palettization
+from coreai_palettize_plugins.checks import PalettizeConfigError
+from coreai_palettize_plugins.distributed import check_parallelism
+from coreai_palettize_plugins.settings import PalettizeSettings
+
+SCRIPTS = Path(__file__).resolve().parent / "ddp_scripts"
+sys.path.insert(0, str(SCRIPTS))
+from _fsdp2_models import ENGINE_MODULES, TinyLlamaModule, global_batch  # noqa: E402
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ranks(out: Path) -> list[dict]:
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+# ------------------------------------------------------------------ refusals (no processes)
+
+
+@pytest.mark.parametrize(("fields", "key"), [
+    ({"training": "frozen"}, "training"), ({"training": "lut"}, "training"),
+    ({"adapters": {"r": 4}}, "adapters"), ({"calibration": {"samples": 2}}, "calibration"),
+])
+def test_model_parallel_refuses_what_fsdp2_does_not_support(fields, key):
+    settings = PalettizeSettings.resolve("w4", **fields)
+    with pytest.raises(PalettizeConfigError, match=rf"palettize\.{key}.*supported: "
+                       r"palettize\.training=ste"):
+        check_parallelism(settings, "model_parallel", what="the ModelParallelStrategy")
+
+
+def test_model_parallel_with_ste_passes_and_fsdp1_deepspeed_name_the_supported_path():
+    settings = PalettizeSettings.resolve("w4")
+    assert check_parallelism(settings, "model_parallel", what="the ModelParallelStrategy") is False
+    for kind in ("fsdp", "deepspeed"):
+        with pytest.raises(PalettizeConfigError, match=r"use FSDP2 .*ModelParallelStrategy"):
+            check_parallelism(settings, kind, what=kind)
+
+
+# ------------------------------------------------------------------ engine API, own loop
+
+
+def _single_process_step(lr: float) -> tuple[torch.nn.Module, str]:
+    """What the engine script does on 2 ranks, in one process on the whole global batch."""
+    model = tiny_llama()
+    x = global_batch()
+    engine = Palettization("w4", modules=ENGINE_MODULES, export_formats=[])
+    engine.prepare(model, {"input_ids": x[:1]})
+    luts = lut_hash(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    engine.start_training(0)
+    model(input_ids=x, labels=x).loss.backward()
+    engine.before_optimizer_step()
+    optimizer.step()
+    engine.after_optimizer_step(1)
+    engine.stop_training()
+    return model, luts
+
+
+@pytest.mark.slow
+def test_engine_fully_shard_loop_matches_one_process(tmp_path, monkeypatch):
+    """prepare-structure -> fully_shard -> k-means on shards (w4 groups: local; per-tensor
+    lm_head: gathered to its owner) -> one SGD step -> full state and export on rank 0."""
+    result = run_python("-m", "torch.distributed.run", "--nproc_per_node=2",
+                        f"--master_port={_free_port()}", str(SCRIPTS / "fsdp2_engine.py"),
+                        "--out", str(tmp_path), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = _ranks(tmp_path)
+    reference, luts = _single_process_step(lr=2.0)
+    assert ranks[0]["lut_hash"] == ranks[1]["lut_hash"] == luts        # bit-identical LUTs
+    assert ranks[0]["stats_mode"] == "fsdp2 (14 local, 1 gathered)"
+    kmeans = [facts["kmeans"] for facts in ranks]
+    assert kmeans[0].count("lm_head.weight") + kmeans[1].count("lm_head.weight") == 1
+    for names in kmeans:                        # every rank clusters its rows of each w4 weight
+        assert len([n for n in names if n != "lm_head.weight"]) == 14
+
+    # Gradient parity: the sharded step equals one process on the global batch (a gloo
+    # reduce-scatter that summed instead of averaging would double the update).
+    state = torch.load(tmp_path / "full_state.pt", weights_only=True)
+    before = tiny_llama().state_dict()
+    ours = reference.state_dict()
+    checked = 0
+    for name, value in state.items():
+        if name.endswith(".original"):
+            dense = name.replace(".parametrizations.weight.original", ".weight")
+            update = ours[name] - before[dense]
+            assert update.abs().max() > 1e-3, name       # a real step: >> the tolerance below
+            torch.testing.assert_close(value, ours[name], atol=1e-6, rtol=1e-5, msg=name)
+            checked += 1
+    assert checked == 15
+
+    # The full state dict loads into a single process, without k-means.
+    calls: list[object] = []
+    count_kmeans(calls.append, monkeypatch.setattr)
+    model = tiny_llama()
+    x = torch.randint(0, 256, (1, 16))
+    Palettization("w4", modules={"lm_head": "w8"}, export_formats=[]).prepare(
+        model, {"input_ids": x}, state_dict=state)
+    assert calls == []
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=x).logits, reference(input_ids=x).logits,
+                                   atol=1e-4, rtol=1e-4)
+    assert [facts["exported"] for facts in ranks] == [True, False]
+    assert (tmp_path / "export" / "palettized.safetensors").is_file()
+
+
+# ------------------------------------------------------------------ Lightning ModelParallel
+
+
+def _lightning(out: Path, *args: str) -> list[dict]:
+    result = run_python(str(SCRIPTS / "lightning_fsdp2.py"), "--out", str(out), *args,
+                        timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return _ranks(out)
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(path / "palettized.safetensors")
+
+
+@pytest.mark.slow
+def test_lightning_model_parallel_lr0_export_equals_one_process(tmp_path):
+    """Default ``PalettizationCallback("w4")`` (ste) under FSDP2: LUTs bit-identical to one
+    process, k-means on each rank's shard only, and with lr 0 the packed artifact is identical."""
+    ranks = _lightning(tmp_path / "run", "--lr", "0", "--steps", "2")
+    module = TinyLlamaModule()
+    engine = Palettization("w4", export_formats=["torch"])
+    engine.prepare(module, {"input_ids": torch.randint(0, 256, (1, 16))})
+    for facts in ranks:
+        assert facts["lut_hash_at_start"] == facts["lut_hash_at_end"] == lut_hash(module)
+        assert facts["global_step"] == facts["engine_step"] == 2
+        assert len(facts["kmeans_total"]) == 15       # its rows of every weight, once
+    assert [facts["exported"] for facts in ranks] == [True, False]
+    expected = _tensors(engine.export(tmp_path / "single").directory)
+    exported = _tensors(tmp_path / "run" / "export")
+    assert exported.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(exported[name], tensor), name
+    report = json.loads((tmp_path / "run" / "export" / "report.json").read_text())
+    assert report == json.loads((tmp_path / "single" / "report.json").read_text())
+
+
+@pytest.mark.slow
+def test_lightning_model_parallel_resume_is_exact_without_kmeans(tmp_path):
+    ranks = _lightning(tmp_path / "run", "--steps", "4")
+    resumed = _lightning(tmp_path / "resumed", "--steps", "4",
+                         "--ckpt", str(tmp_path / "run" / "ckpt" / "step=2.ckpt"))
+    for facts, before in zip(resumed, ranks):
+        assert facts["kmeans_total"] == []                       # restored, not re-clustered
+        assert facts["lut_hash_at_start"] == before["lut_hash_at_start"]
+        assert facts["global_step"] == facts["engine_step"] == 4
+    uninterrupted, exported = (_tensors(tmp_path / d / "export") for d in ("run", "resumed"))
+    assert exported.keys() == uninterrupted.keys()
+    for name, tensor in uninterrupted.items():
+        assert torch.equal(exported[name], tensor), name
