@@ -1,6 +1,7 @@
 """The architecture matrix as a table: each transformers family (tiny config, random init) trained
-2 steps with the HF Trainer and PalettizationTrainerCallback's default arguments, exported and
-reloaded (the same run as tests/test_architectures.py).
+2 steps by the HF Trainer with ``callbacks=[PalettizationTrainerCallback()]`` alone (default
+arguments, no other call), exported and reloaded (the same run as tests/test_architectures.py,
+CI sample and nightly tail alike).
 
     python benchmarks/architectures.py [--families gpt2 t5 ...]
 

@@ -12,9 +12,11 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 __all__ = [
+    "ArtifactError",
     "CompressionReport",
     "ExportError",
     "ExportResult",
+    "IntegrityError",
     "Palettization",
     "PalettizationWarning",
     "PalettizeConfigError",
@@ -26,9 +28,11 @@ __all__ = [
 __version__ = "0.1.0"
 
 _HOMES = {
+    "ArtifactError": "artifact_checks",
     "CompressionReport": "report",
     "ExportError": "export",
     "ExportResult": "export",
+    "IntegrityError": "integrity",
     "Palettization": "engine",
     "PalettizationWarning": "engine",
     "PalettizeConfigError": "settings",
@@ -40,9 +44,11 @@ _HOMES = {
 
 if TYPE_CHECKING:
     from .artifact import load_palettized
+    from .artifact_checks import ArtifactError
     from .coreai_config import build_palettizer_config
     from .engine import Palettization, PalettizationWarning
     from .export import ExportError, ExportResult
+    from .integrity import IntegrityError
     from .report import CompressionReport
     from .settings import PalettizeConfigError, PalettizeSettings, register_configs
 

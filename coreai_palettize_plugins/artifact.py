@@ -24,13 +24,15 @@ from coreai_opt import ExportBackend
 from coreai_opt.palettization import KMeansPalettizer, KMeansPalettizerConfig
 
 from ._coreai_compat import fake_palettized_tensors, prepare_from_state_dict
+from ._export_files import finish_interrupted
 from ._inputs import CallSpec, as_call_spec, keyword_call
 from ._modelcopy import tracing_forward
 from ._utils import dtype_from_name, dtype_name, unique_by_storage
+from .artifact_checks import ArtifactError, check_aliases, checksums, load_checked, verify_palettized
 from .coreai_config import config_from_yaml_text, config_to_yaml
 
-__all__ = ["EXAMPLE_INPUTS_NAME", "FORMAT_ID", "MANIFEST_NAME", "PACKED_NAME", "load_example_inputs",
-           "load_palettized", "pack_indices", "unpack_indices", "write_packed"]
+__all__ = ["EXAMPLE_INPUTS_NAME", "FORMAT_ID", "MANIFEST_NAME", "PACKED_NAME", "ArtifactError",
+           "load_example_inputs", "load_palettized", "pack_indices", "unpack_indices", "write_packed"]
 
 PACKED_NAME = "palettized.safetensors"
 MANIFEST_NAME = "palettized.json"
@@ -114,8 +116,12 @@ def write_packed(
         "example_inputs": input_layout,
         "versions": _versions(),
         **(metadata or {}),
+        # sha256 per tensor, verified by load_palettized (artifact_checks.py)
+        "checksums": checksums(packed_state),
+        "example_inputs_checksums": checksums(input_tensors),
     }
     packed_path = directory / PACKED_NAME
+    # One metadata key: safetensors writes a metadata map in hash order (bytes would differ).
     save_file(packed_state, str(packed_path), metadata={"format": FORMAT_ID})
     inputs_path = directory / EXAMPLE_INPUTS_NAME
     save_file(input_tensors, str(inputs_path))
@@ -149,19 +155,26 @@ def load_palettized(
     (default) the result is a plain model whose weights hold the palettized values; without it,
     the model stays prepared (coreai-opt parametrizations, dense master weights set to the
     palettized values) so training can go on.
-    """
-    from safetensors.torch import load_file
 
+    Raises:
+        ArtifactError: a damaged, truncated or edited artifact (naming the file and tensor).
+    """
     directory, manifest = _read_manifest(path)
-    stored = load_file(str(directory / PACKED_NAME))
+    manifest_path = directory / MANIFEST_NAME
+    stored = verify_palettized(directory, manifest, manifest_path, directory / PACKED_NAME)
     example_inputs = _example_inputs(directory, manifest)
 
     state: dict[str, torch.Tensor] = dict(stored)
-    for entry in manifest["palettized"].values():
+    for name, entry in manifest["palettized"].items():
         prefix = entry["prefix"]
-        state[f"{prefix}0.indices"] = unpack_indices(
-            state[f"{prefix}0.indices"], entry["n_bits"], entry["indices_shape"])
+        indices = unpack_indices(state[f"{prefix}0.indices"], entry["n_bits"],
+                                 entry["indices_shape"])
+        if indices.numel() and int(indices.max()) >= 2 ** entry["n_bits"]:
+            raise ArtifactError(f"{manifest_path}: tensor {name}: index {int(indices.max())} "
+                                f">= 2**n_bits = {2 ** entry['n_bits']}")
+        state[f"{prefix}0.indices"] = indices
         state[f"{prefix}original"] = torch.zeros(entry["shape"], dtype=dtype_from_name(entry["dtype"]))
+    check_aliases(manifest, manifest_path, state)
     for alias, target in manifest["aliases"].items():
         state[alias] = state[target]
 
@@ -173,13 +186,34 @@ def load_palettized(
     palettizer = KMeansPalettizer(model, config)
     with tracing_forward(model):
         with keyword_call(model, spec) as inputs:
-            prepare_from_state_dict(palettizer, inputs, state)
+            try:
+                prepare_from_state_dict(palettizer, inputs, state)
+            except RuntimeError as e:  # e.g. a size mismatch of an aliased or edited tensor
+                first = str(e).strip().splitlines()
+                detail = " ".join(line.strip() for line in first[:3])
+                raise ArtifactError(f"{directory / PACKED_NAME}: does not fit "
+                                    f"{type(model).__name__}: {detail}") from None
+        _check_prepared(model, manifest, manifest_path)
         for t in fake_palettized_tensors(model):
             t.original.copy_(t.fake.hard_assign(t.original))
     model.eval()
     if finalize:
         model = palettizer.finalize(model, backend=ExportBackend.Torch)
     return model
+
+
+def _check_prepared(model: nn.Module, manifest: Mapping[str, Any], path: Path) -> None:
+    """The model prepared from the manifest's config has each entry's bit width and no
+    palettized weight the manifest does not list."""
+    entries = {e["prefix"]: (name, e) for name, e in manifest["palettized"].items()}
+    for t in fake_palettized_tensors(model):
+        name, entry = entries.get(t.state_prefix, (t.name, None))
+        if entry is None:
+            raise ArtifactError(f"{path}: tensor {name}: palettized by the stored config but "
+                                "not listed in the manifest")
+        if entry["n_bits"] != t.fake.n_bits:
+            raise ArtifactError(f"{path}: tensor {name}: n_bits={entry['n_bits']}, the stored "
+                                f"config gives {t.fake.n_bits}")
 
 
 def load_example_inputs(path: str | os.PathLike) -> CallSpec:
@@ -192,10 +226,16 @@ def _read_manifest(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
     directory = Path(path)
     if directory.is_file():
         directory = directory.parent
+    finish_interrupted(directory)  # an export's commit cut short: finish it first
     manifest_path = directory / MANIFEST_NAME
     if not manifest_path.is_file():
         raise FileNotFoundError(f"{manifest_path} not found: not a palettized export directory")
-    manifest = json.loads(manifest_path.read_text())
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"{manifest_path}: unreadable ({e})") from None
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{manifest_path}: not a JSON object")
     if manifest.get("format") not in READABLE_FORMATS:
         raise ValueError(f"{manifest_path}: unsupported format {manifest.get('format')!r}; "
                          f"this version reads {', '.join(READABLE_FORMATS)}")
@@ -203,9 +243,8 @@ def _read_manifest(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
 
 
 def _example_inputs(directory: Path, manifest: Mapping[str, Any]) -> CallSpec:
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(directory / EXAMPLE_INPUTS_NAME))
+    tensors, _ = load_checked(directory / EXAMPLE_INPUTS_NAME,
+                              manifest.get("example_inputs_checksums"))
     if "example_inputs" in manifest:
         return CallSpec.from_storage(manifest["example_inputs"], tensors)
     return CallSpec(tuple(tensors[f"input_{i}"] for i in range(manifest["num_example_inputs"])))

@@ -125,10 +125,6 @@ def _module_config(value: Any, module_type: type | None = None):
         return ModuleKMeansPalettizerConfig(
             op_input_spec=None, op_output_spec=None, op_state_spec=None,
             module_state_spec={"weight": spec}, enable_fast_kmeans_mode=spec.cluster_dim == 1)
-    kind = linear_like.kind_of_type(module_type) if module_type is not None else None
-    if kind is not None:  # HF Conv1D: no op consumes its weight either
-        return linear_like.module_state_config(_module_config(value), kind,
-                                               kind.weight_names(None), _fqn(module_type))
     if isinstance(value, str) and value in _COREAI_PRESETS:
         return getattr(ModuleKMeansPalettizerConfig.presets, value)()
     spec = _spec(value)
@@ -138,10 +134,6 @@ def _module_config(value: Any, module_type: type | None = None):
         op_state_spec=dict.fromkeys(OpKMeansPalettizerConfig.get_default_state_spec(), spec),
         enable_fast_kmeans_mode=spec.cluster_dim == 1,  # coreai-opt's fast mode is scalar-only
     )
-
-
-def _fqn(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def _global_config(settings: PalettizeSettings) -> KMeansPalettizerConfig:

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.utils.parametrize as parametrize
 
-from ._coreai_compat import fake_palettized_tensors, palettizable_ops
+from ._coreai_compat import consumer_op, fake_palettized_tensors, palettizable_ops
 from .adapters import ADAPTER_LAYER_PATTERN
 from .checks import EXPERTS, INHERIT, MODULE_TYPE_ALIASES, PalettizeConfigError, resolve_module_type
 from .linear_like import FUSED_EXPERTS, HF_CONV1D, experts_types
@@ -184,7 +184,8 @@ class _Reasons:
             return attr == "weight"
         if param.dim() == 3 and param.shape[0] > 1 and FUSED_EXPERTS.matches(module):
             return True
-        return self.consumers is not None and self.consumers.get(name) in self.ops
+        return (self.consumers is not None and name in self.consumers
+                and consumer_op(self.consumers[name]) in self.ops)
 
     # ------------------------------------------------------------ why
 
@@ -217,7 +218,7 @@ class _Reasons:
             return "not_run", "not used by the tracing forward (not run by the example inputs)"
         if module_spec:
             return "other", f"consumed by {func}; coreai-opt left it dense"
-        if func not in self.ops:
+        if consumer_op(func) not in self.ops:
             return "op", f"consumed by {func}, not an op coreai-opt palettizes"
         keys = sorted(_specs(config, "op_state_spec"))
         if attr not in keys and "*" not in keys:
@@ -243,14 +244,17 @@ class _Reasons:
             return "excluded by a module_name entry of the coreai-opt config"
         if level == "type":
             types = {type(self.modules[n]) for n in chain if n in self.modules}
-            for type_key in reversed(list(settings.overrides)):
-                value = settings.overrides[type_key]
-                if value == INHERIT:
-                    continue
-                if types & set(_override_classes(self.model, type_key)):
-                    if value in (None, "none"):
-                        return f"excluded by palettize.overrides.{type_key}={_show(value)}"
-                    break
+            # the module's own class first, then a base class it inherits the override from
+            for match in (lambda t, c: t is c, issubclass):
+                for type_key in reversed(list(settings.overrides)):
+                    value = settings.overrides[type_key]
+                    if value == INHERIT:
+                        continue
+                    classes = _override_classes(self.model, type_key)
+                    if any(match(t, c) for t in types for c in classes):
+                        if value in (None, "none"):
+                            return f"excluded by palettize.overrides.{type_key}={_show(value)}"
+                        return "excluded by a module_type entry of the coreai-opt config"
             return "excluded by a module_type entry of the coreai-opt config"
         if settings.base_config is None and not settings.config_file:
             return (f"excluded by palettize.preset={_show(settings.preset)} (no override or "

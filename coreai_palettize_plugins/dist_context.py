@@ -11,7 +11,9 @@ a phase that can work on shards reads ``mesh``, the others see a plain data-para
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+import itertools
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +23,11 @@ import torch.distributed as dist
 from ._utils import one_line
 
 __all__ = ["DistContext"]
+
+
+_on_main_calls = itertools.count()
+"""Calls of ``DistContext.on_main`` in this process: every rank makes the same calls in the same
+order, so the n-th call's store key is the same on every rank."""
 
 
 @dataclass(frozen=True)
@@ -129,6 +136,34 @@ class DistContext:
                     f"palettize: {what} failed on rank {failed_rank}: {failed_message}")
         if error is not None:
             raise error
+
+    def on_main(self, step: Callable[[], Any], *, what: str, poll_s: float = 0.2) -> Any:
+        """``step()`` on rank 0; the other ranks wait for it without a deadline, polling the
+        default store (not a barrier bounded by the process group's timeout), so a step longer
+        than that timeout (a long export) is never cut short. A failure on rank 0 is raised on
+        every rank; if rank 0 dies, the store (or the launcher) ends the wait. Returns
+        ``step()``'s value on rank 0 and None on the others."""
+        if not self.active:
+            return step()
+        store = dist.distributed_c10d._get_default_store()
+        key = f"palettize/on_main/{what}/{next(_on_main_calls)}"
+        if self.is_main:
+            outcome = "interrupted"
+            try:
+                value = step()
+                outcome = "ok"
+                return value
+            except BaseException as e:
+                outcome = one_line(e)
+                raise
+            finally:
+                store.set(key, outcome)
+        while not store.check([key]):
+            time.sleep(poll_s)
+        outcome = store.get(key).decode()
+        if outcome != "ok":
+            raise RuntimeError(f"palettize: {what} failed on rank 0: {outcome}")
+        return None
 
     def _global(self, group_rank: int) -> int:
         return group_rank if self.group is None else dist.get_global_rank(self.group, group_rank)

@@ -33,6 +33,7 @@ from . import (
     checkpoint,
     distributed,
     export_step,
+    integrity,
     strategies,
 )
 from . import _coreai_compat as compat
@@ -164,6 +165,7 @@ class Palettization:
         self.skipped, self.consumers, self.tied = a.skipped, a.consumers, a.tied
         self.compact, self.adapters = a.compact, a.adapters
         self.example_inputs = example_inputs.detached_cpu()
+        integrity.watch_loads(self)  # a checkpoint's LUT shapes must fit this config
         if self.dist.is_main:
             attach.warn_dense(model, self._trace_record())
 
@@ -230,6 +232,7 @@ class Palettization:
 
     def _cluster(self, pending: list[compat.PalettizedTensor]) -> None:
         if pending:
+            integrity.check_weights_finite(pending, self.dist)  # every rank: no NaN is clustered
             self.cluster_stats = distributed.cluster(self.palettizer, pending,
                                                      self.settings.distributed)
             self._run_hooks(pending, "after_cluster")
@@ -254,6 +257,7 @@ class Palettization:
         self._apply_budget()  # resume: the allocation the restored LUTs were clustered with
         compat.end_deferral(tensors)  # restored: the fakes palettize from here on
         checkpoint.require_restored(tensors, restored)
+        integrity.check_restored(self)  # finite LUTs and weights, indices < 2**n_bits
         self._restored = True
         self._update_compact()
 
@@ -362,6 +366,7 @@ class Palettization:
         tensors = self.tensors()
         self._cluster([t for t in tensors if not t.initialized])
         self._run_hooks(tensors, "after_optimizer_step", step)
+        integrity.check_luts_finite(tensors, step)
         self._update_compact()
 
     sync_step = after_optimizer_step  # the 0.1 name
@@ -430,11 +435,22 @@ class Palettization:
         """End of training: leave training mode, then export on rank 0 (if any format is set)
         to ``palettize.export.dir`` or ``default_export_dir``. Returns the result on rank 0."""
         self.stop_training()
-        if not self.settings.export.formats:
-            return None
-        return self.export_on_main(self.settings.export.dir or default_export_dir, **export_kwargs)
+        result = None
+        if self.settings.export.formats:
+            result = self.export_on_main(self.settings.export.dir or default_export_dir,
+                                         **export_kwargs)
+        for t in self.tensors():           # what the export's reads cached: the first eval
+            strategies.drop_cache(t.fake)  # forward after training caches it again
+        return result
 
     def export_on_main(self, directory: str | Path | None = None, **kwargs: Any
                        ) -> ExportResult | None:
-        """``export`` on global rank 0 only; every rank waits at a barrier afterwards."""
+        """``export`` on global rank 0 only; the other ranks wait for it without a deadline
+        (not at a barrier bounded by the process group's timeout)."""
         return export_step.on_main(self.dist, lambda: self.export(directory, **kwargs))
+
+    def check_export_dir(self, default_export_dir: str | Path) -> None:
+        """Refuse a bad export directory before training (``palettize.export.dir``, else
+        ``default_export_dir``), on rank 0; nothing is created. Raises PalettizeConfigError."""
+        if self.settings.export.formats:
+            export_step.check_dir(self.dist, self.settings.export.dir or default_export_dir)

@@ -1,21 +1,23 @@
 """Export of a palettized model: Core AI ``.aimodel``, the packed PyTorch artifact (``artifact.py``)
 and a report.
 
-Everything is written into a temporary directory beside the target and renamed into place at
-the end, so a failed export never leaves a partial directory or damages an earlier one. Each
-format is produced independently: if one fails (say ``torch.export`` cannot trace the model), the
-error names the format and its cause and the other formats are still written.
+The export owns only its own files in its directory (``_export_files``): they are staged inside
+it, fsync-ed and renamed into place, and ``palettize_export.json`` lists them, so a failed export
+never damages an earlier one or anything else there. Each format is produced independently: if
+one fails (say ``torch.export`` cannot trace the model), the error names the format and its
+cause, the other formats are still written and the failed one's earlier files are kept. The
+``.aimodel`` conversion runs in a forked child (``_isolated``): an abort inside coreai-torch
+fails that format, not the training process.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
 import shutil
-import tempfile
-import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,15 +29,19 @@ from coreai_opt import ExportBackend
 from coreai_opt.palettization import KMeansPalettizer, KMeansPalettizerConfig
 
 from ._coreai_compat import (
+    avoid_lut_name_match,
     prepare_from_state_dict,
     reshape_expert_luts,
     use_exportable_experts,
     widen_for_coreai,
 )
+from ._export_files import StagedExport, check_export_dir, staged_export
 from ._inputs import CallSpec, as_call_spec, constants_bound, keyword_call
+from ._isolated import describe, run_isolated
 from ._modelcopy import max_abs_diff, model_outputs, tensor_leaves, tracing_forward
 from ._utils import one_line
 from .artifact import (
+    EXAMPLE_INPUTS_NAME,
     MANIFEST_NAME,
     PACKED_NAME,
     load_palettized,
@@ -52,6 +58,7 @@ __all__ = [
     "ExportError",
     "ExportResult",
     "atomic_directory",
+    "check_export_dir",
     "export_palettized",
     "load_palettized",
     "pack_indices",
@@ -85,6 +92,8 @@ class ExportResult:
     """Max abs output difference between that copy and the graph handed to coreai-torch."""
     adapters: dict[str, Any] = field(default_factory=dict)
     """LoRA adapters (``adapters.AdapterExport.extra``): sizes, and a merge's error."""
+    kept: dict[str, Path] = field(default_factory=dict)
+    """Formats that failed whose earlier file was kept in the directory (``{format: path}``)."""
 
     def extra(self) -> dict[str, Any]:
         """The export's checks and sizes as flat keys (``report.json``'s ``extra`` section)."""
@@ -99,6 +108,7 @@ class ExportResult:
             out["coreai_vs_floor"] = round(self.artifact_bytes["coreai"]
                                            / self.report.palettized_bytes, 4)
         out.update({f"{fmt}_error": error for fmt, error in self.errors.items()})
+        out.update({f"{fmt}_kept_previous": str(path) for fmt, path in self.kept.items()})
         return out
 
     def metrics(self, prefix: str = "palettize/") -> dict[str, float]:
@@ -119,33 +129,20 @@ class ExportResult:
 # --------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary directory that replaces ``final`` only if the block succeeds."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
-    try:
-        yield tmp
-        _apply_umask(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    backup = None
-    if final.exists():
-        backup = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(final, backup)
-    os.replace(tmp, final)
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
+def atomic_directory(final: str | os.PathLike) -> contextlib.AbstractContextManager[Path]:
+    """Yield a staging directory whose files replace ``final``'s files of the same names if the
+    block succeeds (other files in ``final`` are kept; see ``_export_files``)."""
+    @contextlib.contextmanager
+    def staged() -> Iterator[Path]:
+        with staged_export(final) as stage:
+            yield stage.path
+
+    return staged()
 
 
-def _apply_umask(root: Path) -> None:
-    """mkdtemp and some writers create owner-only files: give the result normal permissions."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in [root, *root.rglob("*")]:
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+FORMAT_FILES = {"torch": (PACKED_NAME, MANIFEST_NAME, EXAMPLE_INPUTS_NAME),
+                "coreai": (AIMODEL_NAME,)}
+"""The files of each format: a format that fails keeps the previous export's files."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -210,6 +207,10 @@ def write_aimodel(
         raise RuntimeError(f"torch.export could not trace {type(model).__name__}: "
                            f"{one_line(e)}") from e
     program = program.run_decompositions(coreai_torch.get_decomp_table())
+    renamed = avoid_lut_name_match(program)  # coreai-torch 0.4.3 reads "convolution" as a LUT
+    if renamed:
+        log.debug("palettize export: renamed %d graph input(s) whose name contains 'lut'",
+                  len(renamed))
     with torch.no_grad():
         graph_outputs = [t.detach().float().cpu() for t in
                          tensor_leaves(program.module()(*spec.args, **spec.traced_kwargs))]
@@ -281,13 +282,16 @@ def export_palettized(
     strict: bool = False,
     adapters: Any = None,
 ) -> ExportResult:
-    """Export a prepared model to ``directory`` atomically.
+    """Export a prepared model to ``directory``.
 
     ``factory`` builds a new, unprepared instance of the model's architecture (any weights): the
     export loads ``model``'s state into it, so the live model is never modified.
     ``extra_files(tmp_dir)`` may add files (an HF config, a tokenizer) before the rename.
     ``example_inputs``: a ``CallSpec``, a tensor, a tuple (positional) or a mapping (keywords).
-    With ``strict``, a format that fails raises ``ExportError`` after the others are written.
+    Only the export's own files in ``directory`` are replaced (staged, fsync-ed, then renamed
+    into place; see ``_export_files``); everything else there is kept. With ``strict``, a format
+    that fails raises ``ExportError`` before anything is replaced; without it, the failed
+    format's earlier files are kept (``ExportResult.kept``) and the others are written.
     ``adapters`` (an ``adapters.AdapterExport``): the base is rebuilt and packed without the
     LoRA layers, which are then merged into it or written beside it and traced unmerged.
     """
@@ -300,7 +304,8 @@ def export_palettized(
     if adapters is not None:
         state, factory = adapters.base_state(state), adapters.base_factory(factory)
 
-    with atomic_directory(directory) as tmp:
+    with staged_export(directory) as stage:
+        tmp = stage.path
         fresh, palettizer = rebuild_prepared(factory, config, example_inputs, state)
         if adapters is not None:
             adapters.before_pack(fresh)
@@ -309,6 +314,7 @@ def export_palettized(
                 write_packed(fresh, config, example_inputs, tmp, metadata)
                 result.written["torch"] = tmp / PACKED_NAME
             except Exception as e:
+                _drop_format(tmp, "torch")
                 result.errors["torch"] = one_line(e)
         if adapters is not None:
             adapters.after_pack(fresh, tmp)
@@ -325,27 +331,63 @@ def export_palettized(
         if extra_files is not None:
             extra_files(tmp)
         if "coreai" in formats:
-            try:
-                result.coreai_graph_max_abs_diff = write_aimodel(
-                    fresh, palettizer, example_inputs, tmp / AIMODEL_NAME)
+            try:  # in a child process: an LLVM abort must not take the training process down
+                result.coreai_graph_max_abs_diff = run_isolated(
+                    functools.partial(write_aimodel, fresh, palettizer, example_inputs,
+                                      tmp / AIMODEL_NAME),
+                    what="the Core AI (.aimodel) conversion")
                 result.written["coreai"] = tmp / AIMODEL_NAME
             except Exception as e:
-                shutil.rmtree(tmp / AIMODEL_NAME, ignore_errors=True)
-                result.errors["coreai"] = one_line(e)
+                _drop_format(tmp, "coreai")
+                result.errors["coreai"] = describe(e)
         del fresh
+        _settle_failures(stage, result, strict)
         result.artifact_bytes = {fmt: _disk_bytes(path) for fmt, path in result.written.items()}
-        if report is not None:
+        if report is not None and stage.commit_enabled:
             (tmp / REPORT_JSON).write_text(json.dumps(result.report_dict(), indent=2) + "\n")
             (tmp / REPORT_MD).write_text(report.to_markdown(result.extra()))
             from .plots import try_write_report_png  # matplotlib is optional: logged if missing
 
             try_write_report_png(result.report_dict(), tmp / "report.png")
     result.written = {fmt: directory / p.relative_to(tmp) for fmt, p in result.written.items()}
-    for fmt, error in result.errors.items():
-        log.error("palettize export: format %r could not be written: %s", fmt, error)
-    if strict and result.errors:
-        raise ExportError("; ".join(f"{fmt}: {err}" for fmt, err in result.errors.items()))
     return result
+
+
+def _drop_format(staging: Path, fmt: str) -> None:
+    """Remove what a failed format left in the staging area (it must not be committed)."""
+    for name in FORMAT_FILES[fmt]:
+        path = staging / name
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def _settle_failures(stage: StagedExport, result: ExportResult, strict: bool) -> None:
+    """Before anything is replaced: raise (``strict``), or keep each failed format's earlier
+    files (named in a warning and in ``result.kept``); with no format written, replace nothing."""
+    if not result.errors:
+        stage.formats = {fmt: {"status": "written"} for fmt in result.written}
+        return
+    causes = "; ".join(f"{fmt}: {err}" for fmt, err in result.errors.items())
+    if strict:
+        raise ExportError(f"{causes} (strict export: nothing in {result.directory} was replaced)")
+    for fmt, error in result.errors.items():
+        previous = stage.previous_file(FORMAT_FILES[fmt][0])
+        if previous is not None:
+            stage.keep.update(FORMAT_FILES[fmt])
+            result.kept[fmt] = previous
+        log.error("palettize export: format %r could not be written: %s; %s", fmt, error,
+                  f"the earlier {previous.name} in {result.directory} is kept (it is not this "
+                  "run's model)" if previous is not None
+                  else f"{result.directory} holds no {FORMAT_FILES[fmt][0]}")
+    stage.formats = {**{fmt: {"status": "written"} for fmt in result.written},
+                     **{fmt: {"status": "failed", "error": err, "kept_previous": fmt in result.kept}
+                        for fmt, err in result.errors.items()}}
+    if not result.written:
+        stage.commit_enabled = False
+        log.error("palettize export: no format could be written; nothing in %s was replaced",
+                  result.directory)
 
 
 def _disk_bytes(path: Path) -> int:

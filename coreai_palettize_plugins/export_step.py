@@ -22,11 +22,11 @@ from .budget import Allocation, write_block
 from .calibration import CalibrationStats
 from .compact import CompactBase
 from .dist_context import DistContext
-from .export import ExportResult, export_palettized
+from .export import ExportResult, check_export_dir, export_palettized
 from .report import CompressionReport, build_report
 
-__all__ = ["adapter_export", "export", "fold_shortcuts", "new_model", "on_main", "report",
-           "require_clustered"]
+__all__ = ["adapter_export", "check_dir", "export", "fold_shortcuts", "new_model", "on_main",
+           "report", "require_clustered"]
 
 log = logging.getLogger("coreai_palettize_plugins.engine")
 
@@ -111,11 +111,15 @@ def export(model: nn.Module, directory: str | Path, *, compact: CompactBase,
 
 
 def on_main(dist: DistContext, export_fn: Callable[[], ExportResult]) -> ExportResult | None:
-    """``export_fn()`` on rank 0 only; every rank waits at a barrier afterwards."""
-    result = None
-    try:
+    """``export_fn()`` on rank 0 only; the other ranks wait for it without a deadline (through
+    the store, not a barrier bounded by the process group's timeout: a long export is never
+    cut short by its own job). A failure on rank 0 is raised on every rank."""
+    return dist.on_main(export_fn, what="export")
+
+
+def check_dir(dist: DistContext, directory: str | Path) -> None:
+    """Refuse a bad export directory before training, on rank 0 (whose file system the export
+    writes); a failure is raised on every rank. Nothing is created."""
+    with dist.agree("the palettize.export.dir check"):
         if dist.is_main:
-            result = export_fn()
-    finally:
-        dist.barrier()
-    return result
+            check_export_dir(directory)

@@ -7,18 +7,26 @@ Trainer) -> ``train()``: checkpoint ``load_state_dict(strict=False)`` -> optimiz
 
 - ``on_init_end`` checks the parallel setup (``args`` + accelerate's state) and builds the
   palettized structure from example inputs it can get without data: ``example_inputs=``, else a
-  tokenizer sample, else ``model.dummy_inputs``;
+  tokenizer sample or ``model.dummy_inputs`` completed, else inputs sized by the model's config
+  and forward signature (``_synthetic.py``: images, audio, both towers of contrastive models);
 - ``on_train_begin`` runs k-means unless the checkpoint load restored the state (verified), and
   takes the export's example inputs from one sample of the train dataloader (no iteration, no RNG);
-- metrics go through ``Trainer.log`` once the callback knows the Trainer:
-  ``attach_to_trainer(trainer)`` (transformers' own ``set_trainer`` pattern); otherwise into
-  ``state.log_history``, with one warning.
+- ``on_save`` writes ``palettize_state.json`` (config, step, LUT/index checksums) into the
+  checkpoint directory; a resume compares the config before the checkpoint's weights load
+  (``integrity.watch_loads``) and the checksums and step in ``on_train_begin``;
+- metrics are logged as ``Trainer.log`` logs them: appended to ``state.log_history`` and sent
+  through the ``CallbackHandler``'s ``on_log`` to every callback, ``report_to`` backends included
+  (they come before user callbacks, so a callback cannot add keys to the Trainer's own logs).
+  No callback event receives the Trainer or its handler; the handler is the one object that
+  lists this callback in its ``callbacks`` (found once with ``gc.get_referrers``, no frames).
+  ``attach_to_trainer(trainer)`` is optional (then ``Trainer.log`` itself is used).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import logging
 import re
 import weakref
@@ -29,10 +37,13 @@ from typing import Any
 import torch
 import torch.nn as nn
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_callback import CallbackHandler
 
-from . import adapters, distributed
+from . import adapters, distributed, integrity
 from ._batches import call_spec_from_batch
 from ._inputs import CallSpec
+from ._modelcopy import model_device, tracing_forward
+from ._synthetic import synthetic_candidates
 from .calibration import CalibrationData, move_to_device
 from .engine import Palettization, as_example_inputs
 from .export import ExportResult
@@ -162,7 +173,8 @@ class PalettizationTrainerCallback(TrainerCallback):
         self.report: CompressionReport | None = None
         self.export_result: ExportResult | None = None
         self._trainer: weakref.ref | None = None
-        self._warned_no_trainer = False
+        self._handler: weakref.ref | None = None
+        self._warned_no_handler = False
         self._train_loader: Any = None
         self._batch_size: int | None = None
 
@@ -180,17 +192,19 @@ class PalettizationTrainerCallback(TrainerCallback):
             return
         inputs = self._inputs_without_data(model, processing_class)
         if inputs is None:
-            log.warning("palettize: no example inputs for %s yet (no example_inputs=, tokenizer "
-                        "or dummy_inputs); call callback.attach_to_trainer(trainer) before "
-                        "train() to build the palettized structure from the train dataset",
-                        type(model).__name__)
-            return
+            raise PalettizeConfigError(
+                "", f"no example inputs for {type(model).__name__}: its config sizes none of "
+                "the forward's inputs (input_ids, pixel_values, input_features, input_values) "
+                "and it has no dummy_inputs; pass example_inputs= to "
+                "PalettizationTrainerCallback")
         self._attach(model, inputs)
 
     def attach_to_trainer(self, trainer: Trainer) -> PalettizationTrainerCallback:
-        """Give the callback its Trainer: metrics then go through ``Trainer.log``. Registers the
+        """Optional: give the callback its Trainer (metrics then go through ``Trainer.log``,
+        ``palettize.calibration`` before ``train()`` uses its train dataset). Registers the
         callback if it was not passed to ``Trainer(callbacks=...)``, and builds the palettized
-        structure now (from one train-dataset sample) if ``on_init_end`` could not."""
+        structure now (from one train-dataset sample) if it is not built yet. Harmless when the
+        callback was passed to ``Trainer(callbacks=...)``: everything works without it."""
         self._trainer = weakref.ref(trainer)
         if self not in trainer.callback_handler.callbacks:
             trainer.add_callback(self)
@@ -209,6 +223,8 @@ class PalettizationTrainerCallback(TrainerCallback):
     set_trainer = attach_to_trainer  # the name transformers' own callbacks use
 
     def _check_parallelism(self, args: TrainingArguments, model: nn.Module | None) -> None:
+        """The parallelism rules and the export directory, before training."""
+        self.engine.check_export_dir(Path(args.output_dir) / "palettized")
         kind, what, find_unused = _parallelism(args, model)
         distributed.check_parallelism(
             self.engine.settings, kind, what=what, find_unused=find_unused,
@@ -222,20 +238,32 @@ class PalettizationTrainerCallback(TrainerCallback):
             _declare_tied(model, self.engine.tied)
 
     def _inputs_without_data(self, model: nn.Module, tokenizer: Any) -> CallSpec | None:
+        """``example_inputs=``, else a tokenizer sample or ``dummy_inputs`` completed with the
+        other inputs the forward takes, else inputs sized by the config (``_synthetic.py``);
+        where several candidates exist, the most complete one the forward runs on."""
         if self.example_inputs is not None:
             return as_example_inputs(self.example_inputs)
         main = getattr(model, "main_input_name", "input_ids")
+        base: Mapping[str, Any] | None = None
         if main == "input_ids" and tokenizer is not None and callable(tokenizer):
             try:
-                batch = tokenizer([_SAMPLE_TEXT], return_tensors="pt")
+                base = dict(tokenizer([_SAMPLE_TEXT], return_tensors="pt"))
             except Exception as e:  # a processor that takes no text
                 log.debug("palettize: no tokenizer sample (%s)", e)
-            else:
-                return as_example_inputs(self.example_inputs_fn(model, batch))
         dummy = getattr(model, "dummy_inputs", None)
-        if isinstance(dummy, Mapping) and main in dummy:
-            return as_example_inputs(self.example_inputs_fn(model, dummy))
-        return None
+        if base is None and isinstance(dummy, Mapping) and main in dummy:
+            base = dict(dummy)
+        specs = []
+        for candidate in synthetic_candidates(model, base):
+            try:
+                specs.append(as_example_inputs(self.example_inputs_fn(model, candidate), model))
+            except Exception as e:  # the next candidate may fit
+                log.debug("palettize: structure inputs %s do not fit (%s)", list(candidate), e)
+        if len(specs) > 1:
+            for spec in specs:
+                if _runs(model, spec):
+                    return spec
+        return specs[0] if specs else None  # attach names the forward's error
 
     def _inputs_from_dataset(self, model: nn.Module, dataset: Any,
                              collate: Callable[[list[Any]], Any] | None) -> CallSpec | None:
@@ -254,15 +282,19 @@ class PalettizationTrainerCallback(TrainerCallback):
                        **kwargs: Any) -> None:
         if not self.engine.attached:
             raise PalettizeConfigError(
-                "", "the palettized structure was not built: pass example_inputs= to "
-                "PalettizationTrainerCallback, or call callback.attach_to_trainer(trainer) "
-                "before train()")
+                "", "the palettized structure was not built (the callback was added after "
+                "Trainer.__init__): pass it to Trainer(callbacks=...), or pass example_inputs= "
+                "to PalettizationTrainerCallback")
         self._train_loader, self._batch_size = train_dataloader, args.per_device_train_batch_size
         # HF loaded any checkpoint with strict=False just before: verify, don't trust it.
         try:
             self.engine.ensure_clustered(expect_restored=state.global_step > 0)
+        except integrity.IntegrityError:
+            raise
         except RuntimeError as e:  # e.g. a PeftModel's checkpoint: transformers saves adapters only
             raise RuntimeError(f"{e}{adapters.resume_hint(self.engine.adapters)}") from None
+        if state.global_step > 0:
+            self._verify_resume(args, state)
         sample = self._inputs_from_dataset(self.engine.model,
                                            getattr(train_dataloader, "dataset", None),
                                            getattr(train_dataloader, "collate_fn", None))
@@ -274,7 +306,7 @@ class PalettizationTrainerCallback(TrainerCallback):
                         "shape the exported model should take", self.engine.example_inputs.describe())
         self.engine.start_training(step=state.global_step)
         self.report = self.engine.report()
-        self._log(state, self.report.metrics())
+        self._log(args, state, control, self.report.metrics())
 
     def _calibration_data(self) -> CalibrationData:
         """``palettize.calibration``: ``Trainer.compute_loss`` (the model's own loss when the
@@ -311,6 +343,37 @@ class PalettizationTrainerCallback(TrainerCallback):
         return CalibrationData(loss=loss, loader=None, dataset=dataset, collate_fn=collate,
                                batch_size=trainer.args.per_device_train_batch_size)
 
+    def _verify_resume(self, args: TrainingArguments, state: TrainerState) -> None:
+        """The checkpoint's ``palettize_state.json`` (written by ``on_save``): config, step and
+        LUT checksums against what was restored. The config was compared before the load when
+        the load ran inside ``Trainer._load_from_checkpoint`` (``integrity.watch_loads``)."""
+        directory = integrity.loaded_from(self.engine)
+        checked_before = directory is not None and self.engine.settings.budget is None
+        if directory is None and isinstance(args.resume_from_checkpoint, str):
+            directory = args.resume_from_checkpoint
+        if directory is None:
+            candidate = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            directory = str(candidate) if candidate.is_dir() else None
+        if directory is None:
+            log.warning("palettize: resumed at step %d from a checkpoint this callback cannot "
+                        "locate: its palettize config cannot be verified", state.global_step)
+            return
+        integrity.verify_record(self.engine, directory, config=not checked_before, luts=True,
+                                step=state.global_step)
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                **kwargs: Any) -> None:
+        """Record the config, step and LUT checksums in the checkpoint just written, so a
+        resume can verify them (HF checkpoints carry no callback state)."""
+        if not args.should_save or not self.engine.attached or not self.engine.clustered:
+            return
+        directory = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if directory.is_dir():
+            integrity.write_record(self.engine, directory, state.global_step)
+        else:
+            log.warning("palettize: no %s after a save: the checkpoint's palettize config is not "
+                        "recorded (a resume will not verify it)", directory)
+
     def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState,
                               control: TrainerControl, **kwargs: Any) -> None:
         self.engine.before_optimizer_step()
@@ -330,7 +393,7 @@ class PalettizationTrainerCallback(TrainerCallback):
         )
         if self.export_result is not None:
             self.report = self.export_result.report
-            self._log(state, self.export_result.metrics())
+            self._log(args, state, control, self.export_result.metrics())
 
     def _write_hf_files(self, directory: Path, model: nn.Module, tokenizer: Any) -> None:
         """config.json (+ generation config, tokenizer): ``load_palettized(dir)`` needs no code."""
@@ -347,19 +410,58 @@ class PalettizationTrainerCallback(TrainerCallback):
         if self.extra_export_files is not None:
             self.extra_export_files(directory)
 
-    def _log(self, state: TrainerState, metrics: dict[str, float]) -> None:
-        """Through ``Trainer.log`` (every ``report_to`` backend and ``state.log_history``) when
-        the callback knows the Trainer; else into ``state.log_history`` only."""
+    def _log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+             metrics: dict[str, float]) -> None:
+        """As ``Trainer.log``: into ``state.log_history`` and through the handler's ``on_log``
+        (every ``report_to`` backend, every callback)."""
         trainer = self.trainer
-        if trainer is not None and trainer.state is not None:
+        if trainer is not None and trainer.state is state:
             trainer.log(dict(metrics))
             return
-        if not self._warned_no_trainer and state.is_world_process_zero:
-            log.warning("palettize: metrics go to trainer.state.log_history only; call "
-                        "callback.attach_to_trainer(trainer) to send them through Trainer.log "
-                        "(report_to backends)")
-            self._warned_no_trainer = True
-        state.log_history.append({**metrics, "step": state.global_step})
+        logs = dict(metrics)
+        if state.epoch is not None:
+            logs["epoch"] = state.epoch
+        state.log_history.append({**logs, "step": state.global_step})
+        handler = self._handler() if self._handler is not None else None
+        if handler is None or not any(c is self for c in handler.callbacks):
+            handler = _handler_of(self)
+            self._handler = weakref.ref(handler) if handler is not None else None
+        if handler is not None:
+            handler.on_log(args, state, control, logs)
+        elif not self._warned_no_handler and state.is_world_process_zero:
+            log.warning("palettize: this callback is in no transformers CallbackHandler, so its "
+                        "metrics reach trainer.state.log_history only")
+            self._warned_no_handler = True
+
+
+def _handler_of(callback: TrainerCallback) -> CallbackHandler | None:
+    """The ``CallbackHandler`` whose ``callbacks`` list holds ``callback``: no callback event
+    receives it, and its list is the one object that refers to the callback for the Trainer."""
+    for holder in gc.get_referrers(callback):
+        if not isinstance(holder, list) or not any(c is callback for c in holder):
+            continue
+        for owner in gc.get_referrers(holder):
+            if isinstance(owner, dict):  # an instance __dict__: one more hop to its object
+                owners = [o for o in gc.get_referrers(owner)
+                          if isinstance(o, CallbackHandler) and vars(o) is owner]
+            else:
+                owners = [owner]
+            for found in owners:
+                if isinstance(found, CallbackHandler) and found.callbacks is holder:
+                    return found
+    return None
+
+
+def _runs(model: nn.Module, spec: CallSpec) -> bool:
+    """Whether ``model`` runs on ``spec`` (eval, no grad, RNG untouched, no KV cache)."""
+    try:
+        with tracing_forward(model), kv_cache_disabled(model):
+            spec.to(model_device(model)).call(model)
+    except Exception as e:  # a probe: the caller tries the next candidate
+        log.debug("palettize: %s does not run on %s (%s)", type(model).__name__,
+                  spec.describe(), e)
+        return False
+    return True
 
 
 def _declare_tied(model: nn.Module, tied: Mapping[str, str]) -> None:

@@ -9,6 +9,10 @@ palettized weight returns the dense Parameter (no lazy k-means).
 
 ``validate``/``test``/``predict`` with ``ckpt_path``: the structure is built when the checkpoint's
 weights are loaded and they are palettized, so a fresh process restores them without k-means.
+
+A LightningModule without ``forward`` (``training_step`` calls ``self.model(...)``, as Lightning
+allows) is traced, palettized and exported through its network: the one child module that holds
+all of its parameters, with the batch mapped onto that child's forward.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
 from . import _coreai_compat as compat
-from . import distributed
+from . import distributed, integrity
 from ._batches import call_spec_from_batch
 from ._inputs import CallSpec
 from .calibration import CalibrationData
@@ -34,7 +38,7 @@ from .export import ExportResult
 from .report import CompressionReport
 from .settings import ConfigSource, PalettizeConfigError
 
-__all__ = ["PalettizationCallback", "default_example_inputs"]
+__all__ = ["PalettizationCallback", "default_example_inputs", "traced_module"]
 
 
 def _check_strategy(trainer: pl.Trainer, engine: Palettization) -> None:
@@ -109,6 +113,26 @@ _FIX = ("set LightningModule.example_input_array, or pass example_inputs= or exa
         "to PalettizationCallback")
 
 
+def traced_module(pl_module: pl.LightningModule) -> nn.Module:
+    """The module the plugin calls, palettizes and exports: ``pl_module`` if it defines
+    ``forward``; else its one child that holds all of its parameters (``self.model``).
+
+    Raises:
+        PalettizeConfigError: no ``forward`` and no such child (names the fix).
+    """
+    if is_overridden("forward", pl_module, parent=pl.LightningModule):
+        return pl_module
+    owners = [(name, child) for name, child in pl_module.named_children()
+              if next(child.parameters(), None) is not None]
+    if len(owners) == 1 and next(pl_module.parameters(recurse=False), None) is None:
+        return owners[0][1]
+    found = ", ".join(name for name, _ in owners) or "none"
+    raise PalettizeConfigError(
+        "", f"{type(pl_module).__name__} has no forward() and its parameters are not all in one "
+        f"child module (children with parameters: {found}): define forward(), or keep the "
+        "network in one attribute such as self.model")
+
+
 def default_example_inputs(batch: Any, module: nn.Module | None = None) -> CallSpec:
     """First batch -> the call of ``module.forward`` one sample of it makes: tuple/list batches
     fill the forward's required positional parameters (``(x, y)`` -> ``forward(x)``,
@@ -150,6 +174,10 @@ class PalettizationCallback(Callback):
         example_inputs_fn: ``fn(first training batch) -> inputs`` replacing that mapping.
         model_factory: builds a new instance of the LightningModule for export (default: a
             zero-memory copy taken before prepare).
+
+    A LightningModule without ``forward`` works too: the plugin traces, palettizes and exports
+    the one child module that holds all its parameters (``self.model``), calling it with the
+    batch mapped onto that child's forward (``(x, y)`` -> ``model(x)``).
         strict_export: raise if a format cannot be written (default: log the error).
         **fields: other ``palettize`` keys (``schedule``, ``training``, ``num_workers``,
             ``distributed``).
@@ -180,6 +208,8 @@ class PalettizationCallback(Callback):
         self.report: CompressionReport | None = None
         self.export_result: ExportResult | None = None
         self._undo: list[Callable[[], None]] = []  # instance hooks this callback set
+        self._checksums: dict[str, str] | None = None  # of the checkpoint being restored
+        self._factory_wrapped = False
 
     # ------------------------------------------------------------------ structure
 
@@ -191,11 +221,24 @@ class PalettizationCallback(Callback):
             self._attach_on_palettized_load(trainer, pl_module, stage)
             return
         _check_strategy(trainer, self.engine)
+        self.engine.check_export_dir(Path(trainer.default_root_dir) / "palettized")
         self._provide_calibration_data(trainer, pl_module)
         if is_overridden("configure_model", pl_module):
             self._attach_after_configure_model(trainer, pl_module)
         else:
-            self.engine.attach(pl_module, self._resolve_example_inputs(trainer, pl_module))
+            self._attach(trainer, pl_module)
+
+    def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                stage: str = "fit") -> None:
+        network = traced_module(pl_module)
+        factory = self.engine._model_factory
+        if network is not pl_module and factory is not None and not self._factory_wrapped:
+            # model_factory builds the LightningModule; the export needs its network.
+            name = next(n for n, c in pl_module.named_children() if c is network)
+            self.engine._model_factory = lambda: getattr(factory(), name)
+            self._factory_wrapped = True
+        self.engine.attach(network, self._resolve_example_inputs(trainer, pl_module, stage,
+                                                                 network))
 
     def _attach_after_configure_model(self, trainer: pl.Trainer,
                                       pl_module: pl.LightningModule) -> None:
@@ -208,7 +251,7 @@ class PalettizationCallback(Callback):
             try:
                 original()
                 if not self.engine.attached:
-                    self.engine.attach(pl_module, self._resolve_example_inputs(trainer, pl_module))
+                    self._attach(trainer, pl_module)
             finally:
                 undo()
 
@@ -231,7 +274,7 @@ class PalettizationCallback(Callback):
             if (self.engine.attached or compat.is_prepared(pl_module)  # e.g. by an earlier fit
                     or not compat.is_palettized_state(state_dict)):
                 return original(state_dict, *args, **kwargs)
-            self.engine.attach(pl_module, self._resolve_example_inputs(trainer, pl_module, stage))
+            self._attach(trainer, pl_module, stage)
             result = original(state_dict, *args, **kwargs)
             self.engine.ensure_clustered(expect_restored=True)
             return result
@@ -289,7 +332,7 @@ class PalettizationCallback(Callback):
             self._undo.pop()()
 
     def _resolve_example_inputs(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                                stage: str = "fit") -> Any:
+                                stage: str = "fit", network: nn.Module | None = None) -> Any:
         if self.example_inputs is not None:
             return as_example_inputs(self.example_inputs)
         array = pl_module.example_input_array
@@ -300,13 +343,17 @@ class PalettizationCallback(Callback):
             batch = (_first_training_batch(trainer) if stage == "fit"
                      else _first_batch_of_stage(trainer, stage))
         if self.example_inputs_fn is default_example_inputs:
-            return default_example_inputs(batch, pl_module)
+            return default_example_inputs(batch, network if network is not None else pl_module)
         return as_example_inputs(self.example_inputs_fn(batch))
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # A restored checkpoint (model weights, then this callback's state) must hold the state.
         self.engine.ensure_clustered()
+        if self._checksums is not None:  # what the checkpoint recorded when it was saved
+            integrity.verify_checksums(self.engine, self._checksums,
+                                       f"the checkpoint {trainer.ckpt_path}")
+            self._checksums = None
         self.report = self.engine.report()
         self._log(trainer, self.report.metrics())
 
@@ -350,8 +397,12 @@ class PalettizationCallback(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return self.engine.state_dict()
+        state = self.engine.state_dict()
+        if self.engine.clustered:  # sha256 of LUTs and indices, verified on resume
+            state["checksums"] = integrity.state_checksums(self.engine)
+        return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.engine.load_state_dict(state_dict)
+        self._checksums = state_dict.get("checksums")

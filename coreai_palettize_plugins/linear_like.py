@@ -1,26 +1,30 @@
-"""Linear-like modules that coreai-opt 0.4 does not palettize on its own.
+"""Linear-like weights that coreai-opt 0.4 does not palettize on its own, and the spec each
+module type inherits.
 
-Their weights are matrices (or stacks of matrices) that act like a ``Linear``, but no op
-coreai-opt intercepts consumes them, so an ``op_state_spec`` (what every preset sets) never
-reaches them and they would stay dense without a word:
+A weight of a Linear or convolution module (subclasses included) is palettized wherever it is
+used: ``_coreai_compat.palettize_every_use`` follows it through views to the op that consumes
+it (``x @ w.T``, ``matmul``, ``bmm``, ``einsum``, ``addmm``, a squeeze before a conv) and reads
+the layout from that op. Two kinds of modules need more than that:
 
 ==========================  =================  ================================================
 module                      ``overrides`` key  stored weight -> LUT groups
 ==========================  =================  ================================================
-HF ``Conv1D`` (GPT-2,       ``conv1d_hf``      ``(in, out)``, read by ``torch.addmm``: groups
-DistilGPT2, ...)                               along axis 1 (output columns)
+HF ``Conv1D`` (GPT-2,       ``conv1d_hf``      ``(in, out)``, read by ``torch.addmm``: the op
+DistilGPT2, ...)                               analysis finds its output columns (axis 1); it
+                                               is not an ``nn.Linear``, so it is named here
 fused MoE experts           ``experts``        ``(E, out, in)`` or, transposed (GPT-OSS),
-(Mixtral, Qwen3-MoE,                           ``(E, in, out)`` ``nn.Parameter``\\s: each
-OLMoE, GPT-OSS, ...)                           expert's matrix grouped along its output channels
+(Mixtral, Qwen3-MoE,                           ``(E, in, out)`` ``nn.Parameter``\\s: a stack of
+OLMoE, GPT-OSS, ...)                           matrices, palettized through coreai-opt's
+                                               ``module_state_spec`` with a per-expert layout
 ==========================  =================  ================================================
 
-They are palettized through coreai-opt's public ``module_state_spec`` on their type. The spec
-is, in order: the type's own override (the alias, or the dotted class path such as
-``transformers.pytorch_utils.Conv1D``), else ``overrides.linear``, else the preset; ``null``
-leaves them dense, by type or by name (``modules``). Specs are written as for a ``Linear``
-(``axis: 0`` = output channels) and converted to the stored layout here. Fused experts also
-need a reshape strategy coreai-opt lacks; ``_coreai_compat.apply_layouts`` sets it on their
-fake-palettize modules wherever the structure is inserted.
+Spec inheritance (``extend_for_model``): a module class without its own ``overrides`` entry
+takes that of its nearest base class that has one (a ``FalconLinear`` follows
+``overrides.linear``, a ``Conv2d`` subclass ``overrides.conv2d``); the kinds above take their
+own alias, else ``overrides.linear``, else the preset. ``null`` leaves them dense, by type or by
+name (``modules``). Specs are written as for a ``Linear`` (``axis: 0`` = output channels).
+Fused experts also need a reshape strategy coreai-opt lacks; ``_coreai_compat.apply_layouts``
+sets it on their fake-palettize modules wherever the structure is inserted.
 
 ``extend_for_model`` applies all this to a ``KMeansPalettizerConfig`` for one model (the engine
 calls it at attach, so the config in checkpoints and the packed artifact is the extended one).
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from typing import Any
 
 import torch.nn as nn
 from coreai_opt.palettization import KMeansPalettizerConfig, ModuleKMeansPalettizerConfig
@@ -60,6 +65,9 @@ class LinearLike:
 
     alias: str
     description: str
+    state_spec: bool = True
+    """Palettized through ``module_state_spec`` (coreai-opt's op tracing cannot reach it); False:
+    the op analysis of ``palettize_every_use`` does, with the config as written for a Linear."""
 
     def matches(self, module: nn.Module) -> bool:
         raise NotImplementedError
@@ -81,6 +89,7 @@ class _HFConv1D(LinearLike):
 
     alias = "conv1d_hf"
     description = "Hugging Face Conv1D"
+    state_spec = False  # torch.addmm(bias, x, W): the op analysis finds axis 1
     class_path = LINEAR_LIKE_ALIASES["conv1d_hf"]
 
     def matches(self, module: nn.Module) -> bool:
@@ -214,37 +223,62 @@ def _resolved_configs(config: KMeansPalettizerConfig, model: nn.Module
     return resolved
 
 
-def extend_for_model(config: KMeansPalettizerConfig, model: nn.Module) -> KMeansPalettizerConfig:
-    """``config`` with every linear-like module of ``model`` palettized like a Linear.
+def _inherited(cls: type, own_types: dict[str, Any]) -> Any:
+    """The type config of ``cls``'s nearest base class that has one (``_MISSING`` if none)."""
+    for base in cls.__mro__[1:]:
+        if base in (nn.Module, object):
+            break
+        if _fqn(base) in own_types:
+            return own_types[_fqn(base)]
+    return _MISSING
 
-    Per linear-like class in ``model``: its own type config, else the ``Linear`` type config,
-    else the global config, translated to ``module_state_spec`` (a disabled one stays disabled).
-    Modules whose config comes from a ``modules`` name pattern (theirs or a parent's) get an
-    exact-name entry with that config translated. Returns ``config`` itself when ``model`` has no
-    linear-like module, else a copy.
+
+_MISSING = object()
+
+
+def extend_for_model(config: KMeansPalettizerConfig, model: nn.Module) -> KMeansPalettizerConfig:
+    """``config`` with every module class of ``model`` given its type's spec.
+
+    A class without its own type config gets its nearest base class's (subclasses of
+    ``nn.Linear`` or a convolution follow its override). A linear-like kind (``LINEAR_LIKE``)
+    takes its own type config, else the ``Linear`` one, else the global config; kinds with
+    ``state_spec`` get it translated to ``module_state_spec`` (a disabled one stays disabled),
+    and their modules whose config comes from a ``modules`` name pattern (theirs or a parent's)
+    get an exact-name entry with that config translated. Returns ``config`` itself when nothing
+    changes, else a copy.
 
     Raises:
         PalettizeConfigError: a spec that a linear-like kind cannot take.
     """
-    found = list(linear_like_modules(model))
-    if not found:
-        return config
+    original = config
     config = config.model_copy(deep=True)
     resolved = _resolved_configs(config, model)
     own_types = dict(config.module_type_configs)
     linear = own_types.get(LINEAR_FQN, config.global_config)
-    first: dict[str, tuple[LinearLike, str, nn.Module]] = {}
+    found = list(linear_like_modules(model))
+    kinds = {_fqn(type(module)): (kind, name, module) for name, module, kind in reversed(found)}
+    changed = False
+    for cls in {type(m) for m in model.modules()}:
+        key = _fqn(cls)
+        if key in kinds:
+            kind, name, module = kinds[key]
+            source = own_types.get(key, linear)
+            if kind.state_spec:
+                source = module_state_config(source, kind, kind.weight_names(module), name)
+            elif key in own_types or not own_types:
+                continue  # its own override, or nothing to inherit: coreai-opt resolves it
+        elif key in own_types or (source := _inherited(cls, own_types)) is _MISSING:
+            continue
+        config.set_module_type(key, source)
+        changed = True
     for name, module, kind in found:
-        first.setdefault(_fqn(type(module)), (kind, name, module))
-    for type_key, (kind, name, module) in first.items():
-        source = own_types.get(type_key, linear)
-        config.set_module_type(type_key, module_state_config(
-            source, kind, kind.weight_names(module), name))
-    for name, module, kind in found:
+        if not kind.state_spec:
+            continue
         level, module_config = resolved.get(name, ("GLOBAL", None))
         if level == "GLOBAL" or module_config is own_types.get(_fqn(type(module))):
             continue  # the type config set above applies
         translated = module_state_config(module_config, kind, kind.weight_names(module), name)
         if translated is not module_config:
             config.set_module_name(re.escape(name), translated)
-    return config
+            changed = True
+    return config if changed else original

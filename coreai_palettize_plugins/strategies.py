@@ -109,6 +109,8 @@ def _sorted_midpoints(centroids: torch.Tensor, device: torch.device):
 def gather_centroids(centroids: torch.Tensor, assignment: torch.Tensor) -> torch.Tensor:
     """``(P, K, D)`` centroids picked by a ``(P, N)`` assignment -> ``(P, N, D)`` vectors."""
     centroids = centroids.to(assignment.device)
+    if centroids.shape[-1] == 1:                   # scalar LUTs: a 2-D gather is 5x faster
+        return centroids[..., 0].gather(1, assignment).unsqueeze(-1)
     index = assignment.unsqueeze(-1).expand(-1, -1, centroids.shape[-1])
     return centroids.gather(1, index)
 
@@ -186,6 +188,7 @@ CACHE_ENV = "COREAI_PALETTIZE_STE_CACHE"
 """Set to ``0`` to re-assign on every forward (the uncached path, for benchmarks)."""
 
 _CACHE_ATTR = "_plugin_ste_cache"
+_EVAL_ATTR = "_plugin_ste_eval"
 _LIVE = "_plugin_ste_training"  # set by a training forward, cleared by ``finish``
 
 
@@ -216,17 +219,36 @@ def cached_assign_nearest(module, weight: torch.Tensor) -> torch.Tensor:
     if (cached is not None and _same_key(cached[0], key)
             and cached[1]._version == cached[2]):                  # output not written in place
         return cached[1]
-    palettized = assign_nearest(module, weight)
-    if torch.is_inference_mode_enabled():               # an inference tensor can't train later
-        module.__dict__.pop(_CACHE_ATTR, None)
-        return palettized
+    with torch.inference_mode(False):    # an inference tensor could not train later: build a
+        palettized = assign_nearest(module, weight)          # normal one (Lightning validation)
     module.__dict__[_CACHE_ATTR] = (key, palettized, palettized._version)
     return palettized
 
 
+@torch.no_grad()
+def eval_palettized(module, weight: torch.Tensor) -> torch.Tensor:
+    """The palettized weight outside training (after ``finish``, or never trained): the
+    nearest-centroid assignment is kept as one byte per weight until the dense weight or the LUT
+    changes, and each forward only gathers the LUT (no re-assignment per forward; 0.25x an fp32
+    weight held instead of a palettized copy)."""
+    key = _cache_key(module, weight)
+    cached = module.__dict__.get(_EVAL_ATTR)
+    if cached is None or not _same_key(cached[0], key):
+        with torch.inference_mode(False):
+            vectors, context = module.vectorize(weight.detach())
+            assignment = nearest_centroids(module.centroids, vectors)
+            if module.centroids.shape[1] <= 256:
+                assignment = assignment.to(torch.uint8)
+        cached = (key, assignment, context)
+        module.__dict__[_EVAL_ATTR] = cached
+    _, assignment, context = cached
+    return module.devectorize(gather_centroids(module.centroids, assignment.long()), context)
+
+
 def drop_cache(module) -> None:
-    """Free the cached palettized weight and forget the last derived indices."""
+    """Free the cached palettized weight and assignment; forget the last derived indices."""
     module.__dict__.pop(_CACHE_ATTR, None)
+    module.__dict__.pop(_EVAL_ATTR, None)
     compat.forget_derived(module)
 
 
@@ -268,10 +290,14 @@ class StraightThroughStrategy(StrategyHooks, TrainingStrategy):
 
     def palettized(self, module, weight: torch.Tensor) -> torch.Tensor:
         """The palettized weight without a gradient path (eval forward, report, export). While
-        training it is cached like the training forward's; after ``finish`` nothing is kept."""
-        live = _cache_enabled() and module.__dict__.get(_LIVE, False)
-        with torch.no_grad():
-            return (cached_assign_nearest if live else assign_nearest)(module, weight)
+        training it is cached like the training forward's; otherwise the assignment is cached
+        (``eval_palettized``) until the weight changes."""
+        if not _cache_enabled():
+            return assign_nearest(module, weight)
+        if module.__dict__.get(_LIVE, False):
+            with torch.no_grad():
+                return cached_assign_nearest(module, weight)
+        return eval_palettized(module, weight)
 
     def train_forward(self, module, weight: torch.Tensor) -> torch.Tensor:
         module.__dict__[_LIVE] = True

@@ -70,6 +70,8 @@ MAPPING: dict[str, str] = {
     "compact": "engine.compact",
     # export/: artifacts and the report
     "export": "export.writer",
+    "_export_files": "export._files",
+    "_isolated": "export._isolated",
     "export_step": "export.phase",
     "artifact": "export.artifact",
     "report": "export.report",
@@ -79,6 +81,7 @@ MAPPING: dict[str, str] = {
     "lightning": "integrations.lightning",
     "hf": "integrations.hf",
     "_batches": "integrations._batches",
+    "_synthetic": "integrations._synthetic",
     # cli/: the coreai-palettize commands
     "cli": "cli.main",
     "budget_cli": "cli.budget",

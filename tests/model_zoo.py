@@ -7,6 +7,7 @@ where the architecture allows it, as real checkpoints do.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,6 +23,12 @@ class Family:
     model: nn.Module
     samples: list[dict[str, torch.Tensor]]
     output: str                      # the output compared after reload (logits, ...)
+    extra: dict | None = None        # constant keywords the collator adds (CLIP's return_loss)
+
+    def collate(self, samples: list[dict]) -> dict:
+        from transformers import default_data_collator
+
+        return {**default_data_collator(samples), **(self.extra or {})}
 
 
 def _tokens(n: int, length: int, seed: int) -> torch.Tensor:
@@ -147,6 +154,177 @@ def _roberta():
         intermediate_size=128, num_labels=2, max_position_embeddings=66))
 
 
+# ------------------------------------------------------------------ vision, audio, contrastive
+
+IMAGE = dict(image_size=32, num_channels=3)
+BERTISH = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+               intermediate_size=128, max_position_embeddings=66)
+
+
+def _resnet():
+    import transformers as T
+
+    return T.ResNetForImageClassification(T.ResNetConfig(
+        embedding_size=16, hidden_sizes=[32, 64], depths=[1, 1], layer_type="basic",
+        num_labels=10))
+
+
+def _convnext():
+    import transformers as T
+
+    return T.ConvNextForImageClassification(T.ConvNextConfig(
+        **IMAGE, patch_size=4, num_stages=2, hidden_sizes=[32, 64], depths=[1, 1], num_labels=10))
+
+
+def _swin():
+    import transformers as T
+
+    return T.SwinForImageClassification(T.SwinConfig(
+        **IMAGE, patch_size=4, embed_dim=32, depths=[1, 1], num_heads=[2, 4], window_size=4,
+        num_labels=10))
+
+
+def _deit():
+    import transformers as T
+
+    return T.DeiTForImageClassification(T.DeiTConfig(
+        **IMAGE, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=128, num_labels=10))
+
+
+def _wav2vec2():
+    import transformers as T
+
+    return T.Wav2Vec2ForSequenceClassification(T.Wav2Vec2Config(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        conv_dim=(32, 32), conv_stride=(5, 4), conv_kernel=(10, 8), num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=4, classifier_proj_size=32, num_labels=4,
+        mask_time_length=4))
+
+
+def _hubert():
+    import transformers as T
+
+    return T.HubertForSequenceClassification(T.HubertConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        conv_dim=(32, 32), conv_stride=(5, 4), conv_kernel=(10, 8), num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=4, classifier_proj_size=32, num_labels=4,
+        mask_time_length=4))
+
+
+def _ast():
+    import transformers as T
+
+    return T.ASTForAudioClassification(T.ASTConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        num_mel_bins=32, max_length=64, patch_size=16, frequency_stride=16, time_stride=16,
+        num_labels=4))
+
+
+def _clip():
+    import transformers as T
+
+    text = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=32, bos_token_id=1,
+                eos_token_id=2, pad_token_id=0)
+    vision = dict(**IMAGE, patch_size=8, hidden_size=64, intermediate_size=128,
+                  num_hidden_layers=2, num_attention_heads=4)
+    return T.CLIPModel(T.CLIPConfig(text_config=text, vision_config=vision, projection_dim=32))
+
+
+def _siglip():
+    import transformers as T
+
+    text = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=32)
+    vision = dict(**IMAGE, patch_size=8, hidden_size=64, intermediate_size=128,
+                  num_hidden_layers=2, num_attention_heads=4)
+    return T.SiglipModel(T.SiglipConfig(text_config=text, vision_config=vision))
+
+
+def _distilbert_tokens():
+    import transformers as T
+
+    return T.DistilBertForTokenClassification(T.DistilBertConfig(
+        vocab_size=VOCAB, dim=64, n_layers=2, n_heads=4, hidden_dim=128,
+        max_position_embeddings=64, num_labels=5))
+
+
+def _electra_qa():
+    import transformers as T
+
+    return T.ElectraForQuestionAnswering(T.ElectraConfig(**BERTISH, embedding_size=64))
+
+
+def _roberta_choice():
+    import transformers as T
+
+    return T.RobertaForMultipleChoice(T.RobertaConfig(**BERTISH))
+
+
+def _bert_mlm():
+    import transformers as T
+
+    return T.BertForMaskedLM(T.BertConfig(**BERTISH))
+
+
+def _marian():
+    import transformers as T
+
+    return T.MarianMTModel(T.MarianConfig(
+        vocab_size=VOCAB, d_model=64, encoder_layers=2, decoder_layers=2,
+        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
+        decoder_ffn_dim=128, max_position_embeddings=64, decoder_start_token_id=0,
+        pad_token_id=0))
+
+
+def _pixels(n: int = 16, classes: int = 10, size: int = 32) -> list[dict[str, torch.Tensor]]:
+    pixels = torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(1))
+    return [{"pixel_values": p, "labels": torch.tensor(i % classes)} for i, p in enumerate(pixels)]
+
+
+def _waveforms(n: int = 16, length: int = 1600) -> list[dict[str, torch.Tensor]]:
+    audio = torch.randn(n, length, generator=torch.Generator().manual_seed(1))
+    return [{"input_values": a, "labels": torch.tensor(i % 4)} for i, a in enumerate(audio)]
+
+
+def _spectrograms(n: int = 16) -> list[dict[str, torch.Tensor]]:
+    frames = torch.randn(n, 64, 32, generator=torch.Generator().manual_seed(1))
+    return [{"input_values": f, "labels": torch.tensor(i % 4)} for i, f in enumerate(frames)]
+
+
+def _image_text(n: int = 16) -> list[dict[str, torch.Tensor]]:
+    pixels = torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    return [{"input_ids": ids, "pixel_values": p} for ids, p in zip(_tokens(n, 12, 2), pixels)]
+
+
+def _token_labels(n: int = 16) -> list[dict[str, torch.Tensor]]:
+    ids = _tokens(n, 12, 1)
+    return [{"input_ids": row, "attention_mask": torch.ones_like(row),
+             "labels": row % 5} for row in ids]
+
+
+def _spans(n: int = 16) -> list[dict[str, torch.Tensor]]:
+    ids = _tokens(n, 12, 1)
+    return [{"input_ids": row, "attention_mask": torch.ones_like(row),
+             "start_positions": torch.tensor(i % 6), "end_positions": torch.tensor(i % 6 + 3)}
+            for i, row in enumerate(ids)]
+
+
+def _choices(n: int = 16, k: int = 3) -> list[dict[str, torch.Tensor]]:
+    ids = _tokens(n * k, 12, 1).view(n, k, 12)
+    return [{"input_ids": row, "attention_mask": torch.ones_like(row),
+             "labels": torch.tensor(i % k)} for i, row in enumerate(ids)]
+
+
+def _masked(n: int = 16) -> list[dict[str, torch.Tensor]]:
+    ids = _tokens(n, 12, 1)
+    labels = torch.full_like(ids, -100)
+    labels[:, ::3] = ids[:, ::3]
+    return [{"input_ids": i, "attention_mask": torch.ones_like(i), "labels": label}
+            for i, label in zip(ids, labels)]
+
+
 def _whisper_samples(n: int = 16) -> list[dict[str, torch.Tensor]]:
     features = torch.randn(n, 16, 64, generator=torch.Generator().manual_seed(1))
     return [{"input_features": f, "labels": label} for f, label in zip(features, _tokens(n, 6, 2))]
@@ -171,7 +349,24 @@ _BUILDERS: dict[str, tuple[Callable[[], nn.Module], Callable[..., list], str]] =
     "gemma3": (_gemma3, _causal_lm, "logits"),
     "mixtral": (_mixtral, _causal_lm, "logits"),
     "qwen3_moe": (_qwen3_moe, _causal_lm, "logits"),
+    "resnet": (_resnet, lambda m: _pixels(), "logits"),
+    "convnext": (_convnext, lambda m: _pixels(), "logits"),
+    "swin": (_swin, lambda m: _pixels(), "logits"),
+    "deit": (_deit, lambda m: _pixels(), "logits"),
+    "wav2vec2": (_wav2vec2, lambda m: _waveforms(), "logits"),
+    "hubert": (_hubert, lambda m: _waveforms(), "logits"),
+    "ast": (_ast, lambda m: _spectrograms(), "logits"),
+    "clip": (_clip, lambda m: _image_text(), "logits_per_image"),
+    "siglip": (_siglip, lambda m: _image_text(), "logits_per_image"),
+    "distilbert_tokens": (_distilbert_tokens, lambda m: _token_labels(), "logits"),
+    "electra_qa": (_electra_qa, lambda m: _spans(), "start_logits"),
+    "roberta_choice": (_roberta_choice, lambda m: _choices(), "logits"),
+    "bert_mlm": (_bert_mlm, lambda m: _masked(), "logits"),
+    "marian": (_marian, lambda m: _seq2seq(), "logits"),
 }
+# Constant keywords the data collator adds per family (contrastive models compute their loss
+# only when asked).
+_EXTRA = {"clip": {"return_loss": True}, "siglip": {"return_loss": True}}
 FAMILIES = list(_BUILDERS)
 
 
@@ -179,12 +374,13 @@ def build(name: str, seed: int = 0) -> Family:
     make_model, make_samples, output = _BUILDERS[name]
     torch.manual_seed(seed)
     model = make_model()
-    return Family(name, model, make_samples(model), output)
+    return Family(name, model, make_samples(model), output, _EXTRA.get(name))
 
 
 def linear_like_weights(model: nn.Module) -> dict[str, tuple[int, ...]]:
     """Every weight that computes like a linear layer or a convolution: ``{name: shape}``
     (nn.Linear, convs, HF Conv1D, MultiheadAttention in_proj, fused 3-D expert parameters)."""
+    from torch.nn.utils.parametrize import ParametrizationList
     from transformers.pytorch_utils import Conv1D
 
     kinds = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
@@ -194,6 +390,8 @@ def linear_like_weights(model: nn.Module) -> dict[str, tuple[int, ...]]:
         prefix = f"{module_name}." if module_name else ""
         if isinstance(module, kinds):
             found[prefix + "weight"] = tuple(module.weight.shape)
+        elif isinstance(module, ParametrizationList):
+            continue  # the originals of a parametrized weight (weight_norm): counted as it
         elif isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
             found[prefix + "in_proj_weight"] = tuple(module.in_proj_weight.shape)
         else:
@@ -204,17 +402,33 @@ def linear_like_weights(model: nn.Module) -> dict[str, tuple[int, ...]]:
 
 
 def palettized(model: nn.Module, name: str) -> bool:
-    """Whether weight ``name`` of ``model`` is palettized (tied aliases included)."""
+    """Whether weight ``name`` of ``model`` is palettized (tied aliases included; a torch
+    parametrization such as ``weight_norm`` alone does not count)."""
     import torch.nn.utils.parametrize as parametrize
 
     module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name)
-    return parametrize.is_parametrized(module, attr)
+    if not parametrize.is_parametrized(module, attr):
+        return False
+    return any(type(p).__module__.split(".")[0] != "torch"
+               for p in module.parametrizations[attr])
+
+
+class _Records(logging.Handler):
+    """Collects the warnings of a logger."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.warnings: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.warnings.append(record.getMessage())
 
 
 def run_family(name: str, out_dir, *, steps: int = 2, **callback_kwargs) -> dict:
     """Train ``steps`` optimizer steps with the HF Trainer and the callback's default arguments
-    (plus ``callback_kwargs``), export, reload with ``load_palettized``; returns the facts."""
+    (plus ``callback_kwargs``) passed to ``Trainer(callbacks=...)`` and nothing else, export,
+    reload with ``load_palettized``; returns the facts."""
     import time
 
     from transformers import Trainer, TrainingArguments, default_data_collator
@@ -230,11 +444,16 @@ def run_family(name: str, out_dir, *, steps: int = 2, **callback_kwargs) -> dict
     args = TrainingArguments(str(out_dir), max_steps=steps, per_device_train_batch_size=4,
                              learning_rate=1e-3, report_to=[], use_cpu=True, disable_tqdm=True,
                              save_strategy="no", seed=0)
-    trainer = Trainer(model=family.model, args=args, train_dataset=family.samples,
-                      data_collator=default_data_collator, callbacks=[callback])
-    attached_at_init = callback.engine.attached
-    callback.attach_to_trainer(trainer)
-    trainer.train()
+    records = _Records()
+    hf_log = logging.getLogger("coreai_palettize_plugins.hf")
+    hf_log.addHandler(records)
+    try:
+        trainer = Trainer(model=family.model, args=args, train_dataset=family.samples,
+                          data_collator=family.collate, callbacks=[callback])
+        attached_at_init = callback.engine.attached
+        trainer.train()
+    finally:
+        hf_log.removeHandler(records)
     model = trainer.model.eval()
     report, result = callback.report, callback.export_result
     dense = {d.name: d.reason for d in report.dense_layers}
@@ -258,6 +477,8 @@ def run_family(name: str, out_dir, *, steps: int = 2, **callback_kwargs) -> dict
         "written": sorted(result.written),
         "errors": dict(result.errors),
         "attached_at_init": attached_at_init,
+        "adapter_warnings": records.warnings,
+        "log_history": list(trainer.state.log_history),
         "result": result,
         "reload_max_diff": float((trained - reloaded).abs().max()),
         "seconds": time.perf_counter() - started,

@@ -41,7 +41,8 @@ def dense_by_name(engine: Palettization) -> dict[str, tuple[str, str]]:
 
 
 class MatmulLinear(nn.Linear):
-    """A Linear whose forward uses ``torch.matmul``: coreai-opt never sees an ``F.linear``."""
+    """A Linear whose forward uses ``torch.matmul``: coreai-opt never sees an ``F.linear``, the
+    plugin's op analysis does (through the ``.t()`` view)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.matmul(x, self.weight.t()) + self.bias
@@ -100,10 +101,9 @@ def test_each_dense_reason_on_one_model_and_one_warning():
     messages = attach(engine, model, X)
 
     assert model.forwards == 1                   # the reasons come from coreai-opt's own forward
-    assert palettized(model, "fc.weight")
+    assert palettized(model, "fc.weight") and palettized(model, "mm.weight")
     dense = dense_by_name(engine)
     assert dense == {
-        "mm.weight": ("op", "consumed by torch.Tensor.t, not an op coreai-opt palettizes"),
         "unused.weight": ("not_run",
                           "not used by the tracing forward (not run by the example inputs)"),
         "excluded.weight": ("config", "excluded by palettize.modules.excluded=null"),
@@ -112,13 +112,13 @@ def test_each_dense_reason_on_one_model_and_one_warning():
     }
     assert len(messages) == 1                     # one warning, the user's own opt-out left out
     (message,) = messages
-    assert message.startswith("palettize: 3 weight(s) of linear-like layers left dense")
-    for name in ("mm.weight", "unused.weight", "head.weight"):
+    assert message.startswith("palettize: 2 weight(s) of linear-like layers left dense")
+    for name in ("unused.weight", "head.weight"):
         assert f"\n  {name}: {dense[name][1]}" in message
     assert "excluded.weight" not in message
     report = engine.report()
     assert [d.name for d in report.skipped] == ["head.weight"]
-    assert "mm.weight" in report.to_text() and "mm.weight" in report.to_markdown()
+    assert "head.weight" in report.to_text() and "head.weight" in report.to_markdown()
 
 
 def test_type_override_null_is_named_as_the_reason():
@@ -129,8 +129,8 @@ def test_type_override_null_is_named_as_the_reason():
     dense = dense_by_name(engine)
     assert dense["excluded.weight"] == ("config", "excluded by palettize.overrides.linear=null")
     assert dense["head.weight"][0] == "config"
-    # a subclass is not matched by the type (coreai-opt matches the exact class)
-    assert dense["mm.weight"][0] == "op"
+    # a subclass follows its base class's override
+    assert dense["mm.weight"] == ("config", "excluded by palettize.overrides.linear=null")
 
     engine = Palettization("none", modules={"fc": "w4"})
     attach(engine, net(), X)
@@ -214,20 +214,48 @@ def test_multihead_attention_in_proj_palettized_separate_projections_listed():
 # ------------------------------------------------------------------------------- overrides
 
 
+class Scaler(nn.Linear):
+    """A Linear whose weight only scales the input (a reduction of a view): not used as a
+    matrix by any op, so nothing can palettize it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight.t().sum()
+
+
+class ScalerNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(32, 32)
+        self.scaler = Scaler(32, 32)
+        self.unused = nn.Linear(32, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scaler(self.fc(x))
+
+
 def test_type_override_that_palettizes_nothing_is_an_error():
-    path = f"{MatmulLinear.__module__}.{MatmulLinear.__qualname__}"
+    path = f"{Scaler.__module__}.{Scaler.__qualname__}"
     with pytest.raises(PalettizeConfigError) as error:
-        Palettization("w4", overrides={path: "w8"}).attach(net(), X)
+        Palettization("w4", overrides={path: "w8"}).attach(ScalerNet(), X)
     assert str(error.value) == (
-        f"palettize.overrides.{path}: matches 1 module(s) (mm) but palettizes none of their "
-        "weights (consumed by torch.Tensor.t, not an op coreai-opt palettizes)")
+        f"palettize.overrides.{path}: matches 1 module(s) (scaler) but palettizes none of their "
+        "weights (consumed by torch.Tensor.sum (after torch.Tensor.t), not an op coreai-opt "
+        "palettizes)")
 
 
 def test_name_override_that_palettizes_nothing_is_an_error():
-    with pytest.raises(PalettizeConfigError, match=r"^palettize\.modules\.mm\|unused: matches 2 "
-                       r"module\(s\) \(mm, unused\) but palettizes none of their weights "
-                       r"\(consumed by torch\.Tensor\.t, .*; not used by the tracing forward"):
-        Palettization("w4", modules={"mm|unused": "w8"}).attach(net(), X)
+    with pytest.raises(PalettizeConfigError, match=r"^palettize\.modules\.scaler\|unused: matches "
+                       r"2 module\(s\) \(scaler, unused\) but palettizes none of their weights "
+                       r"\(consumed by torch\.Tensor\.sum \(after torch\.Tensor\.t\), .*; not "
+                       r"used by the tracing forward"):
+        Palettization("w4", modules={"scaler|unused": "w8"}).attach(ScalerNet(), X)
+
+
+def test_an_override_of_a_linear_subclass_used_through_matmul_palettizes_it():
+    path = f"{MatmulLinear.__module__}.{MatmulLinear.__qualname__}"
+    engine = Palettization("w4", overrides={path: "w8"})
+    attach(engine, net(), X)
+    assert {t.name: t.fake.n_bits for t in engine.tensors()}["mm.weight"] == 8
 
 
 def test_override_whose_modules_are_all_skipped_for_shape_gives_that_reason():

@@ -126,7 +126,7 @@ def test_untraceable_model_names_format_and_cause_and_writes_the_rest(tmp_path, 
     assert torch.equal(loaded(x), model.eval()(x))
 
 
-def test_strict_export_raises_after_writing_the_other_formats(tmp_path):
+def test_strict_export_raises_before_writing_anything(tmp_path):
     from coreai_palettize_plugins import ExportError
 
     torch.manual_seed(0)
@@ -134,7 +134,7 @@ def test_strict_export_raises_after_writing_the_other_formats(tmp_path):
     engine.prepare(DataDependent(), torch.randn(1, 16))
     with pytest.raises(ExportError, match=r"coreai: RuntimeError: torch\.export could not trace"):
         engine.export(tmp_path / "out", strict=True)
-    assert (tmp_path / "out" / PACKED_NAME).is_file()
+    assert not (tmp_path / "out" / PACKED_NAME).exists()          # nothing replaced or added
 
 
 def test_failed_export_leaves_earlier_artifact_and_no_partial_dir(tmp_path):
@@ -163,7 +163,12 @@ def test_atomic_directory_replaces_only_on_success(tmp_path):
         (tmp / "x").write_text("2")
         raise ValueError
     assert (target / "x").read_text() == "1"
+    (target / "user.txt").write_text("mine")
     with atomic_directory(target) as tmp:
         (tmp / "y").write_text("3")
-    assert sorted(p.name for p in target.iterdir()) == ["y"]
+    # the previous export's "x" is replaced by this one's files; the user's file stays
+    assert sorted(p.name for p in target.iterdir() if not p.name.startswith(".")) == [
+        "palettize_export.json", "user.txt", "y"]
+    assert [p.name for p in target.iterdir() if p.name.startswith(".")] == [
+        ".palettize-export.lock"]
     assert [p.name for p in tmp_path.iterdir()] == ["a"]

@@ -42,7 +42,7 @@ def test_train_export_reload_and_metrics(tmp_path, monkeypatch):
     trainer = Trainer(model=model, args=arguments(tmp_path), train_dataset=data,
                       callbacks=[callback, backend])
     assert len(callback.engine.tensors()) == 15 and counter.calls == []   # structure only
-    callback.attach_to_trainer(trainer)                  # metrics through Trainer.log
+    assert callback.attach_to_trainer(trainer) is callback   # optional, harmless: Trainer.log
     trainer.train()
     # The export traced one train-dataset sample (through the data collator).
     assert torch.equal(callback.engine.example_inputs[0], data[0]["input_ids"][None])
@@ -139,14 +139,22 @@ def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
     assert [enabled for _, enabled in record.seen] == [False, False, True, True, True]
 
 
-def test_without_the_trainer_metrics_reach_log_history(tmp_path, caplog):
-    callback = PalettizationTrainerCallback("w8", export_formats=())
+def test_metrics_reach_report_to_backends_with_the_callback_alone(tmp_path, caplog):
+    """Reporting callbacks come before user callbacks in the Trainer's handler, so the metrics
+    must be their own on_log event, as Trainer.log makes it: a real report_to backend
+    (TensorBoard-like recorder placed first) sees them, with no extra call and no warning."""
+    backend, callback = RecordLogs(), PalettizationTrainerCallback("w8", export_formats=())
     trainer = Trainer(model=tiny_llama(), args=arguments(tmp_path, max_steps=2, save_strategy="no"),
-                      train_dataset=TokenDataset(), callbacks=[callback])
+                      train_dataset=TokenDataset(), callbacks=[backend, callback])
+    assert trainer.callback_handler.callbacks.index(backend) < \
+        trainer.callback_handler.callbacks.index(callback)
     with caplog.at_level("WARNING", logger="coreai_palettize_plugins.hf"):
         trainer.train()
-    assert any("palettize/bits_per_weight" in h for h in trainer.state.log_history)
-    assert sum("attach_to_trainer" in r.getMessage() for r in caplog.records) == 1
+    logged = [entry for entry in backend.logs if "palettize/bits_per_weight" in entry]
+    assert len(logged) == 1 and logged[0]["palettize/compression_ratio"] > 1.5
+    history = [h for h in trainer.state.log_history if "palettize/bits_per_weight" in h]
+    assert len(history) == 1 and history[0]["step"] == 0
+    assert [r.getMessage() for r in caplog.records] == []
 
 
 def test_fsdp_is_refused_from_the_arguments_before_training(tmp_path):

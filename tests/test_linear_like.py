@@ -119,18 +119,17 @@ def test_gpt2_conv1d_palettized_with_groups_along_output_columns():
         assert max_values_per_group(weight, out_axis=0, group=16) > 16  # not along the inputs
     share = sum(t.original.numel() for t in tensors.values()) / dense
     assert share > 0.9                                   # everything but the position embedding
-    # The engine's config is the extended one: checkpoints and the artifact carry it.
+    # The config stays the preset's (Linear convention): the op analysis finds the layout.
     config = config_from_yaml_text(engine.state_dict()["config"])
-    spec = config.module_type_configs[CONV1D_FQN].module_state_spec["weight"]
-    assert spec.granularity.axis == 1 and spec.n_bits == 4
+    assert config.to_dict() == build_palettizer_config("w4").to_dict()
 
 
-def test_conv1d_override_by_dotted_path_and_alias_translates_to_module_state_spec():
+def test_conv1d_override_by_dotted_path_and_alias_is_a_linear_convention_spec():
     config = build_palettizer_config("w4", overrides={CONV1D_FQN: {"n_bits": 2, "group_size": 32}})
     conv1d = config.module_type_configs[CONV1D_FQN]
-    assert not conv1d.op_state_spec
-    spec = conv1d.module_state_spec["weight"]
-    assert (spec.n_bits, spec.granularity.group_size, spec.granularity.axis) == (2, 32, 1)
+    assert not conv1d.module_state_spec
+    spec = conv1d.op_state_spec["weight"]
+    assert (spec.n_bits, spec.granularity.group_size, spec.granularity.axis) == (2, 32, 0)
     assert build_palettizer_config("w4", overrides={"conv1d_hf": {"n_bits": 2, "group_size": 32}}
                                    ).to_dict() == config.to_dict()
 

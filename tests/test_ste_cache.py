@@ -293,3 +293,74 @@ def test_lightning_gradient_accumulation_assigns_once_per_optimizer_step(monkeyp
     # palettized weights are gone before each optimizer step runs.
     assert seen == [(0, n, 0), (1, 2 * n, 0), (2, 3 * n, 0)]
     assert all(t.fake.indices is None for t in callback.engine.tensors())
+
+
+def counting_nearest(monkeypatch) -> list[int]:
+    """Count nearest-centroid assignments (both the training and the eval cache call it)."""
+    calls = [0]
+    original = strategies.nearest_centroids
+
+    def nearest(centroids, vectors):
+        calls[0] += 1
+        return original(centroids, vectors)
+
+    monkeypatch.setattr(strategies, "nearest_centroids", nearest)
+    return calls
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_eval_after_training_assigns_once_until_the_weight_changes(monkeypatch, mode):
+    """After ``finish`` (and before any training) eval forwards reuse one assignment per weight,
+    held as one byte per weight; a changed weight or LUT is re-assigned (issue #21)."""
+    engine, t = prepared()
+    x = example_image(4)
+    with torch.no_grad():
+        model_out = t.fake.hard_assign(t.original).clone()
+    engine.stop_training()
+    n = len(engine.tensors())
+    context = torch.no_grad if mode == "no_grad" else torch.inference_mode
+    model = engine.model.eval()
+    calls = counting_nearest(monkeypatch)
+    with context():
+        outputs = [model(x) for _ in range(3)]
+    assert calls[0] == n
+    assert all(torch.equal(outputs[0], o) for o in outputs[1:])
+    cached = t.fake.__dict__[strategies._EVAL_ATTR][1]
+    assert cached.dtype == torch.uint8 and cached.numel() == t.original.numel()
+    assert torch.equal(t.fake.hard_assign(t.original), model_out)
+    monkeypatch.setenv(strategies.CACHE_ENV, "0")
+    with torch.no_grad():
+        assert torch.equal(model(x), outputs[0])                 # same as re-assigning
+    monkeypatch.setenv(strategies.CACHE_ENV, "1")
+    with torch.no_grad():
+        t.original.add_(0.05 * torch.randn_like(t.original))
+    before = calls[0]
+    with context():
+        model(x)
+    assert calls[0] == before + 1                               # only the changed weight
+    assert torch.equal(t.fake.hard_assign(t.original), fresh(t))
+
+
+def test_lightning_validation_in_inference_mode_reuses_the_step_assignment(monkeypatch):
+    """Lightning validates under ``torch.inference_mode``: the palettized weight built there is a
+    normal tensor, cached, and reused by the next training step (no assignment per forward)."""
+    monkeypatch.setenv(strategies.CACHE_ENV, "1")
+    engine, t = prepared()
+    model, x = engine.model, example_image(4)
+    model(x).sum().backward()                                   # a training step
+    engine.before_optimizer_step()
+    with torch.no_grad():
+        t.original.add_(0.05 * torch.randn_like(t.original))
+    engine.sync_step(1)
+    calls = counting(monkeypatch)
+    model.eval()
+    with torch.inference_mode():
+        first = model(x)
+        second = model(x)
+    assert torch.equal(first, second)
+    n = len(engine.tensors())
+    assert calls[0] == n
+    model.train()
+    model(x).sum().backward()                                   # the next step reuses it
+    assert calls[0] == n
+    engine.stop_training()

@@ -157,3 +157,42 @@ def feature_dicts(n: int = 8) -> ItemDataset:
     g = _generator()
     return ItemDataset([{"features": torch.randn(16, generator=g),
                          "target": torch.randn(16, generator=g)} for _ in range(n)])
+
+
+def forwardless_module(network: nn.Module | None = None, classes: int = 16):
+    """A LightningModule without ``forward``: ``training_step`` calls ``self.model(x)`` (a tiny
+    transformers ConvNeXt by default; torchvision has no CPU build for torch 2.13 here), as many
+    Lightning projects do."""
+    import lightning.pytorch as pl
+
+    class NoForward(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = convnext(classes) if network is None else network
+            self.loss = nn.CrossEntropyLoss()
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            out = self.model(x)
+            return self.loss(getattr(out, "logits", out), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    torch.manual_seed(0)
+    return NoForward()
+
+
+def convnext(classes: int = 16) -> nn.Module:
+    import transformers as T
+
+    torch.manual_seed(0)
+    return T.ConvNextForImageClassification(T.ConvNextConfig(
+        image_size=32, num_channels=3, patch_size=4, num_stages=2, hidden_sizes=[32, 64],
+        depths=[1, 1], num_labels=classes))
+
+
+def image_pairs(n: int = 8, size: int = 32, classes: int = 16) -> ItemDataset:
+    """``(image, label)`` tuples, as torchvision datasets yield them."""
+    g = _generator()
+    return ItemDataset([(torch.randn(3, size, size, generator=g), i % classes) for i in range(n)])

@@ -20,7 +20,7 @@ from .compact import (
     unpack_bits,
 )
 from .derived import DerivedIndicesFakePalettize, derive_indices_on_read, drop_indices, forget_derived
-from .exporting import COREAI_INDEX_BITS, widen_for_coreai
+from .exporting import COREAI_INDEX_BITS, LUT_NAME_MATCH, avoid_lut_name_match, widen_for_coreai
 from .kmeans import STALE_LOCK_SECONDS, cluster_tensors, ensure_kmeans_extension, finish_clustering
 from .layouts import (
     EXPORTABLE_EXPERTS_IMPLEMENTATION,
@@ -57,11 +57,14 @@ from .tensors import (
     tied_prefixes,
 )
 from .tracing import (
+    consumer_op,
+    every_use_palettized,
     function_name,
     palettizable_ops,
     record_first_consumers,
     resolved_module_configs,
     storage_bits,
+    watch_weight_uses,
 )
 from .trial import granularity_for, lut_count, respec, trial_palettize
 
@@ -70,6 +73,7 @@ __all__ = [
     "COREAI_INDEX_BITS",
     "EXPORTABLE_EXPERTS_IMPLEMENTATION",
     "KMEANS_ENTRY",
+    "LUT_NAME_MATCH",
     "STALE_LOCK_SECONDS",
     "CompactKMeansFakePalettize",
     "DerivedIndicesFakePalettize",
@@ -78,10 +82,12 @@ __all__ = [
     "PalettizedTensor",
     "apply_layouts",
     "assignment_indices",
+    "avoid_lut_name_match",
     "centroids_shape",
     "clear_kmeans_sensitivities",
     "cluster_tensors",
     "compact_support",
+    "consumer_op",
     "defer_clustering",
     "deferred",
     "derive_indices_on_read",
@@ -89,6 +95,7 @@ __all__ = [
     "drop_indices",
     "end_deferral",
     "ensure_kmeans_extension",
+    "every_use_palettized",
     "fake_palettized_tensors",
     "finish_clustering",
     "flat_lut_positions",
@@ -121,5 +128,6 @@ __all__ = [
     "trial_palettize",
     "unpack_bits",
     "use_exportable_experts",
+    "watch_weight_uses",
     "widen_for_coreai",
 ]

@@ -18,6 +18,7 @@ from coreai_opt.palettization.spec import PerGroupedChannelGranularity
 
 from ..linear_like import experts_transposed
 from .tensors import PalettizedTensor
+from .tracing import every_use_palettized
 
 __all__ = [
     "EXPORTABLE_EXPERTS_IMPLEMENTATION", "ExpertsGroupedChannel", "ExpertsLayout",
@@ -177,7 +178,7 @@ def prepare_from_state_dict(palettizer: KMeansPalettizer, example_inputs: tuple[
     insert = handler.prepare
 
     def insert_then_layout(model, *args, **kwargs):
-        with traceable_experts(model):
+        with traceable_experts(model), every_use_palettized(palettizer, model):
             prepared = insert(model, *args, **kwargs)
         apply_layouts(model)
         return prepared

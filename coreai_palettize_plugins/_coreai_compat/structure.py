@@ -8,6 +8,7 @@ from coreai_opt.palettization import KMeansPalettizer
 
 from .layouts import apply_layouts, traceable_experts
 from .tensors import PalettizedTensor, fake_palettized_tensors
+from .tracing import every_use_palettized
 
 __all__ = ["insert_parametrizations"]
 
@@ -23,7 +24,7 @@ def insert_parametrizations(
     """
     model = palettizer._model
     palettizer._module_config_dict = palettizer._config.build_module_config_dict(model)
-    with traceable_experts(model):
+    with traceable_experts(model), every_use_palettized(palettizer, model):
         palettizer._handler.prepare(model, example_inputs=example_inputs)
     apply_layouts(model)
     skipped = {}
