@@ -13,13 +13,14 @@ Prints a markdown table of ratios (measured side by side in this run).
 from __future__ import annotations
 
 import argparse
-import os
-import statistics
-import time
+import sys
 import warnings
+from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import LLAMA_27M, TrainArm, interleaved, llama, table, tokens
 
 from coreai_palettize_plugins import Palettization
 from coreai_palettize_plugins import _coreai_compat as compat
@@ -28,12 +29,8 @@ from coreai_palettize_plugins.compact import compact_state_bytes
 BATCH, LENGTH = 4, 128
 
 
-def llama_27m(dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
-                         num_attention_heads=8, num_key_value_heads=8, vocab_size=4096,
-                         max_position_embeddings=LENGTH, tie_word_embeddings=True)
-    return LlamaForCausalLM(config).to(dtype)
+def llama_27m(dtype: torch.dtype = torch.float32):
+    return llama(LLAMA_27M, dtype)
 
 
 def prepared(training: str, compact: bool, dtype: torch.dtype = torch.float32):
@@ -45,31 +42,9 @@ def prepared(training: str, compact: bool, dtype: torch.dtype = torch.float32):
     return model, engine
 
 
-class Arm:
-    """One training setup: model, optimizer, and one timed optimizer step."""
-
-    def __init__(self, model, engine=None, cache: bool = False) -> None:
-        self.model, self.engine, self.cache = model, engine, cache
-        self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
-                                           lr=1e-4)
-        self.steps = 0
-        model.train()
-        if engine is not None:
-            engine.start_training(0)
-        generator = torch.Generator().manual_seed(0)
-        self.batch = torch.randint(0, 4096, (BATCH, LENGTH), generator=generator)
-
-    def step(self) -> float:
-        os.environ[compat.CACHE_ENV] = "1" if self.cache else "0"
-        start = time.perf_counter()
-        loss = self.model(input_ids=self.batch, labels=self.batch).loss
-        loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.steps += 1
-        if self.engine is not None:
-            self.engine.after_optimizer_step(self.steps)
-        return time.perf_counter() - start
+def arm(model, engine=None, cache: bool = False) -> TrainArm:
+    """One training setup; ``cache``: the compact base's rebuilt-weight cache."""
+    return TrainArm(model, engine, env={compat.CACHE_ENV: "1" if cache else "0"})
 
 
 def cached_bytes(model) -> int:
@@ -93,7 +68,7 @@ def main() -> None:
     params = sum(p.numel() for p in dense32.parameters())
     state = {"dense fp32": compact_state_bytes(dense32),
              "dense bf16": compact_state_bytes(llama_27m(torch.bfloat16))}
-    arms = {"dense fp32": Arm(dense32)}
+    arms = {"dense fp32": arm(dense32)}
     for training in ("frozen", "lut"):
         for compact in (False, True):
             if training == "lut" and not compact:
@@ -102,35 +77,28 @@ def main() -> None:
             label = f"{training}{'' if compact else ' (compact: false)'}"
             state[label] = compact_state_bytes(model)
             if training == "frozen":
-                arms[label] = Arm(model, engine)
+                arms[label] = arm(model, engine)
                 if compact:
-                    arms["frozen + cache"] = Arm(model, engine, cache=True)
+                    arms["frozen + cache"] = arm(model, engine, cache=True)
             del model, engine
     bf16_model, _ = prepared("frozen", True, torch.bfloat16)
     state["frozen bf16"] = compact_state_bytes(bf16_model)
     del bf16_model
 
-    times: dict[str, list[float]] = {name: [] for name in arms}
-    for arm in arms.values():  # warm-up step (allocator, caches)
-        arm.step()
-    for _ in range(args.rounds):
-        for name, arm in arms.items():
-            times[name].extend(arm.step() for _ in range(args.steps))
+    batch = [tokens((BATCH, LENGTH), LLAMA_27M["vocab_size"])]
+    medians = interleaved({name: (lambda a=a: a.step(batch)) for name, a in arms.items()},
+                          args.rounds, args.steps, rotate=False)
     cache = cached_bytes(arms["frozen + cache"].model)
 
     print(f"27M Llama ({params / 1e6:.1f}M parameters, tied embeddings), w4, CPU, 1 thread\n")
-    print("| arm | model state | vs dense bf16 | vs dense fp32 |")
-    print("|---|---|---|---|")
-    for name, size in state.items():
-        print(f"| {name} | {size / 2**20:.1f} MiB | {size / state['dense bf16']:.3f}x | "
-              f"{size / state['dense fp32']:.3f}x |")
-    dense = statistics.median(times["dense fp32"])
-    print(f"\n| arm (fp32 model) | step, batch {BATCH}x{LENGTH} (median of "
-          f"{args.rounds}x{args.steps}, interleaved) | vs dense |")
-    print("|---|---|---|")
-    for name, values in times.items():
-        median = statistics.median(values)
-        print(f"| {name} | {median:.3f} s | {median / dense:.2f}x |")
+    print(table(["arm", "model state", "vs dense bf16", "vs dense fp32"], [
+        (name, f"{size / 2**20:.1f} MiB", f"{size / state['dense bf16']:.3f}x",
+         f"{size / state['dense fp32']:.3f}x") for name, size in state.items()]))
+    dense = medians["dense fp32"]
+    print()
+    print(table(["arm (fp32 model)", f"step, batch {BATCH}x{LENGTH} (median of "
+                 f"{args.rounds}x{args.steps}, interleaved)", "vs dense"],
+                [(name, f"{m:.3f} s", f"{m / dense:.2f}x") for name, m in medians.items()]))
     print(f"\nThe cache keeps {cache / 2**20:.1f} MiB of rebuilt weights alive "
           f"({cache / state['dense fp32']:.2f}x the dense fp32 model state).")
 

@@ -21,16 +21,15 @@ Goal: at 3.5 bpw the budget's perplexity <= the midpoint of uniform w3 and w4.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality as q  # its model, data, pretraining and evaluation
+from harness import lm_setup, ptq_arm
 
 UNIFORM = (2, 3, 4)
 TARGETS = (2.5, 3.0, 3.5)
@@ -38,24 +37,9 @@ CHOICES = [2, 3, 4, 6, 8]
 BASE = {"overrides": {"embedding": "w4"}, "training": "frozen", "export": {"formats": []}}
 
 
-def arm(dense, example, held_out, config: dict) -> dict:
-    from coreai_palettize_plugins.engine import Palettization
-
-    model = copy.deepcopy(dense)
-    engine = Palettization({**BASE, **config})
-    t0 = time.perf_counter()
-    engine.prepare(model, example)
-    seconds = time.perf_counter() - t0
-    report = engine.report()
-    out = {**q.lm_eval(model, held_out), "bits_per_weight": report.bits_per_weight,
-           "prepare_seconds": seconds,
-           "bits_histogram": {str(b): sum(r.numel for r in report.layers if r.n_bits == b)
-                              for b in sorted({r.n_bits for r in report.layers})}}
-    if engine.allocation is not None:
-        out.update(budget_achieved=engine.allocation.achieved,
-                   trial_kmeans_runs=engine.allocation.kmeans_runs,
-                   allocation_seconds=engine.allocation.seconds)
-    return out
+def arm(dense, train, held_out, config: dict) -> dict:
+    """Post-training only: the base plus ``config``, k-means (after the budget), evaluated."""
+    return ptq_arm(dense, train, held_out, {**BASE, **config})[0]
 
 
 def main(argv=None) -> None:
@@ -68,23 +52,20 @@ def main(argv=None) -> None:
     cfg = (q.QUICK if args.quick else q.FULL)["lm"]
     out_path = args.out or (q.CACHE / "quality_budget_quick.json" if args.quick
                             else q.BENCH / "quality_budget_results.json")
-    torch.manual_seed(cfg["seed"])
-    tokenizer, train, held_out = q.lm_data(cfg["seq_len"])
-    dense, pre = q.lm_pretrained(cfg, tokenizer, train, held_out)
-    example = (train[:1],)
+    _, train, held_out, dense, pre = lm_setup(cfg)
     cache = q.CACHE / "budget_errors.json"
     cache.unlink(missing_ok=True)  # measure the first budget's trial k-means honestly
     results = {"dense": q.lm_eval(dense, held_out)}
     q.log(f"dense ppl {results['dense']['ppl']:.3f}")
     for bits in UNIFORM:
-        results[f"w{bits}"] = arm(dense, example, held_out, {"preset": f"w{bits}"})
+        results[f"w{bits}"] = arm(dense, train, held_out, {"preset": f"w{bits}"})
         q.log(f"w{bits}: {results[f'w{bits}']['bits_per_weight']:.3f} bpw, "
               f"ppl {results[f'w{bits}']['ppl']:.3f}")
     for label, extra in (("budget", {}), ("budget+pt", {"granularity": ["base", "per_tensor"]})):
         for target in TARGETS:
             budget = {"bits_per_weight": target, "choices": CHOICES, "cache": str(cache), **extra}
             name = f"{label} {target}"
-            results[name] = arm(dense, example, held_out, {"preset": "w4", "budget": budget})
+            results[name] = arm(dense, train, held_out, {"preset": "w4", "budget": budget})
             r = results[name]
             q.log(f"{name}: {r['bits_per_weight']:.3f} bpw, ppl {r['ppl']:.3f} "
                   f"({r['trial_kmeans_runs']} trial k-means, {r['allocation_seconds']:.1f} s)")

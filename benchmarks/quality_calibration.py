@@ -13,7 +13,14 @@ Recovery R = (ppl plain - ppl calibrated) / (ppl plain - ppl dense). Goal: R >= 
 Also checks ``calibration.compute_sensitivities`` on the dense model equals what the engine used
 (saved via ``calibration.path``), and reports calibration time.
 
+``--knobs [SPEC ...]``: does a supported calibration knob reach 50 % recovery at w3? Post-training
+only, R per ``calibration.samples`` (256 / 1024) and calibration batch size (16, or 1 = per-
+sequence squared gradients, SqueezeLLM's Fisher estimate), for the granularities grouped-16,
+``per_tensor`` and per-channel ``group_size: 1`` (the coremltools/SqueezeLLM anchors; run it
+alone with ``--knobs "w3 per-channel"``).
+
     python benchmarks/quality_calibration.py [--samples 256] [--ft-steps 100] [--out PATH]
+    python benchmarks/quality_calibration.py --knobs ["w3 per-channel"]
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality as q
+from harness import lm_setup, ptq_arm, table
 
 from coreai_palettize_plugins.calibration import (
     CalibrationData,
@@ -67,9 +75,7 @@ def weighted_error(engine: Palettization, sens: dict[str, torch.Tensor]) -> floa
 
 def run(samples: int, ft_steps: int, ft_lr: float) -> dict[str, Any]:
     cfg = dict(q.FULL["lm"])
-    torch.manual_seed(cfg["seed"])
-    tokenizer, train, held_out = q.lm_data(cfg["seq_len"])
-    dense, pre = q.lm_pretrained(cfg, tokenizer, train, held_out)
+    _, train, held_out, dense, pre = lm_setup(cfg)
     example = (train[:1],)
     out: dict[str, Any] = {"dense": q.lm_eval(dense, held_out), "pretrain_cached": pre["cached"],
                            "samples": samples, "batch": BATCH, "arms": {}}
@@ -143,22 +149,66 @@ def markdown(res: dict[str, Any], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+KNOB_SPECS = {"w3 grouped-16": "w3",
+              "w3 per-tensor": {"preset": "w3", "granularity": "per_tensor"},
+              "w3 per-channel": {"preset": "w3", "group_size": 1}}
+KNOB_DEFAULT = ("w3 grouped-16", "w3 per-tensor")
+KNOBS = {"w3 grouped-16": [(256, 16), (256, 1), (1024, 16), (1024, 4)],
+         "w3 per-tensor": [(256, 16), (256, 1)], "w3 per-channel": [(256, 16)]}
+
+
+def knobs(only: list[str]) -> dict[str, Any]:
+    """R of each calibration knob (samples, batch size) per granularity, post-training."""
+    _, train, held_out, dense, _ = lm_setup()
+    d = q.lm_eval(dense, held_out)["ppl"]
+    res: dict[str, Any] = {"dense": d, "arms": {}}
+    for label, preset in KNOB_SPECS.items():
+        if label not in (only or KNOB_DEFAULT):
+            continue
+        plain = ptq_arm(dense, train, held_out, {"preset": preset}, training="ste")[0]
+        arms = {"plain": plain}
+        q.log(f"{label} plain {plain['ppl']:.3f} (dense {d:.3f})")
+        for samples, batch in KNOBS[label]:
+            r = ptq_arm(dense, train, held_out, {"preset": preset}, batch=batch, training="ste",
+                        calibration={"samples": samples, "show_progress": False})[0]
+            r["R"] = (plain["ppl"] - r["ppl"]) / (plain["ppl"] - d)
+            r["calibration_seconds"] = r["calibration"]["seconds"]
+            arms[f"samples {samples}, batch {batch}"] = r
+            q.log(f"{label} samples {samples} batch {batch}: {r['ppl']:.3f} R {r['R']:.1%} "
+                  f"({r['calibration_seconds']:.0f} s calibration)")
+        res["arms"][label] = arms
+    return res
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--ft-steps", type=int, default=0)
     parser.add_argument("--ft-lr", type=float, default=3e-4)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=q.BENCH / "quality_calibration_results.json")
+    parser.add_argument("--knobs", nargs="*", default=None, metavar="SPEC",
+                        help=f"the knobs sweep instead, for these specs ({', '.join(KNOB_SPECS)})")
+    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     q.quiet()
     command = " ".join(["python", "benchmarks/quality_calibration.py",
                         *(argv if argv is not None else sys.argv[1:])])
     t0 = time.time()
+    if args.knobs is not None:
+        res = knobs(args.knobs)
+        res.update(command=command, environment=q.environment())
+        name = "quality_calibration_knobs" + (
+            "_" + "_".join(x.split()[-1] for x in args.knobs) if args.knobs else "")
+        (args.out or q.BENCH / f"{name}.json").write_text(json.dumps(res, indent=1) + "\n")
+        print(table(["spec", "arm", "ppl", "R"], [
+            (label, name, f"{r['ppl']:.3f}", f"{r['R']:.1%}" if "R" in r else "")
+            for label, arms in res["arms"].items() for name, r in arms.items()]))
+        return
     res = run(args.samples, args.ft_steps, args.ft_lr)
     res.update(command=command, wall_seconds=time.time() - t0, environment=q.environment())
-    args.out.write_text(json.dumps(res, indent=1, default=str) + "\n", encoding="utf-8")
+    out = args.out or q.BENCH / "quality_calibration_results.json"
+    out.write_text(json.dumps(res, indent=1, default=str) + "\n", encoding="utf-8")
     print(markdown(res, command))
 
 

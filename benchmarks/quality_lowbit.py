@@ -35,9 +35,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality as q  # its model, data, pretraining and evaluation
+from harness import lm_setup, ptq_arm
 from quality_budget import BASE, CHOICES, TARGETS, UNIFORM
 
-from coreai_palettize_plugins.calibration import CalibrationData
 from coreai_palettize_plugins.engine import Palettization
 
 BATCH = 16
@@ -46,36 +46,14 @@ BATCH = 16
 def arm(dense, train, held_out, config: dict, training: str = "ste"
         ) -> tuple[dict[str, Any], torch.nn.Module, Palettization]:
     """Attach + cluster (calibration and budget first when configured); evaluate."""
-    model = copy.deepcopy(dense)
-    engine = Palettization({**BASE, **config, "training": training})
-    if "calibration" in config:
-        engine.calibration_data = lambda: CalibrationData(
-            loss=lambda ids, _: q.lm_loss(model, ids), dataset=train, collate_fn=torch.stack,
-            batch_size=BATCH)
-    t0 = time.perf_counter()
-    engine.attach(model, (train[:1],))
-    engine.cluster()
-    seconds = time.perf_counter() - t0
-    report = engine.report()
-    out = {**q.lm_eval(model, held_out), "bits_per_weight": report.bits_per_weight,
-           "prepare_seconds": seconds,
-           "bits_histogram": {str(b): sum(r.numel for r in report.layers if r.n_bits == b)
-                              for b in sorted({r.n_bits for r in report.layers})}}
-    if engine.allocation is not None:
-        out.update(trial_kmeans_runs=engine.allocation.kmeans_runs,
-                   allocation_seconds=engine.allocation.seconds)
-    if engine.calibration_stats is not None:
-        out["calibration"] = engine.calibration_stats.to_dict()
-    return out, model, engine
+    return ptq_arm(dense, train, held_out, {**BASE, **config, "training": training}, batch=BATCH)
 
 
 def run(samples: int, ft_steps: int, ft_lr: float, ft_targets: list[float], ft_uniform: bool,
         ft_plain_budget: list[float], cache: Path, sens_dir: str, ft_seed: int = 0
         ) -> dict[str, Any]:
     cfg = dict(q.FULL["lm"])
-    torch.manual_seed(cfg["seed"])
-    tokenizer, train, held_out = q.lm_data(cfg["seq_len"])
-    dense, pre = q.lm_pretrained(cfg, tokenizer, train, held_out)
+    _, train, held_out, dense, pre = lm_setup(cfg)
     res: dict[str, Any] = {"dense": q.lm_eval(dense, held_out)}
     q.log(f"dense ppl {res['dense']['ppl']:.3f}")
     ft_cfg = {**cfg, "ft_steps": ft_steps, "seed": cfg["seed"] + ft_seed}

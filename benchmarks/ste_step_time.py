@@ -18,13 +18,15 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import statistics
-import time
+import sys
+from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")   # coreai-opt's k-means progress bars
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import LLAMA_4X256, TrainArm, interleaved, llama, table, tokens, training_state_bytes
 
 from coreai_palettize_plugins import Palettization, strategies
 
@@ -33,56 +35,18 @@ COUNT_BELOW_MAX_K = strategies.COUNT_BELOW_MAX_K
 SETTINGS = {"4x512": (4, 512, 1), "accumulate 4 x (4x128)": (4, 128, 4)}
 
 
-def llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=4, vocab_size=4096,
-                         max_position_embeddings=512, tie_word_embeddings=False)
-    return LlamaForCausalLM(config)
+def make_arm(name: str, base) -> TrainArm:
+    """``ste before``: without the count-below-max-k shortcut; ``ste cached``: with the cache."""
+    model, engine = copy.deepcopy(base), None
+    if name != "dense":
+        engine = Palettization("w4", training="ste")
+        engine.prepare(model, torch.zeros(1, 8, dtype=torch.long))
 
+    def shortcut() -> None:
+        strategies.COUNT_BELOW_MAX_K = 0 if name == "ste before" else COUNT_BELOW_MAX_K
 
-class Arm:
-    def __init__(self, name: str, base: LlamaForCausalLM) -> None:
-        self.name, self.model = name, copy.deepcopy(base).train()
-        self.engine = None
-        if name != "dense":
-            self.engine = Palettization("w4", training="ste")
-            self.engine.prepare(self.model, torch.zeros(1, 8, dtype=torch.long))
-            self.engine.start_training(0)
-        self.optimizer = torch.optim.AdamW(
-            [p for p in self.model.parameters() if p.requires_grad], lr=1e-4)
-        self.step = 0
-
-    def train_step(self, batches: list[torch.Tensor]) -> float:
-        os.environ[strategies.CACHE_ENV] = "1" if self.name == "ste cached" else "0"
-        strategies.COUNT_BELOW_MAX_K = 0 if self.name == "ste before" else COUNT_BELOW_MAX_K
-        start = time.perf_counter()
-        for tokens in batches:
-            loss = self.model(input_ids=tokens, labels=tokens).loss / len(batches)
-            loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        if self.engine is not None:
-            self.engine.after_optimizer_step(self.step)
-        return time.perf_counter() - start
-
-    def state_mib(self) -> float:
-        """Parameters, gradients (as after backward), AdamW state, buffers, cached tensors."""
-        tensors = {}
-        for p in self.model.parameters():
-            tensors[id(p)] = p.numel() * p.element_size() * (2 if p.requires_grad else 1)
-        for b in self.model.buffers():
-            tensors[id(b)] = b.numel() * b.element_size()
-        for state in self.optimizer.state.values():
-            for v in state.values():
-                if torch.is_tensor(v):
-                    tensors[id(v)] = v.numel() * v.element_size()
-        for module in self.model.modules():
-            cached = module.__dict__.get("_plugin_ste_cache")
-            if cached is not None:
-                tensors[id(cached[1])] = cached[1].numel() * cached[1].element_size()
-        return sum(tensors.values()) / 2 ** 20
+    return TrainArm(model, engine, env={strategies.CACHE_ENV: "1" if name == "ste cached"
+                                        else "0"}, before_step=shortcut)
 
 
 def main() -> None:
@@ -91,32 +55,24 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    base = llama()
-    generator = torch.Generator().manual_seed(0)
+    base = llama(LLAMA_4X256)
     print(f"Llama from config ({sum(p.numel() for p in base.parameters()):,} parameters: hidden "
           f"256, 4 layers, vocab 4096), AdamW, w4 ste, 1 thread, torch {torch.__version__}; "
           f"{args.rounds} rounds x {args.steps} timed steps per arm\n")
-    print("| setting | arm | median step (s) | ratio to dense | model state (MiB) |")
-    print("|---|---|---|---|---|")
+    rows = []
     for setting, (batch, seq, accumulate) in SETTINGS.items():
-        arms = [Arm(name, base) for name in ARMS]
-        batches = [torch.randint(0, 4096, (batch, seq), generator=generator)
-                   for _ in range(accumulate)]
-        for arm in arms:
-            arm.train_step(batches)                                  # untimed warm-up step
-        times: dict[str, list[float]] = {name: [] for name in ARMS}
-        for round_ in range(args.rounds):
-            for arm in arms[round_ % len(arms):] + arms[:round_ % len(arms)]:
-                times[arm.name] += [arm.train_step(batches) for _ in range(args.steps)]
-        dense = statistics.median(times["dense"])
-        for arm in arms:
-            median = statistics.median(times[arm.name])
-            print(f"| {setting} | {arm.name} | {median:.3f} | {median / dense:.2f}x | "
-                  f"{arm.state_mib():.1f} |")
-        for arm in arms:
-            if arm.engine is not None:
-                arm.engine.stop_training()
-
+        arms = {name: make_arm(name, base) for name in ARMS}
+        batches = [tokens((batch, seq), LLAMA_4X256["vocab_size"], seed=i)
+                   for i in range(accumulate)]
+        medians = interleaved({n: (lambda a=a, b=batches: a.step(b)) for n, a in arms.items()},
+                              args.rounds, args.steps)
+        for name, arm in arms.items():
+            state = training_state_bytes(arm.model, arm.optimizer, ("_plugin_ste_cache",))
+            rows.append((setting, name, f"{medians[name]:.3f}",
+                         f"{medians[name] / medians['dense']:.2f}x", f"{state / 2**20:.1f}"))
+            arm.stop()
+    print(table(["setting", "arm", "median step (s)", "ratio to dense", "model state (MiB)"],
+                rows))
 
 if __name__ == "__main__":
     main()

@@ -472,3 +472,8 @@ def _declare_tied(model: nn.Module, tied: Mapping[str, str]) -> None:
     keys = dict(model._tied_weights_keys or {})
     keys.update({re.escape(alias) + ".+": source for alias, source in tied.items()})
     model._tied_weights_keys = keys
+
+
+# The documented path stays the callback's home in reprs and pickles (the module itself lives in
+# integrations/; ``coreai_palettize_plugins.hf`` is the same module).
+PalettizationTrainerCallback.__module__ = __name__.split(".")[0] + ".hf"

@@ -52,6 +52,7 @@ MAPPING: dict[str, str] = {
     "dist_context": "core.dist_context",
     "linear_like": "core.linear_like",
     "strategies": "core.strategies",
+    "integrity": "core.integrity",
     # settings/: the typed `palettize` schema and its coreai-opt translation
     "settings": "settings.schema",
     "coreai_config": "settings.coreai_config",
@@ -75,6 +76,7 @@ MAPPING: dict[str, str] = {
     "_isolated": "export._isolated",
     "export_step": "export.phase",
     "artifact": "export.artifact",
+    "artifact_checks": "export.artifact_checks",
     "report": "export.report",
     "dense_reasons": "export.dense_reasons",
     "plots": "export.plots",
