@@ -63,6 +63,7 @@ MAPPING: dict[str, str] = {
     "budget_errors": "accuracy.budget_errors",
     "knapsack": "accuracy.knapsack",
     "adapters": "accuracy.adapters",
+    "fitting": "accuracy.fitting",
     # engine/: the lifecycle that orchestrates the phases
     "engine": "engine.lifecycle",
     "attach": "engine.attach",
