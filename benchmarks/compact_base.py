@@ -24,7 +24,7 @@ from harness import LLAMA_27M, TrainArm, interleaved, llama, table, tokens
 
 from coreai_palettize_plugins import Palettization
 from coreai_palettize_plugins import _coreai_compat as compat
-from coreai_palettize_plugins.compact import compact_state_bytes
+from coreai_palettize_plugins.engine.compact import compact_state_bytes
 
 BATCH, LENGTH = 4, 128
 

@@ -120,7 +120,7 @@ class Timers:
 def install_timers() -> Timers:
     from coreai_opt.palettization import KMeansPalettizer
 
-    from coreai_palettize_plugins import distributed
+    from coreai_palettize_plugins.engine import distributed
 
     timers = Timers()
     # Both the raw prepare and the plugin's compat.cluster_tensors (num_workers=1) go through it.
@@ -158,7 +158,7 @@ def busy_seconds() -> float:
 
 def timed_arm(arm: str, initial: nn.Module, x: torch.Tensor, rank: int,
               timers: Timers) -> dict[str, Any]:
-    from coreai_palettize_plugins import distributed
+    from coreai_palettize_plugins.engine import distributed
 
     model = copy.deepcopy(initial) if arm != "single" or rank == 0 else None
     gc.collect()

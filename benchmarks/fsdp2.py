@@ -48,7 +48,7 @@ def worker(args: argparse.Namespace) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
     from coreai_palettize_plugins import Palettization
-    from coreai_palettize_plugins.fsdp import replicated_state_bytes
+    from coreai_palettize_plugins.engine.fsdp import replicated_state_bytes
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")

@@ -78,8 +78,8 @@ def ptq_arm(dense: nn.Module, train: torch.Tensor, held_out: torch.Tensor, confi
     Returns the held-out metrics with the report's numbers, the model and its engine."""
     import quality as q
 
-    from coreai_palettize_plugins.calibration import CalibrationData
-    from coreai_palettize_plugins.engine import Palettization
+    from coreai_palettize_plugins.accuracy.calibration import CalibrationData
+    from coreai_palettize_plugins.engine.lifecycle import Palettization
 
     model = copy.deepcopy(dense)
     engine = Palettization(config, **fields)

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from coreai_palettize_plugins import Palettization, load_palettized
-from coreai_palettize_plugins.artifact import PACKED_NAME
-from coreai_palettize_plugins.integrity import check_luts_finite, tensor_digest
+from coreai_palettize_plugins.core.integrity import check_luts_finite, tensor_digest
+from coreai_palettize_plugins.export.artifact import PACKED_NAME
 
 
 def llama(hidden: int, layers: int, vocab: int, seed: int = 0):

@@ -45,7 +45,7 @@ LRS = {"frozen": [1e-4, 3e-4], "ste": [1e-4, 3e-4], "lora": [1e-3, 3e-3]}
 
 
 def make_engine(preset: str, arm: str, rank: int | None):
-    from coreai_palettize_plugins.engine import Palettization
+    from coreai_palettize_plugins.engine.lifecycle import Palettization
 
     if arm == "lora":
         return Palettization({"preset": preset}, training="frozen", export_formats=(),

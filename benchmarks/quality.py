@@ -119,7 +119,7 @@ def quiet() -> None:
 
 
 def make_engine(preset: Any, training: Any, epoch_steps: int, modules: dict | None = None):
-    from coreai_palettize_plugins.engine import Palettization
+    from coreai_palettize_plugins.engine.lifecycle import Palettization
 
     if isinstance(training, dict):
         training = {k: (epoch_steps if v == "{epoch}" else v) for k, v in training.items()}

@@ -40,12 +40,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality as q
 from harness import lm_setup, ptq_arm, table
 
-from coreai_palettize_plugins.calibration import (
+from coreai_palettize_plugins.accuracy.calibration import (
     CalibrationData,
     compute_sensitivities,
     load_sensitivities,
 )
-from coreai_palettize_plugins.engine import Palettization
+from coreai_palettize_plugins.engine.lifecycle import Palettization
 
 BATCH = 16
 

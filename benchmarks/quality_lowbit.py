@@ -38,7 +38,7 @@ import quality as q  # its model, data, pretraining and evaluation
 from harness import lm_setup, ptq_arm
 from quality_budget import BASE, CHOICES, TARGETS, UNIFORM
 
-from coreai_palettize_plugins.engine import Palettization
+from coreai_palettize_plugins.engine.lifecycle import Palettization
 
 BATCH = 16
 

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from coreai_palettize_plugins.strategies import _count_below, _sorted_midpoints
+from coreai_palettize_plugins.core.strategies import _count_below, _sorted_midpoints
 
 
 def main() -> None:

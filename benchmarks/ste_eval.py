@@ -14,7 +14,8 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from coreai_palettize_plugins import Palettization, strategies
+from coreai_palettize_plugins import Palettization
+from coreai_palettize_plugins.core import strategies
 
 
 def eval_time(model: torch.nn.Module, x: torch.Tensor, forwards: int, cache: bool) -> float:

@@ -28,7 +28,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import LLAMA_4X256, TrainArm, interleaved, llama, table, tokens, training_state_bytes
 
-from coreai_palettize_plugins import Palettization, strategies
+from coreai_palettize_plugins import Palettization
+from coreai_palettize_plugins.core import strategies
 
 ARMS = ("dense", "ste before", "ste uncached", "ste cached")
 COUNT_BELOW_MAX_K = strategies.COUNT_BELOW_MAX_K

@@ -28,29 +28,29 @@ __all__ = [
 __version__ = "0.1.0"
 
 _HOMES = {
-    "ArtifactError": "artifact_checks",
-    "CompressionReport": "report",
-    "ExportError": "export",
-    "ExportResult": "export",
-    "IntegrityError": "integrity",
-    "Palettization": "engine",
-    "PalettizationWarning": "engine",
-    "PalettizeConfigError": "settings",
-    "PalettizeSettings": "settings",
-    "build_palettizer_config": "coreai_config",
-    "load_palettized": "artifact",
-    "register_configs": "settings",
+    "ArtifactError": "export.artifact_checks",
+    "CompressionReport": "export.report",
+    "ExportError": "export.writer",
+    "ExportResult": "export.writer",
+    "IntegrityError": "core.integrity",
+    "Palettization": "engine.lifecycle",
+    "PalettizationWarning": "engine.lifecycle",
+    "PalettizeConfigError": "settings.schema",
+    "PalettizeSettings": "settings.schema",
+    "build_palettizer_config": "settings.coreai_config",
+    "load_palettized": "export.artifact",
+    "register_configs": "settings.schema",
 }
 
 if TYPE_CHECKING:
-    from .artifact import load_palettized
-    from .artifact_checks import ArtifactError
-    from .coreai_config import build_palettizer_config
-    from .engine import Palettization, PalettizationWarning
-    from .export import ExportError, ExportResult
-    from .integrity import IntegrityError
-    from .report import CompressionReport
-    from .settings import PalettizeConfigError, PalettizeSettings, register_configs
+    from .core.integrity import IntegrityError
+    from .engine.lifecycle import Palettization, PalettizationWarning
+    from .export.artifact import load_palettized
+    from .export.artifact_checks import ArtifactError
+    from .export.report import CompressionReport
+    from .export.writer import ExportError, ExportResult
+    from .settings.coreai_config import build_palettizer_config
+    from .settings.schema import PalettizeConfigError, PalettizeSettings, register_configs
 
 
 def __getattr__(name: str) -> Any:

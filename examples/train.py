@@ -20,7 +20,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig
 
-from coreai_palettize_plugins import _quiet
+from coreai_palettize_plugins.cli import _quiet
 
 _quiet.install()  # before coreai-opt (torchao) is imported: drop two known harmless log lines
 

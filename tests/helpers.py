@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from coreai_palettize_plugins._coreai_compat import KMEANS_ENTRY
-from coreai_palettize_plugins.distributed import palettized_state_hash
+from coreai_palettize_plugins.engine.distributed import palettized_state_hash
 
 __all__ = ["KMeansCounter", "MixedNet", "TokenDataset", "count_kmeans", "example_image",
            "mixed_net", "palettized_state_hash", "run_python", "tiny_llama"]

@@ -9,11 +9,11 @@ from helpers import KMeansCounter, tiny_llama
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from coreai_palettize_plugins import load_palettized
-from coreai_palettize_plugins.adapters import AdapterSettings
-from coreai_palettize_plugins.engine import Palettization
-from coreai_palettize_plugins.export import AIMODEL_NAME
+from coreai_palettize_plugins.accuracy.adapters import AdapterSettings
+from coreai_palettize_plugins.engine.lifecycle import Palettization
+from coreai_palettize_plugins.export.writer import AIMODEL_NAME
 from coreai_palettize_plugins.hf import disable_kv_cache
-from coreai_palettize_plugins.settings import PalettizeConfigError, PalettizeSettings
+from coreai_palettize_plugins.settings.schema import PalettizeConfigError, PalettizeSettings
 
 IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
 TARGETS = ["q_proj", "v_proj", "down_proj"]

@@ -16,9 +16,9 @@ from tiny_models import (
 )
 
 from coreai_palettize_plugins import load_palettized
-from coreai_palettize_plugins._modelcopy import max_abs_diff, model_outputs
-from coreai_palettize_plugins.artifact import load_example_inputs
-from coreai_palettize_plugins.export import PACKED_NAME
+from coreai_palettize_plugins.core._modelcopy import max_abs_diff, model_outputs
+from coreai_palettize_plugins.export.artifact import load_example_inputs
+from coreai_palettize_plugins.export.writer import PACKED_NAME
 
 
 def reload_diff(model, directory, factory=None) -> float:

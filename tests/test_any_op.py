@@ -183,7 +183,7 @@ def test_coreai_torch_still_reads_a_convolution_as_a_lut(tmp_path):
     import coreai_torch
     from coreai_opt import ExportBackend
 
-    from coreai_palettize_plugins.export import rebuild_prepared
+    from coreai_palettize_plugins.export.writer import rebuild_prepared
 
     torch.manual_seed(0)
     model, x = Convolution(), torch.randn(1, 16, 8, 8)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import pytest
 from model_zoo import FAMILIES, run_family
 
-from coreai_palettize_plugins.artifact import load_example_inputs
+from coreai_palettize_plugins.export.artifact import load_example_inputs
 
 MIN_SHARE = 0.95
 

@@ -12,10 +12,10 @@ import yaml
 from helpers import KMeansCounter, run_python, tiny_llama
 
 from coreai_palettize_plugins import Palettization
-from coreai_palettize_plugins.budget import TOLERANCE
-from coreai_palettize_plugins.knapsack import solve
+from coreai_palettize_plugins.accuracy.budget import TOLERANCE
+from coreai_palettize_plugins.accuracy.knapsack import solve
 from coreai_palettize_plugins.recipes import load_recipe
-from coreai_palettize_plugins.settings import PalettizeConfigError, PalettizeSettings
+from coreai_palettize_plugins.settings.schema import PalettizeConfigError, PalettizeSettings
 
 INPUTS = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(0))
 CHOICES = [2, 3, 4, 8]
@@ -321,7 +321,7 @@ def test_hf_trainer_budget_exports_reloads_and_resumes_without_kmeans(tmp_path, 
     from transformers import Trainer, TrainingArguments
 
     from coreai_palettize_plugins import load_palettized
-    from coreai_palettize_plugins.export import PACKED_NAME
+    from coreai_palettize_plugins.export.writer import PACKED_NAME
     from coreai_palettize_plugins.hf import PalettizationTrainerCallback
 
     cache = tmp_path / "errors.json"

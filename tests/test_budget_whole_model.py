@@ -12,9 +12,9 @@ from helpers import KMeansCounter
 
 from coreai_palettize_plugins import _coreai_compat as compat
 from coreai_palettize_plugins import load_palettized
-from coreai_palettize_plugins.budget import budget_floor
-from coreai_palettize_plugins.engine import Palettization
-from coreai_palettize_plugins.settings import PalettizeConfigError
+from coreai_palettize_plugins.accuracy.budget import budget_floor
+from coreai_palettize_plugins.engine.lifecycle import Palettization
+from coreai_palettize_plugins.settings.schema import PalettizeConfigError
 
 VOCAB = 51864
 EMBED, HEAD = "model.decoder.embed_tokens", "proj_out"

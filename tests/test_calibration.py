@@ -14,16 +14,16 @@ import torch.nn.functional as F
 from helpers import KMeansCounter, TokenDataset, palettized_state_hash, tiny_llama
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from coreai_palettize_plugins import calibration
-from coreai_palettize_plugins.calibration import (
+from coreai_palettize_plugins.accuracy import calibration
+from coreai_palettize_plugins.accuracy.calibration import (
     CalibrationData,
     compute_sensitivities,
     load_sensitivities,
 )
 from coreai_palettize_plugins.demo.digits import DigitsCNN, DigitsDataModule
-from coreai_palettize_plugins.engine import Palettization
+from coreai_palettize_plugins.engine.lifecycle import Palettization
 from coreai_palettize_plugins.lightning import PalettizationCallback
-from coreai_palettize_plugins.settings import PalettizeConfigError, PalettizeSettings
+from coreai_palettize_plugins.settings.schema import PalettizeConfigError, PalettizeSettings
 
 TINY_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny-llama-offline.yaml"
 
@@ -370,7 +370,7 @@ def test_recipe_finetune_calibrates_before_its_post_training_perplexity(tmp_path
 
 
 def test_calibration_sensitivities_weight_the_budget_and_resume_keeps_both(tmp_path, monkeypatch):
-    from coreai_palettize_plugins import budget
+    from coreai_palettize_plugins.accuracy import budget
 
     seen = []
     allocate = budget.allocate

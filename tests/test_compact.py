@@ -16,12 +16,12 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from coreai_palettize_plugins import Palettization, load_palettized
 from coreai_palettize_plugins import _coreai_compat as compat
-from coreai_palettize_plugins.artifact import pack_indices
-from coreai_palettize_plugins.compact import compact_state_bytes
-from coreai_palettize_plugins.export import PACKED_NAME
+from coreai_palettize_plugins.engine.compact import compact_state_bytes
+from coreai_palettize_plugins.export.artifact import pack_indices
+from coreai_palettize_plugins.export.writer import PACKED_NAME
 from coreai_palettize_plugins.hf import PalettizationTrainerCallback
 from coreai_palettize_plugins.lightning import PalettizationCallback
-from coreai_palettize_plugins.settings import PalettizeConfigError
+from coreai_palettize_plugins.settings.schema import PalettizeConfigError
 
 X = torch.arange(32).reshape(2, 16) * 7 % 256
 

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.utils.parametrize as P
 
 from coreai_palettize_plugins import Palettization, PalettizationWarning
-from coreai_palettize_plugins.settings import PalettizeConfigError
+from coreai_palettize_plugins.settings.schema import PalettizeConfigError
 
 ADDMM = "consumed by torch.addmm, not an op coreai-opt palettizes"
 EMBEDDING = "embeddings are palettized only with overrides.embedding or modules.<name>"

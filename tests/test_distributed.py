@@ -14,7 +14,7 @@ from helpers import palettized_state_hash, run_python, tiny_llama
 
 from coreai_palettize_plugins import Palettization
 from coreai_palettize_plugins.demo.digits import DigitsCNN
-from coreai_palettize_plugins.distributed import agree, plan_owners
+from coreai_palettize_plugins.engine.distributed import agree, plan_owners
 
 SCRIPTS = Path(__file__).resolve().parent / "ddp_scripts"
 

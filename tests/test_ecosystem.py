@@ -22,8 +22,8 @@ from helpers import REPO, palettized_state_hash, run_python, tiny_llama, with_de
 
 from coreai_palettize_plugins import Palettization
 from coreai_palettize_plugins.cli import main as cli
+from coreai_palettize_plugins.cli.inspection import InspectError, inspect_target
 from coreai_palettize_plugins.demo.digits import DigitsCNN
-from coreai_palettize_plugins.inspection import InspectError, inspect_target
 from coreai_palettize_plugins.recipes import RECIPES_DIR, load_recipe, packaged_recipes
 
 TESTS = Path(__file__).resolve().parent
@@ -436,7 +436,7 @@ def test_export_without_matplotlib_still_succeeds(tmp_path, monkeypatch, caplog)
     model = DigitsCNN()
     engine = Palettization("w8")
     engine.prepare(model, model.example_input_array)
-    with caplog.at_level("INFO", logger="coreai_palettize_plugins.plots"):
+    with caplog.at_level("INFO", logger="coreai_palettize_plugins.export.plots"):
         result = engine.export(tmp_path / "out", formats=["torch"])
     assert (result.directory / "report.json").is_file()
     assert not (result.directory / "report.png").exists()

@@ -10,7 +10,7 @@ import torch.nn as nn
 from helpers import example_image, mixed_net
 
 from coreai_palettize_plugins import Palettization, load_palettized
-from coreai_palettize_plugins.export import (
+from coreai_palettize_plugins.export.writer import (
     AIMODEL_NAME,
     MANIFEST_NAME,
     PACKED_NAME,

@@ -22,9 +22,9 @@ from helpers import TokenDataset, example_image, mixed_net, tiny_llama
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from coreai_palettize_plugins import ExportError, Palettization, load_palettized
-from coreai_palettize_plugins.checks import PalettizeConfigError
+from coreai_palettize_plugins.core.checks import PalettizeConfigError
 from coreai_palettize_plugins.demo.digits import DigitsCNN, DigitsDataModule
-from coreai_palettize_plugins.export import AIMODEL_NAME, MANIFEST_NAME, PACKED_NAME
+from coreai_palettize_plugins.export.writer import AIMODEL_NAME, MANIFEST_NAME, PACKED_NAME
 from coreai_palettize_plugins.lightning import PalettizationCallback
 
 DEBRIS = re.compile(r"(\.partial|\.old|\.tmp|\.journal)$")
@@ -134,7 +134,7 @@ def tmpfs(path: Path, size: str, *options: str):
 
 
 def test_unwritable_export_dir_is_refused(tmp_path):
-    from coreai_palettize_plugins.export import check_export_dir
+    from coreai_palettize_plugins.export.writer import check_export_dir
 
     with tmpfs(tmp_path / "ro", "1m", "ro") as readonly, pytest.raises(
             PalettizeConfigError, match=r"^palettize\.export\.dir: .* not writable"):

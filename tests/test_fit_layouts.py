@@ -15,10 +15,10 @@ from mobilenet_like import MobileNetV3Small, conv_linear_weights
 
 from coreai_palettize_plugins import _coreai_compat as compat
 from coreai_palettize_plugins import load_palettized
-from coreai_palettize_plugins.coreai_config import config_to_yaml
-from coreai_palettize_plugins.engine import Palettization
+from coreai_palettize_plugins.engine.lifecycle import Palettization
 from coreai_palettize_plugins.lightning import PalettizationCallback
-from coreai_palettize_plugins.settings import PalettizeConfigError
+from coreai_palettize_plugins.settings.coreai_config import config_to_yaml
+from coreai_palettize_plugins.settings.schema import PalettizeConfigError
 
 IMAGE = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
@@ -59,7 +59,7 @@ def test_fitted_weights_get_the_nearest_layout_the_rest_keep_the_preset(caplog):
     theirs = coreai_opt_layouts(mobilenet())
     model = mobilenet()
     engine = Palettization("w4", training="frozen")
-    with caplog.at_level(logging.WARNING, logger="coreai_palettize_plugins.fitting"):
+    with caplog.at_level(logging.WARNING, logger="coreai_palettize_plugins.accuracy.fitting"):
         engine.attach(model, IMAGE)
     ours = layouts(model)
     assert set(ours) == set(conv_linear_weights(model))            # every conv/linear weight

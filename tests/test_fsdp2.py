@@ -14,9 +14,9 @@ from helpers import count_kmeans, lut_hash, run_python, tiny_llama
 from safetensors.torch import load_file
 
 from coreai_palettize_plugins import Palettization
-from coreai_palettize_plugins.checks import PalettizeConfigError
-from coreai_palettize_plugins.distributed import check_parallelism
-from coreai_palettize_plugins.settings import PalettizeSettings
+from coreai_palettize_plugins.core.checks import PalettizeConfigError
+from coreai_palettize_plugins.engine.distributed import check_parallelism
+from coreai_palettize_plugins.settings.schema import PalettizeSettings
 
 SCRIPTS = Path(__file__).resolve().parent / "ddp_scripts"
 sys.path.insert(0, str(SCRIPTS))

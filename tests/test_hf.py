@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from coreai_palettize_plugins import load_palettized
-from coreai_palettize_plugins.export import AIMODEL_NAME, PACKED_NAME
+from coreai_palettize_plugins.export.writer import AIMODEL_NAME, PACKED_NAME
 from coreai_palettize_plugins.hf import PalettizationTrainerCallback
 
 

@@ -12,14 +12,14 @@ from helpers import example_image, mixed_net
 from tiny_models import hf_data, hf_model, keyword_only_module, lightning_demo, token_pairs
 
 from coreai_palettize_plugins import Palettization, load_palettized
-from coreai_palettize_plugins._batches import call_spec_from_batch
-from coreai_palettize_plugins._inputs import CallSpec, ExampleInputsError, as_call_spec
-from coreai_palettize_plugins.artifact import (
+from coreai_palettize_plugins.core._inputs import CallSpec, ExampleInputsError, as_call_spec
+from coreai_palettize_plugins.export.artifact import (
     EXAMPLE_INPUTS_NAME,
     MANIFEST_NAME,
     load_example_inputs,
 )
 from coreai_palettize_plugins.hf import batch_to_example_inputs, kv_cache_disabled
+from coreai_palettize_plugins.integrations._batches import call_spec_from_batch
 from coreai_palettize_plugins.lightning import default_example_inputs
 
 

@@ -13,7 +13,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from coreai_palettize_plugins import PalettizationWarning, load_palettized
 from coreai_palettize_plugins.demo.digits import DigitsCNN, DigitsDataModule
-from coreai_palettize_plugins.export import PACKED_NAME
+from coreai_palettize_plugins.export.writer import PACKED_NAME
 from coreai_palettize_plugins.lightning import PalettizationCallback
 
 

@@ -18,8 +18,8 @@ from coreai_palettize_plugins import (
     load_palettized,
 )
 from coreai_palettize_plugins import _coreai_compat as compat
-from coreai_palettize_plugins.coreai_config import config_from_yaml_text, config_to_yaml
-from coreai_palettize_plugins.export import MANIFEST_NAME
+from coreai_palettize_plugins.export.writer import MANIFEST_NAME
+from coreai_palettize_plugins.settings.coreai_config import config_from_yaml_text, config_to_yaml
 
 transformers = pytest.importorskip("transformers")
 
@@ -395,7 +395,7 @@ def test_resume_from_checkpoint_restores_expert_layout():
 
 
 def test_hydra_lists_the_linear_like_aliases_and_takes_them_without_plus(compose_config):
-    from coreai_palettize_plugins.settings import PalettizeSettings
+    from coreai_palettize_plugins.settings.schema import PalettizeSettings
 
     cfg = compose_config("palettize=none", "palettize.overrides.conv1d_hf=w4",
                          "palettize.overrides.experts=null")

@@ -33,7 +33,7 @@ from coreai_palettize_plugins.recipes import (
     split_blocks,
     tokenize_blocks,
 )
-from coreai_palettize_plugins.settings import PalettizeConfigError
+from coreai_palettize_plugins.settings.schema import PalettizeConfigError
 
 TINY = "tiny-llama-offline"
 TINY_LORA = "tiny-llama-offline-lora"

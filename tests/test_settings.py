@@ -20,8 +20,8 @@ from coreai_palettize_plugins import (
     PalettizeSettings,
     build_palettizer_config,
 )
-from coreai_palettize_plugins.coreai_config import config_from_yaml_text, config_to_yaml
-from coreai_palettize_plugins.settings import PRESETS
+from coreai_palettize_plugins.settings.coreai_config import config_from_yaml_text, config_to_yaml
+from coreai_palettize_plugins.settings.schema import PRESETS
 
 W4_LINEAR_W8 = KMeansPalettizerConfig.presets.w4().set_module_type(
     nn.Linear, ModuleKMeansPalettizerConfig.presets.w8())

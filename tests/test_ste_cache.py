@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from helpers import example_image, mixed_net
 
-from coreai_palettize_plugins import Palettization, strategies
+from coreai_palettize_plugins import Palettization
+from coreai_palettize_plugins.core import strategies
 
 PRESET = {"n_bits": 2, "group_size": 8}
 ACCUMULATE, STEPS = 4, 3

@@ -22,7 +22,7 @@ from coreai_palettize_plugins import (
 from coreai_palettize_plugins import _coreai_compat as compat
 from coreai_palettize_plugins._coreai_compat import fake_palettized_tensors
 from coreai_palettize_plugins.demo.digits import DigitsCNN, DigitsDataModule
-from coreai_palettize_plugins.export import PACKED_NAME
+from coreai_palettize_plugins.export.writer import PACKED_NAME
 from coreai_palettize_plugins.hf import PalettizationTrainerCallback
 from coreai_palettize_plugins.lightning import PalettizationCallback
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 from model_zoo import build
 
-from coreai_palettize_plugins._synthetic import synthetic_candidates
+from coreai_palettize_plugins.integrations._synthetic import synthetic_candidates
 
 # family -> the inputs of the first (most complete) candidate and their shapes
 EXPECTED = {

@@ -17,10 +17,10 @@ from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from coreai_palettize_plugins import Palettization, PalettizeConfigError, load_palettized
-from coreai_palettize_plugins.artifact import MANIFEST_NAME, PACKED_NAME, ArtifactError
+from coreai_palettize_plugins.core.integrity import CHECKPOINT_RECORD, IntegrityError, tensor_digest
 from coreai_palettize_plugins.demo.digits import DigitsCNN, DigitsDataModule
+from coreai_palettize_plugins.export.artifact import MANIFEST_NAME, PACKED_NAME, ArtifactError
 from coreai_palettize_plugins.hf import PalettizationTrainerCallback
-from coreai_palettize_plugins.integrity import CHECKPOINT_RECORD, IntegrityError, tensor_digest
 from coreai_palettize_plugins.lightning import PalettizationCallback
 
 

@@ -56,7 +56,7 @@ def test_converted_whisper_transcribes_and_survives_w8(whisper):
     converted model gets ~18 % on these synthetic sentences. w8 k-means of every projection
     keeps it (the tied 51864x384 table stays dense here: its 256-entry k-means alone takes
     minutes on 2 cores; ``benchmarks/quality_real.py`` palettizes it)."""
-    from coreai_palettize_plugins.engine import Palettization
+    from coreai_palettize_plugins.engine.lifecycle import Palettization
 
     model_dir, tokens, data = whisper
     torch.manual_seed(0)

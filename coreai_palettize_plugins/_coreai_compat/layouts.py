@@ -16,7 +16,7 @@ from coreai_opt.palettization.kmeans.kmeans_fake_palettize import _KMeansFakePal
 from coreai_opt.palettization.kmeans.kmeans_support_mixins import _PalettizationSupportMixin
 from coreai_opt.palettization.spec import PerGroupedChannelGranularity, PerTensorGranularity
 
-from ..linear_like import experts_transposed
+from ..core.linear_like import experts_transposed
 from .tensors import PalettizedTensor
 from .tracing import every_use_palettized
 

@@ -127,7 +127,7 @@ _LINEAR_LIKE_MODULES = (nn.Linear, nn.modules.conv._ConvNd)
 def _any_use_palettized(module: nn.Module) -> bool:
     """A Linear or convolution (subclasses included), or a linear-like kind coreai-opt's op
     tracing is not told about (HF ``Conv1D``; ``linear_like.LINEAR_LIKE``)."""
-    from ..linear_like import LINEAR_LIKE
+    from ..core.linear_like import LINEAR_LIKE
 
     return isinstance(module, _LINEAR_LIKE_MODULES) or any(
         not kind.state_spec and kind.matches(module) for kind in LINEAR_LIKE)

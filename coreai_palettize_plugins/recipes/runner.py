@@ -191,7 +191,7 @@ def finetune(source: str | os.PathLike | Mapping[str, Any] | Recipe,
 def palettization_callback(recipe: Recipe) -> Any:
     """The recipe's ``PalettizationTrainerCallback``: its palettize section, export dir and
     formats, and the resolved recipe written beside the export."""
-    from ..hf import PalettizationTrainerCallback
+    from ..integrations.hf import PalettizationTrainerCallback
 
     recipe_yaml = recipe.to_yaml()
     return PalettizationTrainerCallback(
@@ -206,7 +206,7 @@ def build_trainer(recipe: Recipe, model: torch.nn.Module, tokenizer: Any,
     (before ``train()``), and the callback logs through this ``Trainer``."""
     from transformers import Trainer, default_data_collator
 
-    from ..settings import PalettizeConfigError
+    from ..settings.schema import PalettizeConfigError
 
     try:
         trainer = Trainer(model=model, args=recipe.training_args,

@@ -20,7 +20,7 @@ import torch.nn as nn
 import yaml
 from transformers import TrainingArguments
 
-from ..settings import (
+from ..settings.schema import (
     EXPORT_FORMATS,
     PalettizeConfigError,
     PalettizeSettings,

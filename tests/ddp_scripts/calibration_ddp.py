@@ -12,7 +12,7 @@ import torch
 from _probe import palettized_state_hash, record
 from lightning.pytorch.callbacks import Callback
 
-from coreai_palettize_plugins import calibration
+from coreai_palettize_plugins.accuracy import calibration
 from coreai_palettize_plugins.demo.digits import DigitsCNN, DigitsDataModule
 from coreai_palettize_plugins.lightning import PalettizationCallback
 

@@ -17,7 +17,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 from coreai_palettize_plugins import Palettization
-from coreai_palettize_plugins.fsdp import replicated_state_bytes
+from coreai_palettize_plugins.engine.fsdp import replicated_state_bytes
 
 
 def main() -> None:

@@ -1,0 +1,1 @@
+"""Phases that decide how weights are clustered: calibration, the bits budget, LoRA adapters."""

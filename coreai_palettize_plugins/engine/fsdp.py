@@ -1,0 +1,290 @@
+"""FSDP2 (``torch.distributed.fsdp.fully_shard``): k-means on sharded weights, restore targets,
+export on rank 0.
+
+The palettized structure goes in before ``fully_shard`` (Lightning: ``setup``, before the
+module's ``configure_model`` shards it; the engine API: ``prepare`` -> ``fully_shard``). FSDP2 then
+shards each dense weight (``parametrizations.<attr>.original``, a ``DTensor`` with ``Shard(0)``)
+and replicates the fake-palettize buffers: the LUTs (``centroids``) are full on every rank.
+
+k-means on sharded weights (``cluster``):
+
+- **local**: when a weight's LUT groups lie along dim 0 (``per_grouped_channel``, axis 0, scalar
+  LUTs) and every rank's row range starts on a group boundary, each rank clusters the rows it
+  holds; the LUT pieces are all-gathered. No weight is gathered, and the k-means time divides by
+  the number of ranks.
+- **gather**: otherwise one weight at a time is all-gathered (``full_tensor``), its owner (greedy
+  bin packing, as ``distributed.plan_owners``) keeps it, clusters it, and broadcasts the state.
+
+Both end bit-identical to a single-process run (scalar k-means is deterministic, per group).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from coreai_opt.palettization.kmeans.palettizer import _calculate_centroids_for_module
+
+from .. import _coreai_compat as compat
+from ..core.checks import PalettizeConfigError
+from ..core.dist_context import DistContext
+from . import distributed
+from .distributed import check_fsdp2 as check_supported
+
+if TYPE_CHECKING:
+    from ..export.writer import ExportResult
+
+__all__ = [
+    "check_placements",
+    "check_supported",
+    "cluster",
+    "export_on_main",
+    "is_sharded",
+    "placeholder_centroids",
+    "replicated_state_bytes",
+]
+
+log = logging.getLogger(__name__)
+
+
+
+def _dtensor() -> type | None:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without DTensor
+        return None
+    return DTensor
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """A ``DTensor`` (a parameter FSDP2 sharded)."""
+    dtensor = _dtensor()
+    return dtensor is not None and isinstance(tensor, dtensor)
+
+
+def model_is_sharded(model: nn.Module) -> bool:
+    """Any parameter of ``model`` is a ``DTensor`` (``fully_shard`` was applied)."""
+    return any(is_sharded(p) for p in model.parameters())
+
+
+def check_placements(model: nn.Module) -> None:
+    """Palettized weights must be sharded FSDP2's way (``Shard(0)`` on each mesh dimension, or
+    replicated): tensor parallelism would hand the fake-palettize modules a ``DTensor``.
+
+    Raises:
+        PalettizeConfigError: naming the first weight sharded otherwise.
+    """
+    from torch.distributed.tensor import Replicate, Shard
+
+    for t in compat.fake_palettized_tensors(model):
+        weight = t.original
+        if is_sharded(weight) and any(p not in (Shard(0), Replicate()) for p in weight.placements):
+            raise PalettizeConfigError(
+                "", f"{t.name} is sharded as {tuple(weight.placements)}: tensor parallelism is "
+                "not supported; shard with fully_shard only (FSDP2, Shard(0)), or train with DDP")
+
+
+def placeholder_centroids(tensors: Sequence[compat.PalettizedTensor]) -> None:
+    """Give every weight without centroids a zero LUT of its final shape, still marked
+    uninitialized, so a sharded checkpoint (DCP loads only keys the model already has) restores
+    them; k-means overwrites them when nothing was restored."""
+    from .._coreai_compat.layouts import centroids_shape
+
+    for t in tensors:
+        if t.fake.centroids is None:
+            t.fake.centroids = torch.zeros(centroids_shape(t), dtype=t.original.dtype,
+                                           device=t.original.device)
+            t.fake._centroids_initialized = False
+
+
+# ---------------------------------------------------------------- k-means on shards
+
+
+def _row_ranges(rows: int, world: int) -> list[tuple[int, int]]:
+    """Each rank's ``[start, end)`` rows under FSDP2's ``Shard(0)`` (``torch.chunk`` sizes)."""
+    chunk = -(-rows // world)
+    return [(min(r * chunk, rows), min((r + 1) * chunk, rows)) for r in range(world)]
+
+
+def _aligned(t: compat.PalettizedTensor, weight: Any) -> bool:
+    """The weight's LUT groups are whole on each rank's dim-0 shard."""
+    from torch.distributed.tensor import Shard
+
+    fake = t.fake
+    group = fake._axis0_group_size()
+    if (group is None or fake.cluster_dim != 1 or fake.enable_per_channel_scale
+            or fake._sensitivities is not None or weight.device_mesh.ndim != 1
+            or weight.device_mesh.size() != distributed.world_size()
+            or tuple(weight.placements) != (Shard(0),)):
+        return False
+    ranges = _row_ranges(weight.shape[0], weight.device_mesh.size())
+    return all(start % group == 0 for start, _ in ranges) and weight.shape[0] % group == 0
+
+
+def _cluster_one(fake: Any, weight: torch.Tensor) -> None:
+    """coreai-opt's per-weight k-means (as its sequential path), on ``weight``."""
+    fake.disable_fake_palett()
+    _calculate_centroids_for_module((fake, weight))
+    fake.enable_fake_palett()
+
+
+def cluster(palettizer: Any, tensors: list[compat.PalettizedTensor], mode: str
+            ) -> distributed.ClusterStats:
+    """k-means for ``tensors`` whose weights FSDP2 sharded; every rank ends with the full LUTs."""
+    world, me = distributed.world_size(), distributed.rank()
+    weights = [t.original.detach() for t in tensors]
+    local = [is_sharded(w) and _aligned(t, w) for t, w in zip(tensors, weights)]
+    compat.end_deferral(tensors)
+    compat.ensure_kmeans_extension()
+    with distributed.agree("k-means (local shards)"), distributed._progress_on_rank_zero():
+        for t, w, here in zip(tensors, weights, local):
+            if here and w.to_local().shape[0]:
+                _cluster_one(t.fake, w.to_local())
+    sparse = _any_rank([bool(here and t.fake._sparsity_mask is not None)
+                        for t, here in zip(tensors, local)])
+    local = [here and not s for here, s in zip(local, sparse)]
+    for t, here in zip(tensors, local):
+        if here:
+            _gather_luts(t)
+    rest = [i for i, here in enumerate(local) if not here]
+    owners = distributed.plan_owners([weights[i].numel() for i in rest], world, mode)
+    stats = distributed.ClusterStats(
+        mode=f"fsdp2 ({sum(local)} local, {len(rest)} gathered)", world_size=world,
+        clustered_here=[t.name for t, here in zip(tensors, local) if here],
+        owners={tensors[i].name: o for i, o in zip(rest, owners)},
+        palettized_elements=sum(w.numel() for w in weights))
+    mine: list[tuple[compat.PalettizedTensor, torch.Tensor]] = []
+    for i, owner in zip(rest, owners):  # one weight at a time; only its owner keeps it
+        full = weights[i].full_tensor() if is_sharded(weights[i]) else weights[i]
+        if owner == me:
+            mine.append((tensors[i], full))
+        del full
+    with distributed.agree("k-means (gathered weights)"), distributed._progress_on_rank_zero():
+        for t, full in mine:
+            _reset_sparsity(t.fake)
+            _cluster_one(t.fake, full)
+            stats.clustered_here.append(t.name)
+    mine.clear()
+    if world > 1 and rest:
+        stats.broadcast_bytes = distributed._broadcast_results([tensors[i] for i in rest], owners)
+    return stats
+
+
+def _any_rank(flags: list[bool]) -> list[bool]:
+    """Per position: true on any rank."""
+    if not flags:
+        return flags
+    (summed,) = DistContext.current().all_reduce([torch.tensor(flags, dtype=torch.int32)])
+    return [bool(v) for v in summed.tolist()]
+
+
+def _reset_sparsity(fake: Any) -> None:
+    """Sparsity is detected per tensor: forget what a shard showed (the forward re-detects on
+    the unsharded weight)."""
+    fake._sparsity_mask = None
+    fake._sparsity_detected = False
+
+
+def _gather_luts(t: compat.PalettizedTensor) -> None:
+    """All-gather the LUT rows each rank clustered for its shard into the full LUT (rank order
+    is row order), then load it as a restored LUT (indices re-derived from it)."""
+    from .._coreai_compat.layouts import centroids_shape
+
+    weight = t.original.detach()
+    full_shape = centroids_shape(t)
+    group = t.fake._axis0_group_size()
+    ranges = _row_ranges(weight.shape[0], distributed.world_size())
+    counts = [(end - start) // group for start, end in ranges]
+    most = max(counts)
+    mine = t.fake.centroids if counts[distributed.rank()] else None
+    device = distributed._comm_device()
+    dtype = mine.dtype if mine is not None else weight.dtype
+    padded = torch.zeros((most, *full_shape[1:]), dtype=dtype, device=device)
+    if mine is not None:
+        padded[:mine.shape[0]] = mine.to(device)
+    pieces = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(pieces, padded)
+    full = torch.cat([p[:n] for p, n in zip(pieces, counts)]).to(weight.device)
+    _reset_sparsity(t.fake)
+    t.fake.indices = None
+    state = t.fake.state_dict()
+    state["centroids"] = full
+    state.pop("indices", None)
+    t.fake.load_state_dict(state, strict=False)
+
+
+# ---------------------------------------------------------------- export and state
+
+
+def _full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's full state dict on rank 0 (CPU, one tensor gathered at a time); ``{}`` on
+    the other ranks. Every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                cpu_offload=True))
+
+
+def export_on_main(engine: Any, directory: Any, **kwargs: Any) -> ExportResult | None:
+    """Export a sharded model: every rank gathers the full state to rank 0 (CPU, one tensor at a
+    time), which rebuilds the palettized model from it (no k-means) and exports it like a single
+    process. Returns the result on rank 0."""
+    from ..export import phase as export_step
+
+    state = _full_state_dict(engine.model)
+    return export_step.on_main(
+        engine.dist, lambda: _unsharded_engine(engine, state).export(directory, **kwargs))
+
+
+def report(engine: Any) -> Any:
+    """The compression report of a sharded model, as a single process would build it: rank 0
+    gathers the full state and builds it on an unsharded copy; every rank gets it."""
+    state = _full_state_dict(engine.model)
+    built = _unsharded_engine(engine, state).report() if distributed.rank() == 0 else None
+    del state
+    return distributed.broadcast_object(built)
+
+
+def _unsharded_engine(engine: Any, state: dict[str, torch.Tensor]) -> Any:
+    """A process-local engine over a fresh copy of the model loaded from ``state``."""
+    import warnings
+
+    from ..export import phase as export_step
+
+    copy = type(engine)(engine.settings, model_factory=engine._model_factory)
+    copy._skeleton = engine._skeleton
+    copy.dist_context = DistContext()  # this rank alone: no collectives
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # attach's warnings were given once already
+        fresh = export_step.new_model(engine._model_factory, engine._skeleton, None)
+        copy.prepare(fresh, engine.example_inputs, state_dict=state)
+    copy.calibration_stats = engine.calibration_stats
+    return copy
+
+
+def replicated_state_bytes(model: nn.Module) -> int:
+    """Bytes of palettization state FSDP2 replicates on every rank (LUTs and other buffers of
+    the fake-palettize modules)."""
+    return sum(b.numel() * b.element_size() for t in compat.fake_palettized_tensors(model)
+               for b in t.fake.buffers())
+
+
+def attach_before_sharding(engine: Any, model: nn.Module, attach: Callable[[], None]) -> None:
+    """Lightning ``ModelParallelStrategy``: build the palettized structure before the module's
+    ``configure_model`` shards it, with zero LUTs a sharded checkpoint can restore into.
+
+    Raises:
+        PalettizeConfigError: the module has no weights yet (built inside ``configure_model``)
+            or they are on the meta device.
+    """
+    if any(p.is_meta for p in model.parameters()) or not any(True for _ in model.parameters()):
+        raise PalettizeConfigError(
+            "", f"{type(model).__name__} has no materialized weights before configure_model: "
+            "under the ModelParallelStrategy build the layers in __init__ (configure_model "
+            "should only apply fully_shard), or use the engine API (prepare, then fully_shard)")
+    attach()
+    placeholder_centroids(engine.tensors())

@@ -1,0 +1,1 @@
+"""The framework adapters: Lightning and Hugging Face callbacks."""
