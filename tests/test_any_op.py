@@ -279,3 +279,41 @@ def test_family_is_palettized_wherever_used_and_exports(tmp_path, name):
     assert facts["reload_max_diff"] <= 1e-5
     result = facts["result"]
     assert result.rebuilt_max_abs_diff == 0.0 and result.coreai_graph_max_abs_diff < 1e-4
+
+
+class NormedLayers(nn.Module):
+    """Weights under torch's own parametrizations (Wav2Vec2/HuBERT's positional conv is under
+    ``weight_norm``), next to a plain Linear that keeps working as before."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torch.nn.utils.parametrizations import spectral_norm, weight_norm
+
+        self.conv = weight_norm(nn.Conv1d(16, 32, 3, padding=1), dim=2)
+        self.proj = spectral_norm(nn.Linear(32, 32))
+        self.head = nn.Linear(32, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.proj(self.conv(x).transpose(1, 2)))
+
+
+def test_a_weight_under_another_parametrization_is_folded_and_palettized(tmp_path, caplog):
+    torch.manual_seed(0)
+    model = NormedLayers().eval()
+    x = torch.randn(2, 16, 6, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        dense_weight = model.conv.weight.clone()
+    with caplog.at_level("WARNING"):
+        engine = Palettization("w4")
+        engine.prepare(model, (x,))
+    assert "conv.weight (_WeightNorm)" in caplog.text and "proj.weight (_SpectralNorm)" in caplog.text
+    for module in (model.conv, model.proj):                     # folded: the palettization is
+        assert len(module.parametrizations["weight"]) == 1      # the only parametrization left
+    assert {t.name for t in engine.tensors()} == {"conv.weight", "proj.weight", "head.weight"}
+    assert torch.equal(engine.tensors()[0].original, dense_weight)       # the value is kept
+    assert engine.report().dense_layers == []
+    result = engine.export(tmp_path / "out", formats=["torch", "coreai"])  # a copy of the
+    assert set(result.written) == {"torch", "coreai"}, result.errors         # unfolded model
+    loaded = load_palettized(result.directory, NormedLayers).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))

@@ -44,12 +44,7 @@ KNOWN_EXPORT_FAILURES: dict[str, tuple[str, str]] = {
 # Rows that fail only because of work on other branches. Each entry names the branch, what is
 # expected today, and the exact cause; the test asserts that failure, so it fails (telling the
 # integrator to delete the entry) once the cause is fixed.
-NEEDS: dict[str, tuple[str, str, str]] = {
-    # any-ops (issue 19 item 2): the positional conv is under torch's weight_norm
-    # parametrization; coreai-opt leaves it dense and nothing names it.
-    "wav2vec2": ("any-ops", "share", "wav2vec2.encoder.pos_conv_embed.conv.weight"),
-    "hubert": ("any-ops", "share", "hubert.encoder.pos_conv_embed.conv.weight"),
-}
+NEEDS: dict[str, tuple[str, str, str]] = {}
 
 # One or more per modality and head type; the tail repeats a covered case with another class.
 CI_FAMILIES = ("gpt2", "llama", "qwen2_tied", "mixtral", "t5", "bert", "whisper", "vit", "resnet",

@@ -17,6 +17,7 @@ from coreai_opt.palettization.kmeans.kmeans_support_mixins import _Palettization
 from coreai_opt.palettization.spec import PerGroupedChannelGranularity, PerTensorGranularity
 
 from ..core.linear_like import experts_transposed
+from .foreign import fold_foreign_parametrizations
 from .tensors import PalettizedTensor
 from .tracing import every_use_palettized
 
@@ -229,6 +230,7 @@ def prepare_from_state_dict(palettizer: KMeansPalettizer, example_inputs: tuple[
         return prepared
 
     handler.prepare = insert_then_layout  # an instance attribute shadows the method
+    fold_foreign_parametrizations(palettizer._model, announce=False)  # as the trained model was
     try:
         return palettizer.prepare(example_inputs, state_dict=state_dict)
     finally:

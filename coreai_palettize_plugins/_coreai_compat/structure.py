@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.utils.parametrize as P
 from coreai_opt.palettization import KMeansPalettizer, KMeansPalettizerConfig
 
+from .foreign import fold_foreign_parametrizations
 from .layouts import apply_layouts, fit_granularity, layout_name, traceable_experts
 from .tensors import PalettizedTensor, fake_palettized_tensors
 from .tracing import every_use_palettized
@@ -51,6 +52,7 @@ def insert_parametrizations(
     fake (``fitted_layout``), and is not returned.
     """
     model = palettizer._model
+    fold_foreign_parametrizations(model)
     palettizer._module_config_dict = palettizer._config.build_module_config_dict(model)
     with traceable_experts(model), every_use_palettized(palettizer, model):
         palettizer._handler.prepare(model, example_inputs=example_inputs)
