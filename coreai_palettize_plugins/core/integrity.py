@@ -182,7 +182,8 @@ def _check_lut_shapes(engine: Palettization, state_dict: Mapping[str, Any], pref
                 "settings")
 
 
-def check_restored(engine: Palettization, source: str = "the checkpoint") -> None:
+def check_restored(tensors: list[compat.PalettizedTensor], model: nn.Module,
+                   source: str = "the checkpoint") -> None:
     """After a restore: LUTs finite, indices (or packed indices) below ``2**n_bits`` and of the
     weight's size, every restored dense weight finite.
 
@@ -190,12 +191,12 @@ def check_restored(engine: Palettization, source: str = "the checkpoint") -> Non
         IntegrityError: naming the tensor (a damaged checkpoint), before any training step.
     """
     problems: list[str] = []
-    for t in engine.tensors():
+    for t in tensors:
         for attr, value in _luts(t).items():
             if value.is_floating_point() and not bool(torch.isfinite(value).all()):
                 problems.append(f"{t.state_prefix}0.{attr} ({_nonfinite(value)})")
         problems += _index_problems(t)
-    params = [(n, p) for n, p in engine.model.named_parameters() if p.numel()]
+    params = [(n, p) for n, p in model.named_parameters() if p.numel()]
     if not _all_finite([p for _, p in params]):
         problems += [f"{n} ({_nonfinite(p)})" for n, p in params
                      if p.is_floating_point() and not bool(torch.isfinite(_local(p)).all())]

@@ -253,7 +253,7 @@ class Palettization:
         self._apply_budget()  # resume: the allocation the restored LUTs were clustered with
         compat.end_deferral(tensors)  # restored: the fakes palettize from here on
         checkpoint.require_restored(tensors, restored)
-        integrity.check_restored(self)  # finite LUTs and weights, indices < 2**n_bits
+        integrity.check_restored(tensors, self.model)  # finite LUTs and weights, indices < 2**n_bits
         self._restored = True
         self._update_compact()
 

@@ -24,32 +24,35 @@ Trainer) -> ``train()``: checkpoint ``load_state_dict(strict=False)`` -> optimiz
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import gc
 import logging
-import re
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-from transformers.trainer_callback import CallbackHandler
 
 from ..accuracy import adapters
 from ..accuracy.calibration import CalibrationData, move_to_device
 from ..core import integrity
 from ..core._inputs import CallSpec
-from ..core._modelcopy import model_device, tracing_forward
 from ..engine import distributed
 from ..engine.lifecycle import Palettization, as_example_inputs
 from ..export.report import CompressionReport
 from ..export.writer import ExportResult
 from ..settings.schema import ConfigSource, PalettizeConfigError
 from ._batches import call_spec_from_batch
+from ._hf_support import (
+    declare_tied,
+    disable_kv_cache,
+    handler_of,
+    kv_cache_disabled,
+    parallelism,
+    runs,
+)
 from ._synthetic import synthetic_candidates
 
 __all__ = ["PalettizationTrainerCallback", "batch_to_example_inputs", "disable_kv_cache",
@@ -71,55 +74,6 @@ def batch_to_example_inputs(model: nn.Module, batch: Mapping[str, Any]) -> CallS
         ExampleInputsError: the batch does not fit the forward's signature (names the fix).
     """
     return call_spec_from_batch(model, batch, fix=_FIX)
-
-
-def _configs(model: nn.Module) -> Iterator[Any]:
-    seen: set[int] = set()
-    for module in model.modules():
-        for config in (getattr(module, "config", None), getattr(module, "generation_config", None)):
-            if config is not None and id(config) not in seen:
-                seen.add(id(config))
-                yield config
-
-
-def disable_kv_cache(model: nn.Module) -> None:
-    """Turn ``use_cache`` off on every config of ``model`` (sub-models keep their own copies) and
-    on its generation config: torch.export cannot trace the cache objects transformers returns."""
-    for config in _configs(model):
-        if getattr(config, "use_cache", None):
-            config.use_cache = False
-
-
-@contextlib.contextmanager
-def kv_cache_disabled(model: nn.Module) -> Iterator[None]:
-    """``disable_kv_cache`` for the duration of a block (the plugin's tracing forwards of the
-    trained model); the configs are restored afterwards."""
-    changed = [c for c in _configs(model) if getattr(c, "use_cache", None)]
-    for config in changed:
-        config.use_cache = False
-    try:
-        yield
-    finally:
-        for config in changed:
-            config.use_cache = True
-
-
-def _parallelism(args: TrainingArguments, model: nn.Module | None) -> tuple[str, str, bool | None]:
-    """``(kind, name, find_unused_parameters)`` of the setup, from ``args`` and accelerate."""
-    from accelerate.state import AcceleratorState
-
-    state = AcceleratorState() if AcceleratorState._shared_state else None
-    if args.fsdp or getattr(state, "fsdp_plugin", None) is not None:
-        return "fsdp", "FSDP", None
-    if args.deepspeed or getattr(state, "deepspeed_plugin", None) is not None:
-        return "deepspeed", "DeepSpeed", None
-    if args.world_size <= 1:
-        return "single", "a single process", None
-    find_unused = args.ddp_find_unused_parameters
-    if find_unused is None and (getattr(model, "is_activation_checkpointing", False)
-                                or getattr(args, "activation_checkpointing", False)):
-        find_unused = False  # what Trainer picks in that case
-    return "ddp", "DDP", find_unused
 
 
 class PalettizationTrainerCallback(TrainerCallback):
@@ -226,7 +180,7 @@ class PalettizationTrainerCallback(TrainerCallback):
 
     def _check_parallelism(self, args: TrainingArguments, model: nn.Module | None) -> None:
         """The parallelism rules and the export directory, before training."""
-        kind, what, find_unused = _parallelism(args, model)
+        kind, what, find_unused = parallelism(args, model)
         distributed.check_parallelism(
             self.engine.settings, kind, what=what, find_unused=find_unused,
             fix="set TrainingArguments(ddp_find_unused_parameters=True)")
@@ -237,7 +191,7 @@ class PalettizationTrainerCallback(TrainerCallback):
             self.engine.attach(model, example_inputs)
         self.engine.calibration_data = self._calibration_data
         if self.engine.tied and hasattr(model, "_tied_weights_keys"):
-            _declare_tied(model, self.engine.tied)
+            declare_tied(model, self.engine.tied)
 
     def _inputs_without_data(self, model: nn.Module, tokenizer: Any) -> CallSpec | None:
         """``example_inputs=``, else a tokenizer sample or ``dummy_inputs`` completed with the
@@ -263,7 +217,7 @@ class PalettizationTrainerCallback(TrainerCallback):
                 log.debug("palettize: structure inputs %s do not fit (%s)", list(candidate), e)
         if len(specs) > 1:
             for spec in specs:
-                if _runs(model, spec):
+                if runs(model, spec):
                     return spec
         return specs[0] if specs else None  # attach names the forward's error
 
@@ -426,7 +380,7 @@ class PalettizationTrainerCallback(TrainerCallback):
         state.log_history.append({**logs, "step": state.global_step})
         handler = self._handler() if self._handler is not None else None
         if handler is None or not any(c is self for c in handler.callbacks):
-            handler = _handler_of(self)
+            handler = handler_of(self)
             self._handler = weakref.ref(handler) if handler is not None else None
         if handler is not None:
             handler.on_log(args, state, control, logs)
@@ -434,46 +388,6 @@ class PalettizationTrainerCallback(TrainerCallback):
             log.warning("palettize: this callback is in no transformers CallbackHandler, so its "
                         "metrics reach trainer.state.log_history only")
             self._warned_no_handler = True
-
-
-def _handler_of(callback: TrainerCallback) -> CallbackHandler | None:
-    """The ``CallbackHandler`` whose ``callbacks`` list holds ``callback``: no callback event
-    receives it, and its list is the one object that refers to the callback for the Trainer."""
-    for holder in gc.get_referrers(callback):
-        if not isinstance(holder, list) or not any(c is callback for c in holder):
-            continue
-        for owner in gc.get_referrers(holder):
-            if isinstance(owner, dict):  # an instance __dict__: one more hop to its object
-                owners = [o for o in gc.get_referrers(owner)
-                          if isinstance(o, CallbackHandler) and vars(o) is owner]
-            else:
-                owners = [owner]
-            for found in owners:
-                if isinstance(found, CallbackHandler) and found.callbacks is holder:
-                    return found
-    return None
-
-
-def _runs(model: nn.Module, spec: CallSpec) -> bool:
-    """Whether ``model`` runs on ``spec`` (eval, no grad, RNG untouched, no KV cache)."""
-    try:
-        with tracing_forward(model), kv_cache_disabled(model):
-            spec.to(model_device(model)).call(model)
-    except Exception as e:  # a probe: the caller tries the next candidate
-        log.debug("palettize: %s does not run on %s (%s)", type(model).__name__,
-                  spec.describe(), e)
-        return False
-    return True
-
-
-def _declare_tied(model: nn.Module, tied: Mapping[str, str]) -> None:
-    """save_pretrained refuses shared tensors it was not told about: declare the tied
-    parametrization keys so it stores them once (the engine restores them on load). The keys are
-    regexes (``re.search``, transformers 5's ``_tied_weights_keys`` format): one covers every
-    tensor under the alias, those of the training strategies (trainable LUTs) included."""
-    keys = dict(model._tied_weights_keys or {})
-    keys.update({re.escape(alias) + ".+": source for alias, source in tied.items()})
-    model._tied_weights_keys = keys
 
 
 # The documented path stays the callback's home in reprs and pickles (the module itself lives in
