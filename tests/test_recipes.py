@@ -189,7 +189,8 @@ BAD_RECIPES = [
     (["palettize.overrides.linear.n_bits=5"], "recipe.palettize.overrides.linear.n_bits: 5 is not "
      "supported; valid: 1, 2, 3, 4, 6, 8"),
     (["palettize.num_worker=2"], "recipe.palettize.num_worker: unknown key; valid: preset, "
-     "overrides, modules, config_file, schedule, training, num_workers, distributed, compact, export"),
+     "overrides, modules, fit_layouts, config_file, schedule, training, num_workers, distributed, "
+     "compact, export"),
     (["palettize.export.dir=x"], "recipe.palettize.export: set the export in the recipe's own "
      "export section (export.dir, export.formats)"),
     (["train.max_steps=ten"], "recipe.train.max_steps: must be an integer, got 'ten'"),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import json
+import logging
 import os
 import signal
 import sys
@@ -49,6 +50,25 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
+class _Collected(logging.Handler):
+    """The plugin's log records of the child, sent back to be logged in the parent (its handlers:
+    caplog, the user's logging config), not printed by the child."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[tuple[str, int, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append((record.name, record.levelno, record.getMessage()))
+
+
+def _collect_package_logs() -> _Collected:
+    package = logging.getLogger(__name__.split(".")[0])
+    collected = _Collected()
+    package.handlers, package.propagate = [collected], False
+    return collected
+
+
 def run_isolated(step: Callable[[], Any], *, what: str) -> Any:
     """``step()`` (returning JSON-serialisable data) in a forked child; its exception is raised
     here as ``StepFailed(<one line>)``, its death as ``ChildProcessDied`` naming the signal and
@@ -75,10 +95,12 @@ def run_isolated(step: Callable[[], Any], *, what: str) -> Any:
             import torch
 
             torch.set_num_threads(1)  # GNU OpenMP's pool does not survive a fork
+            logs = _collect_package_logs()
             try:
                 payload = {"ok": True, "value": step()}
             except BaseException as e:
                 payload = {"ok": False, "error": one_line(e)}
+            payload["logs"] = logs.records
             with os.fdopen(res_w, "w") as f:
                 f.write(json.dumps(payload))
             code = 0
@@ -111,6 +133,8 @@ def run_isolated(step: Callable[[], Any], *, what: str) -> Any:
         sys.stderr.flush()
     if raw:
         payload = json.loads(raw)
+        for name, level, message in payload.get("logs", []):  # as if logged here
+            logging.getLogger(name).log(level, "%s", message)
         if payload["ok"]:
             return payload["value"]
         raise StepFailed(payload["error"])
