@@ -13,6 +13,7 @@ from helpers import KMeansCounter
 from coreai_palettize_plugins import _coreai_compat as compat
 from coreai_palettize_plugins import load_palettized
 from coreai_palettize_plugins.accuracy.budget import budget_floor
+from coreai_palettize_plugins.engine import allocation
 from coreai_palettize_plugins.engine.lifecycle import Palettization
 from coreai_palettize_plugins.settings.schema import PalettizeConfigError
 
@@ -45,7 +46,8 @@ def attached(bits: float, granularity: list | None = None, **fields) -> Palettiz
 
 
 def floor(engine: Palettization) -> float:
-    return budget_floor(engine._budget_scope(), engine.settings.budget)
+    scope = allocation.scope(engine.model, engine.settings, engine.tied)
+    return budget_floor(scope, engine.settings.budget)
 
 
 def test_the_floor_counts_the_tied_vocabulary_and_fit_layouts_false_keeps_it_dense():

@@ -14,27 +14,16 @@ import json
 import logging
 import sys
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.nn as nn
 
 from .. import _coreai_compat as compat
-from ..settings.coreai_config import config_to_yaml
 from .checks import PalettizeConfigError
 from .dist_context import DistContext
-
-
-class Palettization(Protocol):
-    """What the checks read of the engine (a feature never imports the engine)."""
-
-    model: nn.Module
-    settings: Any
-    config: Any
-
-    def tensors(self) -> list[compat.PalettizedTensor]: ...
 
 __all__ = ["CHECKPOINT_RECORD", "IntegrityError", "check_luts_finite", "check_restored",
            "check_weights_finite", "loaded_from", "read_record", "state_checksums",
@@ -143,33 +132,36 @@ def check_luts_finite(tensors: list[compat.PalettizedTensor], step: int) -> None
 
 # ---------------------------------------------------------------------- checkpoint restore
 
-def watch_loads(engine: Palettization) -> None:
-    """A root load pre-hook on the engine's model: a checkpoint's LUTs must have the shapes
-    this config gives (before torch copies them: a w4 checkpoint would otherwise load into a
-    w2 run silently, or fail with an unrelated shape error later). In a Hugging Face
-    ``Trainer._load_from_checkpoint`` it also verifies the checkpoint's record first."""
+def watch_loads(model: nn.Module, tensors: Callable[[], list[compat.PalettizedTensor]],
+                config_yaml: Callable[[], str], *, budget: bool) -> None:
+    """A root load pre-hook on ``model``: a checkpoint's LUTs must have the shapes this config
+    gives (before torch copies them: a w4 checkpoint would otherwise load into a w2 run
+    silently, or fail with an unrelated shape error later). In a Hugging Face
+    ``Trainer._load_from_checkpoint`` it also verifies the checkpoint's record first.
+    ``tensors``/``config_yaml`` are read at load time; with a ``budget`` the LUT sizes are the
+    restored allocation's, so only the record is read."""
 
     def pre_hook(module: Any, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         if not compat.is_palettized_state(state_dict):
             return
         directory = _hf_checkpoint_directory()
         if directory is not None:
-            _LOADED_FROM[engine] = directory
-            verify_record(engine, directory, config=engine.settings.budget is None)
-        _check_lut_shapes(engine, state_dict, prefix)
+            _LOADED_FROM[model] = directory
+            verify_record(directory, tensors(), config_yaml(), config=not budget)
+        if not budget:  # the allocation is read from the restored LUT sizes otherwise
+            _check_lut_shapes(tensors(), state_dict, prefix)
 
-    engine.model.register_load_state_dict_pre_hook(pre_hook)
-
-
-def loaded_from(engine: Palettization) -> str | None:
-    """The HF checkpoint directory the engine's model was last loaded from (``watch_loads``)."""
-    return _LOADED_FROM.get(engine)
+    model.register_load_state_dict_pre_hook(pre_hook)
 
 
-def _check_lut_shapes(engine: Palettization, state_dict: Mapping[str, Any], prefix: str) -> None:
-    if engine.settings.budget is not None:
-        return  # the allocation is read from the restored LUT sizes (budget.allocation_from_state)
-    for t in engine.tensors():
+def loaded_from(model: nn.Module) -> str | None:
+    """The HF checkpoint directory ``model`` was last loaded from (``watch_loads``)."""
+    return _LOADED_FROM.get(model)
+
+
+def _check_lut_shapes(tensors: list[compat.PalettizedTensor], state_dict: Mapping[str, Any],
+                      prefix: str) -> None:
+    for t in tensors:
         value = state_dict.get(f"{prefix}{t.state_prefix}0.centroids")
         if not isinstance(value, torch.Tensor):
             continue
@@ -232,11 +224,13 @@ def _index_problems(t: compat.PalettizedTensor) -> list[str]:
 
 # ---------------------------------------------------------------------- the HF record
 
-def write_record(engine: Palettization, directory: str | Path, step: int) -> Path:
-    """``palettize_state.json`` in a checkpoint directory: the resolved config (as Lightning's
-    callback state holds it), the PAT step and a checksum of every LUT and index tensor."""
-    record = {"format": RECORD_FORMAT, "step": int(step), "config": config_to_yaml(engine.config),
-              "budget": engine.settings.budget is not None, "luts": state_checksums(engine)}
+def write_record(directory: str | Path, step: int, tensors: list[compat.PalettizedTensor],
+                 config_yaml: str, *, budget: bool) -> Path:
+    """``palettize_state.json`` in a checkpoint directory: the resolved config (``config_yaml``,
+    as Lightning's callback state holds it), the PAT step and a checksum of every LUT and index
+    tensor."""
+    record = {"format": RECORD_FORMAT, "step": int(step), "config": config_yaml,
+              "budget": budget, "luts": state_checksums(tensors)}
     path = Path(directory) / CHECKPOINT_RECORD
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
@@ -261,9 +255,11 @@ def read_record(directory: str | Path) -> dict[str, Any] | None:
 _WARNED: set[str] = set()
 
 
-def verify_record(engine: Palettization, directory: str | Path, *, config: bool = True,
-                  luts: bool = False, step: int | None = None) -> bool:
-    """Compare a checkpoint's record with this run: its ``config`` (before the load; with a
+def verify_record(directory: str | Path, tensors: list[compat.PalettizedTensor],
+                  config_yaml: str, *, config: bool = True, luts: bool = False,
+                  step: int | None = None) -> bool:
+    """Compare a checkpoint's record with this run (``config_yaml``, the restored ``tensors``):
+    its ``config`` (before the load; with a
     ``palettize.budget``, after it, once the allocation is known), the restored ``luts`` against
     their checksums and the ``step`` (after the load). Returns False, with one warning per
     directory, for a checkpoint without a record (an older version wrote it).
@@ -279,7 +275,7 @@ def verify_record(engine: Palettization, directory: str | Path, *, config: bool 
             log.warning("palettize: %s has no %s (written by an older version): its palettize "
                         "config cannot be verified", directory, CHECKPOINT_RECORD)
         return False
-    ours = config_to_yaml(engine.config)
+    ours = config_yaml
     if config and record.get("config") != ours:
         raise PalettizeConfigError("", f"the checkpoint {directory} was palettized with a "
                                    f"different config than this run's "
@@ -290,25 +286,26 @@ def verify_record(engine: Palettization, directory: str | Path, *, config: bool 
                              f"{record.get('step')}, the checkpoint's trainer state step {step}: "
                              "the directory mixes two saves")
     if luts:
-        verify_checksums(engine, record.get("luts", {}), f"the checkpoint {directory}")
+        verify_checksums(tensors, record.get("luts", {}), f"the checkpoint {directory}")
     return True
 
 
-def state_checksums(engine: Palettization) -> dict[str, str]:
+def state_checksums(tensors: list[compat.PalettizedTensor]) -> dict[str, str]:
     """sha256 of every LUT and (packed) index tensor, by state-dict key: what a checkpoint
     records (HF: ``palettize_state.json``; Lightning: the callback state)."""
     return {f"{t.state_prefix}0.{attr}": tensor_digest(v)
-            for t in engine.tensors() for attr, v in _recorded(t).items()}
+            for t in tensors for attr, v in _recorded(t).items()}
 
 
-def verify_checksums(engine: Palettization, recorded: Mapping[str, str], source: str) -> None:
+def verify_checksums(tensors: list[compat.PalettizedTensor], recorded: Mapping[str, str],
+                     source: str) -> None:
     """The restored LUTs and indices against ``state_checksums`` taken when they were saved.
 
     Raises:
         IntegrityError: naming the first tensor that differs.
     """
     restored = {f"{t.state_prefix}0.{attr}": v
-                for t in engine.tensors() for attr, v in _recorded(t).items()}
+                for t in tensors for attr, v in _recorded(t).items()}
     for key, digest in sorted(recorded.items()):
         value = restored.get(key)
         if value is not None and tensor_digest(value) != digest:

@@ -26,18 +26,18 @@ import torch.nn as nn
 from coreai_opt.palettization import KMeansPalettizer
 
 from .. import _coreai_compat as compat
-from ..accuracy import adapters, budget, fitting
+from ..accuracy import adapters, budget
 from ..accuracy import calibration_phase as _calibration_step
 from ..accuracy.calibration import CalibrationData, CalibrationStats
 from ..core import integrity, strategies
 from ..core._inputs import CallSpec, as_call_spec
 from ..core.dist_context import DistContext
 from ..export import phase as export_step
-from ..export.report import CompressionReport, rest_of_model
+from ..export.report import CompressionReport
 from ..export.writer import ExportResult
 from ..settings.coreai_config import config_to_yaml, to_coreai_config
 from ..settings.schema import ConfigSource, PalettizeSettings
-from . import attach, checkpoint, distributed, fsdp
+from . import allocation, attach, checkpoint, distributed, fsdp
 from .attach import PalettizationWarning
 from .compact import CompactBase
 
@@ -159,7 +159,8 @@ class Palettization:
         self.skipped, self.consumers, self.tied = a.skipped, a.consumers, a.tied
         self.compact, self.adapters = a.compact, a.adapters
         self.example_inputs = example_inputs.detached_cpu()
-        integrity.watch_loads(self)  # a checkpoint's LUT shapes must fit this config
+        integrity.watch_loads(model, self.tensors, self.config_yaml,  # LUT shapes fit the config
+                              budget=self.settings.budget is not None)
         if self.dist.is_main:
             attach.warn_dense(model, self._trace_record())
 
@@ -257,40 +258,25 @@ class Palettization:
         self._restored = True
         self._update_compact()
 
-    def _budget_scope(self) -> budget.BudgetScope:
-        tensors = self.tensors()
-        rest_numel, rest_bytes, _ = rest_of_model(self.model, tensors)
-        return budget.BudgetScope(tensors, dict(self.settings.modules), self.tied, rest_numel,
-                                  rest_bytes)
-
     def _apply_budget(self) -> None:
-        """With ``palettize.budget``: choose each weight's bits (rank 0, broadcast) and rebuild
-        the config with them, before k-means; once. ``self.sensitivities`` (set by calibration
-        first) weight the objective. After a restore, the allocation is read from the restored
-        LUTs instead."""
-        if self.settings.budget is None or self.allocation is not None:
-            return
-        # A restored checkpoint (e.g. HF resume) holds the allocation in its LUT sizes.
-        scope = self._budget_scope()
-        self._use_allocation(
-            budget.allocation_from_state(scope, self.settings.budget)
-            or budget.apply_budget(scope, self.settings.budget, self.dist, self.sensitivities))
+        """With ``palettize.budget``: choose each weight's bits (a restored checkpoint's, else
+        rank 0's, broadcast) and rebuild the config with them, before k-means; once.
+        ``self.sensitivities`` (set by calibration first) weight the objective."""
+        if self.settings.budget is not None and self.allocation is None:
+            self._use_allocation(allocation.choose(self.model, self.settings, self.tied,
+                                                   self.dist, self.sensitivities))
 
-    def _use_allocation(self, allocation: budget.Allocation) -> None:
-        """The config with the allocation's ``modules`` block after the explicit modules."""
-        self.allocation = allocation
-        self.settings.modules.update(allocation.modules_block())
-        allocated = {m for x in allocation.layers for m in (x.module, *x.aliases)}
-        with compat.classes_before_parametrization(self.model):  # as attach built it
-            config = to_coreai_config(self.settings, self.model)
-        self.config = fitting.extend_config(config, self.model, skip_modules=allocated)
+    def _use_allocation(self, chosen: budget.Allocation) -> None:
+        self.allocation = chosen
+        self.config = allocation.configure(self.settings, self.model, chosen)
 
     def allocate_budget(self, sensitivities: Mapping[str, torch.Tensor] | None = None
                         ) -> budget.Allocation:
         """The allocation ``palettize.budget`` gives the attached, not yet clustered model (this
         process only, not applied). ``sensitivities``: per weight name, shaped like the weight."""
         self._require_attached()
-        return budget.allocate(self._budget_scope(), self.settings.budget, sensitivities)
+        return budget.allocate(allocation.scope(self.model, self.settings, self.tied),
+                               self.settings.budget, sensitivities)
 
     def prepare(self, model: nn.Module, example_inputs: Any,
                 state_dict: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
@@ -303,8 +289,12 @@ class Palettization:
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint needs besides the model's own state: the PAT step and config."""
-        return checkpoint.engine_state(self.step, config_to_yaml(self.config),
+        return checkpoint.engine_state(self.step, self.config_yaml(),
                                        self.calibration_stats, self.allocation)
+
+    def config_yaml(self) -> str:
+        """The resolved coreai-opt config as a checkpoint records it."""
+        return config_to_yaml(self.config)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore from ``state_dict()``. The model's tensors come from its own state dict.
@@ -315,7 +305,7 @@ class Palettization:
         if state.get("budget") is not None and self.allocation is None and self.attached:
             self._use_allocation(budget.restore_allocation(  # no k-means
                 self.tensors(), self.settings.budget, state["budget"]))
-        step, calibration = checkpoint.read_engine_state(state, config_to_yaml(self.config))
+        step, calibration = checkpoint.read_engine_state(state, self.config_yaml())
         if self.palettizer is not None:
             compat.set_step(self.palettizer, step)
         self.calibration_stats = calibration or self.calibration_stats

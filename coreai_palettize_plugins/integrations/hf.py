@@ -303,7 +303,7 @@ class PalettizationTrainerCallback(TrainerCallback):
         """The checkpoint's ``palettize_state.json`` (written by ``on_save``): config, step and
         LUT checksums against what was restored. The config was compared before the load when
         the load ran inside ``Trainer._load_from_checkpoint`` (``integrity.watch_loads``)."""
-        directory = integrity.loaded_from(self.engine)
+        directory = integrity.loaded_from(self.engine.model)
         checked_before = directory is not None and self.engine.settings.budget is None
         if directory is None and isinstance(args.resume_from_checkpoint, str):
             directory = args.resume_from_checkpoint
@@ -314,8 +314,8 @@ class PalettizationTrainerCallback(TrainerCallback):
             log.warning("palettize: resumed at step %d from a checkpoint this callback cannot "
                         "locate: its palettize config cannot be verified", state.global_step)
             return
-        integrity.verify_record(self.engine, directory, config=not checked_before, luts=True,
-                                step=state.global_step)
+        integrity.verify_record(directory, self.engine.tensors(), self.engine.config_yaml(),
+                                config=not checked_before, luts=True, step=state.global_step)
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                 **kwargs: Any) -> None:
@@ -325,7 +325,9 @@ class PalettizationTrainerCallback(TrainerCallback):
             return
         directory = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if directory.is_dir():
-            integrity.write_record(self.engine, directory, state.global_step)
+            integrity.write_record(directory, state.global_step, self.engine.tensors(),
+                                   self.engine.config_yaml(),
+                                   budget=self.engine.settings.budget is not None)
         else:
             log.warning("palettize: no %s after a save: the checkpoint's palettize config is not "
                         "recorded (a resume will not verify it)", directory)

@@ -364,7 +364,7 @@ class PalettizationCallback(Callback):
             return
         self.engine.ensure_clustered()
         if self._checksums is not None:  # what the checkpoint recorded when it was saved
-            integrity.verify_checksums(self.engine, self._checksums,
+            integrity.verify_checksums(self.engine.tensors(), self._checksums,
                                        f"the checkpoint {trainer.ckpt_path}")
             self._checksums = None
         self.report = self.engine.report()
@@ -418,7 +418,7 @@ class PalettizationCallback(Callback):
     def state_dict(self) -> dict[str, Any]:
         state = self.engine.state_dict()
         if self.engine.clustered:  # sha256 of LUTs and indices, verified on resume
-            state["checksums"] = integrity.state_checksums(self.engine)
+            state["checksums"] = integrity.state_checksums(self.engine.tensors())
         return state
 
     @override
