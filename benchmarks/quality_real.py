@@ -21,7 +21,7 @@ is assigned once per evaluation instead of on every forward (``--uncached`` meas
 difference). Results are written to the JSON after every arm, so a killed run keeps its arms.
 
     python benchmarks/quality_real.py                      # every arm (~1 h on 2 busy cores)
-    python benchmarks/quality_real.py --arms dense,kmeans-w8
+    python benchmarks/quality_real.py --arms dense,kmeans-w8-fit
     python benchmarks/quality_real.py --plot               # quality_real.png from the JSON
 """
 
@@ -43,43 +43,45 @@ OUT = HERE / "quality_real_results.json"
 STEPS, LR, BATCH = 30, 1e-5, 4
 
 
-def head(bits: int) -> dict | None:
-    """The tied ``proj_out``/``embed_tokens`` (51864x384, half the weights): its 51864 rows do not
-    divide into w4/w6's 16-channel groups. The recorded arms give it groups of 8 by hand;
-    ``fit_layouts`` (default since the fit-layouts merge) would give it groups of 12 without this
-    entry. w8 is per-tensor and takes it as it is."""
-    if bits == 8:
-        return None
+def head(bits: int) -> dict:
+    """The tied ``proj_out``/``embed_tokens`` (51864x384, half the weights) at groups of 8, by
+    hand: its 51864 rows do not divide into w4's 16-channel groups. Only the arms recorded
+    before ``fit_layouts`` existed use it (``kmeans-w4``); every other arm leaves the head to
+    ``fit_layouts`` (default on: groups of 12 at w4/w6, per-tensor at w8), as a user gets it."""
     return {"n_bits": bits, "granularity": "per_grouped_channel", "group_size": 8}
 
 
-def pal(preset: str, bits: int, **extra) -> dict:
-    """A ``palettize`` section: ``preset``, the head at ``bits`` (:func:`head`), no export."""
-    modules = {"proj_out": head(bits)} if head(bits) else {}
+def pal(preset: str, head_by_hand: bool = False, **extra) -> dict:
+    """A ``palettize`` section: ``preset``, no export; the head by hand (:func:`head`) or fitted."""
+    bits = int(preset.lstrip("w"))
+    modules = {"proj_out": head(bits)} if head_by_hand else {}
     return {"preset": preset, "modules": modules, "export": {"formats": []}, **extra}
 
 
 CAL = {"calibration": {"samples": 16}}
+KM = {"lr": 0.0, "steps": 1}  # k-means only
 ARMS: dict[str, dict] = {
     "dense": {},
-    **{f"kmeans-w{b}": {"palettize": pal(f"w{b}", b), "lr": 0.0, "steps": 1} for b in (8, 6, 4, 3)},
-    "slow-eval": {"palettize": pal("w4", 4), "lr": 0.0, "steps": 1, "uncached": True},
-    "kmeans-w4-frozen": {"palettize": pal("w4", 4, training="frozen"), "lr": 0.0, "steps": 1},
-    **{f"budget-{t}": {"palettize": pal("w4", 4, budget={"bits_per_weight": t}), "lr": 0.0, "steps": 1}
+    "kmeans-w4": {"palettize": pal("w4", head_by_hand=True), **KM},
+    **{f"kmeans-w{b}-fit": {"palettize": pal(f"w{b}"), **KM} for b in (8, 6, 4, 3)},
+    "slow-eval": {"palettize": pal("w4"), "uncached": True, **KM},
+    "kmeans-w4-frozen": {"palettize": pal("w4", training="frozen"), **KM},
+    **{f"budget-{t}": {"palettize": pal("w4", budget={"bits_per_weight": t}), **KM}
        for t in (4.0, 3.5)},
-    **{f"budget-{t}-cal": {"palettize": pal("w4", 4, budget={"bits_per_weight": t}, **CAL),
-                           "lr": 0.0, "steps": 1} for t in (4.0, 3.5)},
+    **{f"budget-{t}-cal": {"palettize": pal("w4", budget={"bits_per_weight": t}, **CAL), **KM}
+       for t in (4.0, 3.5)},
     "ft-dense": {"palettize": None},
-    "ft-w4-ste": {"palettize": pal("w4", 4)},
-    "ft-w4-ste-cal": {"palettize": pal("w4", 4, **CAL), "uncached": True},
-    "ft-w4-ste-lr3e-5": {"palettize": pal("w4", 4), "lr": 3e-5},
+    "ft-w4-ste": {"palettize": pal("w4")},
+    "ft-w4-ste-cal": {"palettize": pal("w4", **CAL)},
+    "ft-w4-ste-lr3e-5": {"palettize": pal("w4"), "lr": 3e-5},
     "ft-dense-lr3e-5": {"palettize": None, "lr": 3e-5},
-    "ft-w4-ste-lut10": {"palettize": pal("w4", 4, training={"type": "ste", "lut_update_every": 10})},
-    "ft-w4-lora": {"palettize": pal("w4", 4, adapters={"r": 16, "target": [
+    "ft-w4-ste-lut10": {"palettize": pal("w4", training={"type": "ste", "lut_update_every": 10})},
+    "ft-w4-lora": {"palettize": pal("w4", adapters={"r": 16, "target": [
         "q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]}), "lr": 1e-4},
-    "ft-budget-4.0-cal-ste": {"palettize": pal("w4", 4, budget={"bits_per_weight": 4.0}, **CAL)},
-    "ft-budget-3.5-cal-ste": {"palettize": pal("w4", 4, budget={"bits_per_weight": 3.5}, **CAL)},
-    "ft-w3-ste": {"palettize": pal("w3", 3)},
+    "ft-budget-4.0-cal-ste": {"palettize": pal("w4", budget={"bits_per_weight": 4.0}, **CAL)},
+    "ft-budget-3.5-cal-ste": {"palettize": pal("w4", budget={"bits_per_weight": 3.5}, **CAL)},
+    "ft-budget-3.5-ste": {"palettize": pal("w4", budget={"bits_per_weight": 3.5})},
+    "ft-w3-ste": {"palettize": pal("w3")},
 }
 
 
@@ -153,7 +155,7 @@ def run_arm(name: str, spec: dict, ctx: dict, args) -> dict:
     if cb is not None:
         report = cb.report or cb.engine.report()
         result["bits_per_weight"] = report.bits_per_weight
-        result["dense_weights"] = [d.name for d in getattr(report, "dense_weights", [])][:20]
+        result["dense_layers"] = [d.name for d in report.dense_layers][:20]
         allocation = getattr(cb.engine, "allocation", None)
         if allocation is not None:
             result.update(budget_achieved=allocation.achieved, trial_kmeans_runs=allocation.kmeans_runs,
