@@ -167,6 +167,8 @@ def check_fsdp2(settings: PalettizeSettings, what: str) -> None:
         raise PalettizeConfigError("calibration", tail)
     if settings.budget is not None:
         raise PalettizeConfigError("budget", tail)
+    if settings.distillation is not None:
+        raise PalettizeConfigError("distillation", f"(a dense teacher per rank) {tail}")
     if settings.training_strategy != "ste":
         raise PalettizeConfigError(
             "training", f"{settings.training_strategy!r} {tail} (frozen/lut keep weight-shaped "

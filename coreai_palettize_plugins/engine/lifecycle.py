@@ -26,11 +26,12 @@ import torch.nn as nn
 from coreai_opt.palettization import KMeansPalettizer
 
 from .. import _coreai_compat as compat
-from ..accuracy import adapters, budget
+from ..accuracy import adapters, budget, distillation
 from ..accuracy import calibration_phase as _calibration_step
 from ..accuracy.calibration import CalibrationData, CalibrationStats
 from ..core import integrity, strategies
-from ..core._inputs import CallSpec, as_call_spec
+from ..core._inputs import CallSpec
+from ..core._inputs import as_call_spec as as_example_inputs  # the engine's name for it
 from ..core.dist_context import DistContext
 from ..export import phase as export_step
 from ..export.report import CompressionReport
@@ -44,13 +45,6 @@ from .compact import CompactBase
 __all__ = ["CallSpec", "Palettization", "PalettizationWarning", "as_example_inputs"]
 
 log = logging.getLogger(__name__)
-
-
-def as_example_inputs(value: Any, model: nn.Module | None = None) -> CallSpec:
-    """Example inputs as the ``CallSpec`` every forward of the plugin uses: a tensor or a tuple
-    (positional inputs), a mapping (keyword inputs) or a ``CallSpec``; normalised for ``model``
-    when given (``None`` gaps become keywords or are dropped)."""
-    return as_call_spec(value, model)
 
 
 class Palettization:
@@ -112,6 +106,8 @@ class Palettization:
         """The compact base (``palettize.compact``), from ``attach``."""
         self.adapters: adapters.LoraAttachment | None = None
         """The LoRA adapters on the palettized base (``palettize.adapters`` or a PeftModel)."""
+        self.distiller: distillation.Distiller | None = None
+        """``palettize.distillation``: the dense teacher and its loss hook, from ``attach``."""
         self.dist_context: DistContext | None = None
         """The phases' process group (``None``: the default group, read at each phase)."""
 
@@ -151,6 +147,8 @@ class Palettization:
             theirs = attach.settings_of_rank_zero(self.settings.to_dict(), self.dist)
             if theirs is not None:  # one resolved config on every rank: rank 0's
                 self.settings = PalettizeSettings(**theirs, base_config=self.settings.base_config)
+            teacher = (distillation.teacher_for(model, self.settings.distillation)
+                       if self.settings.distillation is not None else None)  # dense: before
             self._attached = attach.build(model, self.settings, example_inputs,
                                           skeleton=self._model_factory is None)
         a = self._attached
@@ -159,6 +157,9 @@ class Palettization:
         self.skipped, self.consumers, self.tied = a.skipped, a.consumers, a.tied
         self.compact, self.adapters = a.compact, a.adapters
         self.example_inputs = example_inputs.detached_cpu()
+        if teacher is not None:  # hooked after the skeleton copy: the export never sees it
+            self.distiller = distillation.Distiller(model, teacher, self.settings.distillation,
+                                                    active=lambda: self._training is not None)
         integrity.watch_loads(model, self.tensors, self.config_yaml,  # LUT shapes fit the config
                               budget=self.settings.budget is not None)
         if self.dist.is_main:
@@ -360,6 +361,8 @@ class Palettization:
         self._run_hooks(tensors, "after_optimizer_step", step)
         integrity.check_luts_finite(tensors, step)
         self._update_compact()
+        if self.distiller is not None and self._training is not None:
+            self.distiller.check_used()  # the first step proves the term reached the loss
 
     sync_step = after_optimizer_step  # the 0.1 name
 
@@ -429,6 +432,8 @@ class Palettization:
         """End of training: leave training mode, then export on rank 0 (if any format is set)
         to ``palettize.export.dir`` or ``default_export_dir``. Returns the result on rank 0."""
         self.stop_training()
+        if self.distiller is not None:  # frees the teacher
+            self.distiller.remove()
         result = None
         if self.settings.export.formats:
             result = self.export_on_main(self.settings.export.dir or default_export_dir,

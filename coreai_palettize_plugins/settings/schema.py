@@ -25,6 +25,8 @@ key                       meaning
 ``budget``                null, or per-layer bits for a whole-model target (``budget.py``):
                           ``{bits_per_weight: 3.5, choices: [2, 3, 4, 6, 8]}``
 ``adapters``              null, or LoRA adapters on the frozen palettized base (``adapters.py``)
+``distillation``          null, or a KL term from a dense teacher added to the training loss
+                          (``distillation.py``): ``{weight: 1.0, temperature: 1.0, teacher: null}``
 ========================  =====================================================================
 
 A spec mapping has the keys ``preset`` (base), ``n_bits``, ``granularity`` (``per_tensor`` or
@@ -53,6 +55,7 @@ from coreai_opt.palettization import KMeansPalettizerConfig
 from ..accuracy.adapters import AdapterSettings, build_adapter_settings, check_adapter_training
 from ..accuracy.budget import check_budget
 from ..accuracy.calibration import CalibrationSettings, build_calibration
+from ..accuracy.distillation import DistillationSettings, build_distillation
 from ..core import strategies
 from ..core._utils import is_int
 from ..core.checks import (
@@ -192,6 +195,8 @@ class PalettizeSettings:
     budget: Any = None
     adapters: Any = None
     """null or ``AdapterSettings`` (a mapping ``{type: lora, r, alpha, ...}`` is converted)."""
+    distillation: DistillationSettings | None = None
+    """null (off) or a dense teacher's KL term added to the loss (``distillation.py``)."""
     base_config: KMeansPalettizerConfig | None = field(
         default=None, repr=False, compare=False, metadata={"omegaconf_ignore": True})
 
@@ -204,6 +209,7 @@ class PalettizeSettings:
         self.export = _build(ExportSettings, self.export, "export")
         self.calibration = build_calibration(_to_plain(self.calibration))
         self.adapters: AdapterSettings | None = build_adapter_settings(_to_plain(self.adapters))
+        self.distillation = build_distillation(_to_plain(self.distillation))
         if self.preset is not None:
             check_value(self.preset, "preset", allow_inherit=False)
         for type_key, value in self.overrides.items():
@@ -381,6 +387,7 @@ def register_configs() -> None:
     # An all-null calibration node (off) rather than null: Hydra cannot override a key under a
     # null node, so ``palettize.calibration.samples=8`` needs it to exist.
     node.calibration = OmegaConf.structured(CalibrationSettings)
+    node.distillation = OmegaConf.structured(DistillationSettings)  # all null: off, as above
     ConfigStore.instance().store(group="palettize", name="base", node=node)
 
 
