@@ -41,6 +41,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 OUT = HERE / "quality_real_results.json"
 STEPS, LR, BATCH = 30, 1e-5, 4
+FT_DENSE_DIR = HERE / ".cache" / "ft-dense-model"
+"""``ft-dense`` saves its fine-tuned model here: the teacher of the ``*-kd-ft`` arms."""
 
 
 def head(bits: int) -> dict:
@@ -70,7 +72,7 @@ ARMS: dict[str, dict] = {
        for t in (4.0, 3.5)},
     **{f"budget-{t}-cal": {"palettize": pal("w4", budget={"bits_per_weight": t}, **CAL), **KM}
        for t in (4.0, 3.5)},
-    "ft-dense": {"palettize": None},
+    "ft-dense": {"palettize": None, "save": str(FT_DENSE_DIR)},
     "ft-w4-ste": {"palettize": pal("w4")},
     "ft-w4-ste-cal": {"palettize": pal("w4", **CAL)},
     "ft-w4-ste-lr3e-5": {"palettize": pal("w4"), "lr": 3e-5},
@@ -82,6 +84,13 @@ ARMS: dict[str, dict] = {
     "ft-budget-3.5-cal-ste": {"palettize": pal("w4", budget={"bits_per_weight": 3.5}, **CAL)},
     "ft-budget-3.5-ste": {"palettize": pal("w4", budget={"bits_per_weight": 3.5})},
     "ft-w3-ste": {"palettize": pal("w3")},
+    # Distillation: the teacher is the untouched dense model (as attached) or ft-dense's model.
+    "ft-w4-ste-kd": {"palettize": pal("w4", distillation={"weight": 1.0})},
+    "ft-w4-ste-kd-ft": {"palettize": pal("w4", distillation={
+        "weight": 1.0, "teacher": str(FT_DENSE_DIR)})},
+    "ft-budget-3.5-ste-kd-ft": {"palettize": pal("w4", budget={"bits_per_weight": 3.5},
+                                                 distillation={"weight": 1.0,
+                                                               "teacher": str(FT_DENSE_DIR)})},
 }
 
 
@@ -149,6 +158,8 @@ def run_arm(name: str, spec: dict, ctx: dict, args) -> dict:
         trainer.train()
         train_seconds = time.perf_counter() - t0
     model = trainer.model
+    if spec.get("save"):
+        model.save_pretrained(spec["save"])
     result = evaluate(model, ctx["eval"], ctx["tokens"])
     result["train_seconds"] = train_seconds
     result["train_loss"] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
