@@ -61,6 +61,11 @@ def pal(preset: str, head_by_hand: bool = False, **extra) -> dict:
 
 
 CAL = {"calibration": {"samples": 16}}
+BUDGET_CACHE = str(HERE / ".cache" / "budget-errors.json")  # trial errors shared by the arms
+
+
+def budget(target: float) -> dict:
+    return {"bits_per_weight": target, "cache": BUDGET_CACHE}
 KM = {"lr": 0.0, "steps": 1}  # k-means only
 ARMS: dict[str, dict] = {
     "dense": {},
@@ -68,9 +73,9 @@ ARMS: dict[str, dict] = {
     **{f"kmeans-w{b}-fit": {"palettize": pal(f"w{b}"), **KM} for b in (8, 6, 4, 3)},
     "slow-eval": {"palettize": pal("w4"), "uncached": True, **KM},
     "kmeans-w4-frozen": {"palettize": pal("w4", training="frozen"), **KM},
-    **{f"budget-{t}": {"palettize": pal("w4", budget={"bits_per_weight": t}), **KM}
+    **{f"budget-{t}": {"palettize": pal("w4", budget=budget(t)), **KM}
        for t in (4.0, 3.5)},
-    **{f"budget-{t}-cal": {"palettize": pal("w4", budget={"bits_per_weight": t}, **CAL), **KM}
+    **{f"budget-{t}-cal": {"palettize": pal("w4", budget=budget(t), **CAL), **KM}
        for t in (4.0, 3.5)},
     "ft-dense": {"palettize": None, "save": str(FT_DENSE_DIR)},
     "ft-w4-ste": {"palettize": pal("w4")},
@@ -82,15 +87,15 @@ ARMS: dict[str, dict] = {
     "ft-w4-ste-lut10": {"palettize": pal("w4", training={"type": "ste", "lut_update_every": 10})},
     "ft-w4-lora": {"palettize": pal("w4", adapters={"r": 16, "target": [
         "q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]}), "lr": 1e-4},
-    "ft-budget-4.0-cal-ste": {"palettize": pal("w4", budget={"bits_per_weight": 4.0}, **CAL)},
-    "ft-budget-3.5-cal-ste": {"palettize": pal("w4", budget={"bits_per_weight": 3.5}, **CAL)},
-    "ft-budget-3.5-ste": {"palettize": pal("w4", budget={"bits_per_weight": 3.5})},
+    "ft-budget-4.0-cal-ste": {"palettize": pal("w4", budget=budget(4.0), **CAL)},
+    "ft-budget-3.5-cal-ste": {"palettize": pal("w4", budget=budget(3.5), **CAL)},
+    "ft-budget-3.5-ste": {"palettize": pal("w4", budget=budget(3.5))},
     "ft-w3-ste": {"palettize": pal("w3")},
     # Distillation: the teacher is the untouched dense model (as attached) or ft-dense's model.
     "ft-w4-ste-kd": {"palettize": pal("w4", distillation={"weight": 1.0})},
     "ft-w4-ste-kd-ft": {"palettize": pal("w4", distillation={
         "weight": 1.0, "teacher": str(FT_DENSE_DIR)})},
-    "ft-budget-3.5-ste-kd-ft": {"palettize": pal("w4", budget={"bits_per_weight": 3.5},
+    "ft-budget-3.5-ste-kd-ft": {"palettize": pal("w4", budget=budget(3.5),
                                                  distillation={"weight": 1.0,
                                                                "teacher": str(FT_DENSE_DIR)})},
 }
@@ -172,7 +177,8 @@ def run_arm(name: str, spec: dict, ctx: dict, args) -> dict:
         allocation = getattr(cb.engine, "allocation", None)
         if allocation is not None:
             result.update(budget_achieved=allocation.achieved, trial_kmeans_runs=allocation.kmeans_runs,
-                          allocation_seconds=allocation.seconds)
+                          allocation_seconds=allocation.seconds,
+                          allocation={x.name: [x.n_bits, x.group_size] for x in allocation.layers})
         if args.uncached or spec.get("uncached"):
             result["eval_speed"] = eval_speed(model, ctx)
     return result
