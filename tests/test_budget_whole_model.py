@@ -62,11 +62,13 @@ def test_the_floor_counts_the_tied_vocabulary_and_fit_layouts_false_keeps_it_den
 
 
 @pytest.mark.slow
-def test_three_and_a_half_bits_reachable_with_one_choice_for_the_tied_pair(tmp_path):
+def test_three_and_a_half_bits_reachable_with_one_choice_for_the_tied_pair(tmp_path, caplog):
     engine = attached(3.5, granularity=["base", "per_tensor"])
     floor_bpw = floor(engine)
     with pytest.warns(UserWarning, match="choices' steps are too coarse"):
         engine.ensure_clustered()
+    # without calibration the objective is plain squared error: said, with the fix
+    assert "palettize.budget without palettize.calibration" in caplog.text
     allocation, report = engine.allocation, engine.report()
     (tied,) = [x for x in allocation.layers if x.name == f"{EMBED}.weight"]
     assert tied.module == EMBED and tied.aliases == [HEAD]             # one choice, both modules

@@ -369,7 +369,8 @@ def test_recipe_finetune_calibrates_before_its_post_training_perplexity(tmp_path
     assert written["calibration"]["samples"] == 16
 
 
-def test_calibration_sensitivities_weight_the_budget_and_resume_keeps_both(tmp_path, monkeypatch):
+def test_calibration_sensitivities_weight_the_budget_and_resume_keeps_both(tmp_path, monkeypatch,
+                                                                          caplog):
     from coreai_palettize_plugins.accuracy import budget
 
     seen = []
@@ -379,6 +380,7 @@ def test_calibration_sensitivities_weight_the_budget_and_resume_keeps_both(tmp_p
     target = {"bits_per_weight": 4.0, "choices": [2, 4, 8]}
     callback, net, _ = _fit(tmp_path, "full", epochs=2, budget=target)
     (sens,) = seen
+    assert "without palettize.calibration" not in caplog.text  # only a plain-error budget warns
     names = {t.name for t in callback.engine.tensors()}
     assert sens is not None and set(sens) == names            # calibration came first
     assert all(s.shape == t.original.shape for t in callback.engine.tensors()
