@@ -82,6 +82,7 @@ ARMS: dict[str, dict] = {
     "ft-w4-ste-cal": {"palettize": pal("w4", **CAL)},
     "ft-w4-ste-lr3e-5": {"palettize": pal("w4"), "lr": 3e-5},
     "ft-dense-lr3e-5": {"palettize": None, "lr": 3e-5},
+    "ft-w4-ste-cal-lr3e-5": {"palettize": pal("w4", **CAL), "lr": 3e-5},
     "ft-w4-lut": {"palettize": pal("w4", training="lut")},
     "ft-w4-lut-lr1e-4": {"palettize": pal("w4", training="lut"), "lr": 1e-4},
     "ft-w4-ste-lut10": {"palettize": pal("w4", training={"type": "ste", "lut_update_every": 10})},
