@@ -96,6 +96,19 @@ ARMS: dict[str, dict] = {
     "ft-w4-ste-kd": {"palettize": pal("w4", distillation={"weight": 1.0})},
     "ft-w4-ste-kd-ft": {"palettize": pal("w4", distillation={
         "weight": 1.0, "teacher": str(FT_DENSE_DIR)})},
+    # Levers added after the first table: a 4x longer fine-tune, layer-specific bits for the
+    # attention that carries most of the w3 damage, and smaller LUT groups.
+    "ft-dense-lr3e-5-s120": {"palettize": None, "lr": 3e-5, "steps": 120},
+    "ft-w4-ste-cal-lr3e-5-s120": {"palettize": pal("w4", **CAL), "lr": 3e-5, "steps": 120},
+    "ft-w4-ste-cal-lr3e-5-attn6": {"palettize": pal("w4", **CAL, modules={
+        r"model\.encoder\.layers\.\d+\.self_attn\..*_proj": "w6",
+        r"model\.decoder\.layers\.\d+\.encoder_attn\..*_proj": "w6"}), "lr": 3e-5},
+    "ft-w4g8-ste-cal-lr3e-5": {"palettize": pal("w4", **CAL, overrides={"linear": {
+        "n_bits": 4, "granularity": "per_grouped_channel", "group_size": 8}}), "lr": 3e-5},
+    "ft-w4g8-ste-cal-lr3e-5-attn6": {"palettize": pal("w4", **CAL, overrides={"linear": {
+        "n_bits": 4, "granularity": "per_grouped_channel", "group_size": 8}}, modules={
+        r"model\.encoder\.layers\.\d+\.self_attn\..*_proj": "w6",
+        r"model\.decoder\.layers\.\d+\.encoder_attn\..*_proj": "w6"}), "lr": 3e-5},
     "ft-budget-3.5-ste-kd-ft": {"palettize": pal("w4", budget=budget(3.5),
                                                  distillation={"weight": 1.0,
                                                                "teacher": str(FT_DENSE_DIR)})},

