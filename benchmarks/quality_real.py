@@ -233,24 +233,34 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def reference(name: str, results: dict) -> str | None:
+    """The dense fine-tune with ``name``'s learning rate and steps (None: not a fine-tune)."""
+    if not name.startswith("ft-"):
+        return "ft-dense" if "ft-dense" in results else None
+    spec = ARMS.get(name, {})
+    key = (spec.get("lr", LR), spec.get("steps", STEPS))
+    for other, other_spec in ARMS.items():
+        if (other.startswith("ft-dense") and other in results
+                and (other_spec.get("lr", LR), other_spec.get("steps", STEPS)) == key):
+            return other
+    return None
+
+
 def table(results: dict) -> str:
-    """The RESULTS.md table: each arm's bits per weight, WER, CE and CE against ``ft-dense``."""
-    ref = results.get("ft-dense", {}).get("ce")
-    rows = ["| arm | bits/weight (whole model) | WER | CE | CE / ft-dense | train s | eval s |",
-            "|---|---|---|---|---|---|---|"]
+    """The RESULTS.md table: each arm's bits per weight, WER, CE, and CE against the dense
+    fine-tune with the same learning rate and steps (``ft-dense`` for the others)."""
+    rows = ["| arm | bits/weight (whole model) | WER | CE | CE / dense fine-tune (which) | "
+            "train s | eval s |", "|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         if "error" in r:
             rows.append(f"| {name} | error: {r['error'][:80]} | | | | | |")
             continue
         bpw = r.get("bits_per_weight")
-        rel = f"{r['ce'] / ref:.2f}x" if ref else "-"
-        rows.append(f"| {name} | {bpw:.2f} | {100 * r['wer']:.1f} % | {r['ce']:.3f} | {rel} | "
-                    f"{r.get('train_seconds', 0):.0f} | "
-                    f"{r.get('ce_seconds', 0) + r.get('decode_seconds', 0):.0f} |"
-                    if bpw else
-                    f"| {name} | 32 (fp32) | {100 * r['wer']:.1f} % | {r['ce']:.3f} | {rel} | "
-                    f"{r.get('train_seconds', 0):.0f} | "
-                    f"{r.get('ce_seconds', 0) + r.get('decode_seconds', 0):.0f} |")
+        ref = reference(name, results)
+        rel = f"{r['ce'] / results[ref]['ce']:.2f}x ({ref})" if ref else "-"
+        seconds = r.get("ce_seconds", 0) + r.get("decode_seconds", 0)
+        rows.append(f"| {name} | {f'{bpw:.2f}' if bpw else '32 (fp32)'} | {100 * r['wer']:.1f} % | "
+                    f"{r['ce']:.3f} | {rel} | {r.get('train_seconds', 0):.0f} | {seconds:.0f} |")
     return "\n".join(rows)
 
 
