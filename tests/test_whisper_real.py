@@ -122,3 +122,18 @@ def test_whisper_recipe_end_to_end_exports_what_it_measured(whisper, tmp_path):
     data = ws.speech_set(texts, tokens, WINDOW)
     ce = ws.evaluate(reloaded, data, tokens, transcribe=False)["ce"]
     assert math.exp(ce) == pytest.approx(ppl.finetuned, rel=1e-4)
+
+
+def test_inspect_projects_the_recipe_without_weights(whisper):
+    """``coreai-palettize inspect whisper-tiny-offline``: the Whisper built on the meta device from
+    the CTranslate2 shapes, with the recipe's layout (6-bit attention, groups of 8), projects
+    the bits per weight the recipe's run reaches (4.729, benchmarks/RESULTS.md)."""
+    from coreai_palettize_plugins.cli.inspection import inspect_target
+
+    plan = inspect_target("whisper-tiny-offline")
+    assert plan.model == "WhisperForConditionalGeneration"
+    specs = {layer.name: (layer.n_bits, layer.group_size) for layer in plan.layers}
+    assert specs["model.encoder.layers.0.self_attn.q_proj.weight"] == (6, 16)
+    assert specs["model.decoder.layers.0.fc1.weight"] == (4, 8)
+    assert specs["model.decoder.embed_tokens.weight"] == (4, 8)
+    assert round(plan.bits_per_weight, 3) == 4.729

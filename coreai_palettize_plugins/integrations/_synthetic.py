@@ -109,8 +109,16 @@ def _values(config: Any) -> torch.Tensor | None:
     return None
 
 
+def _decoder_ids(config: Any) -> torch.Tensor | None:
+    """Decoder tokens of an encoder-decoder (Whisper, T5, BART): its forward needs them (or
+    labels) whatever the encoder's input is."""
+    ids = _token_ids(config)
+    length = _find(config, "max_target_positions")
+    return ids[:, : int(length)] if ids is not None and isinstance(length, int) else ids
+
+
 _MAKERS = {"input_ids": _token_ids, "pixel_values": _pixels, "input_features": _features,
-           "input_values": _values}
+           "input_values": _values, "decoder_input_ids": _decoder_ids}
 
 
 def _parameters(model: nn.Module) -> Mapping[str, inspect.Parameter]:
