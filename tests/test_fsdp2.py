@@ -122,6 +122,62 @@ def test_engine_fully_shard_loop_matches_one_process(tmp_path, monkeypatch):
     assert (tmp_path / "export" / "palettized.safetensors").is_file()
 
 
+@pytest.mark.slow
+def test_engine_meta_build_shard_then_load_matches_one_process(tmp_path):
+    """torchtune's pattern: build on the meta device, attach (no memory), fully_shard,
+    to_empty, load the full dense state dict from rank 0 (``engine.map_dense_state_dict`` names
+    it for the structure; a strict load), k-means on the shards: LUTs and the step equal one
+    process's on the same weights."""
+    result = run_python("-m", "torch.distributed.run", "--nproc_per_node=2",
+                        f"--master_port={_free_port()}", str(SCRIPTS / "fsdp2_engine.py"),
+                        "--out", str(tmp_path), "--build", "meta", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = _ranks(tmp_path)
+    assert all(facts["on_meta_after_shard"] for facts in ranks)
+    reference, luts = _single_process_step(lr=2.0)
+    assert ranks[0]["lut_hash"] == ranks[1]["lut_hash"] == luts
+    assert ranks[0]["stats_mode"] == "fsdp2 (14 local, 1 gathered)"
+    state = torch.load(tmp_path / "full_state.pt", weights_only=True)
+    ours = reference.state_dict()
+    originals = [name for name in state if name.endswith(".original")]
+    assert len(originals) == 15
+    for name in originals:
+        torch.testing.assert_close(state[name], ours[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_meta_built_model_must_be_materialized_before_kmeans():
+    """Attached on the meta device, k-means before ``to_empty`` + load is a one-line error
+    naming the fix; afterwards the engine re-initializes the flags ``to_empty`` left empty."""
+    engine = Palettization("w4", export_formats=[])
+    with torch.device("meta"):
+        model = tiny_llama()
+    engine.attach(model, {"input_ids": torch.zeros(1, 8, dtype=torch.long)})
+    with pytest.raises(PalettizeConfigError, match=r"still on the meta device .*to_empty"):
+        engine.ensure_clustered()
+    model.to_empty(device="cpu")
+    dense = tiny_llama().state_dict()
+    mapped = engine.map_dense_state_dict(dense)
+    assert "model.layers.0.mlp.up_proj.parametrizations.weight.original" in mapped
+    assert "model.layers.0.mlp.up_proj.weight" not in mapped
+    model.load_state_dict(mapped)                                   # strict: every key there
+    for module in model.modules():
+        if hasattr(module, "observer_enabled"):
+            module.observer_enabled.fill_(7)                        # what to_empty may leave
+    rotary = model.model.rotary_emb
+    for name, buffer in type(rotary)(rotary.config).named_buffers():
+        getattr(rotary, name).copy_(buffer)
+    engine.ensure_clustered()
+    reference = tiny_llama()
+    Palettization("w4", export_formats=[]).prepare(
+        reference, {"input_ids": torch.zeros(1, 8, dtype=torch.long)})
+    assert lut_hash(model) == lut_hash(reference)
+    assert all(int(m.observer_enabled[0]) == 0 for m in model.modules()
+               if hasattr(m, "observer_enabled"))
+    x = torch.randint(0, 256, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=x).logits, reference(input_ids=x).logits)
+
+
 # ------------------------------------------------------------------ Lightning ModelParallel
 
 

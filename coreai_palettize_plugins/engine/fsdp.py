@@ -101,6 +101,50 @@ def placeholder_centroids(tensors: Sequence[compat.PalettizedTensor]) -> None:
             t.fake._centroids_initialized = False
 
 
+# ---------------------------------------------------------------- models built on the meta device
+
+
+def on_meta(model: nn.Module) -> bool:
+    """Some parameter of ``model`` is on the meta device (built there, not materialized yet)."""
+    return any(p.is_meta for p in model.parameters())
+
+
+def reinit_after_materialize(model: nn.Module, tensors: Sequence[compat.PalettizedTensor]) -> None:
+    """A model attached on the meta device, then materialized (``to_empty``) and loaded: its
+    palettization flags hold uninitialized memory; give them their construction values
+    (palettization on, observer off) and mark every LUT for k-means.
+
+    Raises:
+        PalettizeConfigError: some parameter is still on the meta device.
+    """
+    meta = [name for name, p in model.named_parameters() if p.is_meta]
+    if meta:
+        raise PalettizeConfigError(
+            "", f"{len(meta)} parameter(s) still on the meta device (e.g. {meta[0]}) at k-means: "
+            "materialize the model (model.to_empty(device=...)) and load its weights "
+            "(engine.map_dense_state_dict(state_dict) names them for the palettized structure) "
+            "before ensure_clustered")
+    for t in tensors:
+        t.fake.fake_palett_enabled.fill_(1)
+        t.fake.observer_enabled.fill_(0)
+        if t.fake.centroids is not None:
+            t.fake._centroids_initialized = False
+
+
+def map_dense_state_dict(tensors: Sequence[compat.PalettizedTensor],
+                         state_dict: dict[str, Any]) -> dict[str, Any]:
+    """``state_dict`` with each palettized weight's dense key (``<module>.weight``) renamed to
+    the structure's parameter (``<module>.parametrizations.weight.original``), plus the
+    structure's own flags at their initial values, so a strict load finds every key."""
+    renames = {t.name: f"{t.state_prefix}original" for t in tensors}
+    mapped = {renames.get(key, key): value for key, value in state_dict.items()}
+    for t in tensors:
+        if renames[t.name] in mapped:
+            mapped.setdefault(f"{t.state_prefix}0.fake_palett_enabled",
+                              torch.ones(1, dtype=torch.uint8))
+    return mapped
+
+
 # ---------------------------------------------------------------- k-means on shards
 
 

@@ -93,6 +93,7 @@ class Palettization(ReportAndExport):
         """``palettize.calibration``: returns the loss and training data (set by the adapters)."""
         self.calibration_stats: CalibrationStats | None = None
         self._restored = False
+        self._built_on_meta = False  # attached on the meta device: re-initialize at k-means
         self._model_factory = model_factory
         self._skeleton: nn.Module | None = None
         self._training: Any = None
@@ -151,6 +152,7 @@ class Palettization(ReportAndExport):
             self._attached = attach.build(model, self.settings, example_inputs,
                                           skeleton=self._model_factory is None)
         a = self._attached
+        self._built_on_meta = fsdp.on_meta(model)
         self.model, self.palettizer, self.config, self._skeleton = (
             model, a.palettizer, a.config, a.skeleton)
         self.skipped, self.consumers, self.tied = a.skipped, a.consumers, a.tied
@@ -206,6 +208,7 @@ class Palettization(ReportAndExport):
         """Run k-means for every palettized weight that has no current centroids: once across
         all ranks (``palettize.distributed``), every rank ending with the identical result."""
         self._require_attached()
+        self._materialized()
         tensors = self.tensors()
         calibrate = self.settings.calibration is not None and any(
             not t.initialized for t in tensors)
@@ -246,6 +249,7 @@ class Palettization(ReportAndExport):
                 of silently re-clustering or re-deriving them.
         """
         self._require_attached()
+        self._materialized()
         tensors = self.tensors()
         restored = [t.initialized and t.has_indices for t in tensors]
         if not (expect_restored or self._restored or any(restored)):
@@ -257,6 +261,20 @@ class Palettization(ReportAndExport):
         integrity.check_restored(tensors, self.model)  # finite LUTs and weights, indices < 2**n_bits
         self._restored = True
         self._update_compact()
+
+    def _materialized(self) -> None:
+        """A model attached on the meta device has been materialized and loaded since: its
+        palettization flags get their initial values (``to_empty`` left them uninitialized)."""
+        if self._built_on_meta:
+            fsdp.reinit_after_materialize(self.model, self.tensors())
+            self._built_on_meta = False
+
+    def map_dense_state_dict(self, state_dict: Mapping[str, Any]) -> dict[str, Any]:
+        """A dense state dict (the model's before ``attach``, e.g. pretrained weights) keyed for
+        the palettized structure, for ``load_state_dict``/``set_model_state_dict`` after a meta
+        build: ``<module>.weight`` -> ``<module>.parametrizations.weight.original``."""
+        self._require_attached()
+        return fsdp.map_dense_state_dict(self.tensors(), dict(state_dict))
 
     def _apply_budget(self) -> None:
         """With ``palettize.budget``: choose each weight's bits (a restored checkpoint's, else

@@ -12,7 +12,11 @@ import torch.distributed as dist
 from _fsdp2_models import ENGINE_MODULES, global_batch
 from _probe import KMEANS_CALLS, record
 from helpers import lut_hash, tiny_llama
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    set_model_state_dict,
+)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
@@ -25,11 +29,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--lr", type=float, default=2.0)
     parser.add_argument("--cluster", choices=["before-shard", "after-shard"], default="after-shard")
+    parser.add_argument("--build", choices=["cpu", "meta"], default="cpu",
+                        help="meta: torchtune's pattern (build on meta, attach, shard, "
+                             "to_empty, load the full dense state dict from rank 0)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    model = tiny_llama()
+    with torch.device("meta" if args.build == "meta" else "cpu"):
+        model = tiny_llama()
     x = global_batch()
     engine = Palettization("w4", modules=ENGINE_MODULES, export_dir=args.out / "export",
                            export_formats=["torch"])
@@ -41,6 +49,15 @@ def main() -> None:
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
+    if args.build == "meta":
+        record(args.out, rank, on_meta_after_shard=all(p.is_meta for p in model.parameters()))
+        model.to_empty(device="cpu")
+        full = engine.map_dense_state_dict(tiny_llama().state_dict()) if rank == 0 else {}
+        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True,
+                                                                   broadcast_from_rank0=True))
+        rotary = model.model.rotary_emb  # a non-persistent buffer: the model's own to re-init
+        for name, buffer in type(rotary)(rotary.config).named_buffers():
+            getattr(rotary, name).copy_(buffer)
     engine.ensure_clustered()
     record(args.out, rank, lut_hash=lut_hash(model), kmeans=list(KMEANS_CALLS),
            stats_mode=engine.cluster_stats.mode if engine.cluster_stats else None,
