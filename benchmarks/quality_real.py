@@ -160,7 +160,7 @@ def run_arm(name: str, spec: dict, ctx: dict, args) -> dict:
 
     from coreai_palettize_plugins.hf import PalettizationTrainerCallback
 
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     model = whisper_ct2.load_whisper(ctx["model_dir"], args.window)
     if name == "dense":
         return evaluate(model, ctx["eval"], ctx["tokens"])
@@ -175,7 +175,8 @@ def run_arm(name: str, spec: dict, ctx: dict, args) -> dict:
         targs = TrainingArguments(
             output_dir=tmp, per_device_train_batch_size=BATCH, max_steps=spec.get("steps", args.steps),
             learning_rate=spec.get("lr", LR), weight_decay=0.0, save_strategy="no", report_to=[],
-            logging_steps=10, use_cpu=True, seed=0, remove_unused_columns=False, disable_tqdm=True,
+            logging_steps=10, use_cpu=True, seed=args.seed, remove_unused_columns=False,
+            disable_tqdm=True,
             dataloader_num_workers=0)
         trainer = Trainer(model=model, args=targs, train_dataset=train_rows,
                           data_collator=ws.collate, callbacks=callbacks)
@@ -237,12 +238,13 @@ def reference(name: str, results: dict) -> str | None:
     """The dense fine-tune with ``name``'s learning rate and steps (None: not a fine-tune)."""
     if not name.startswith("ft-"):
         return "ft-dense" if "ft-dense" in results else None
-    spec = ARMS.get(name, {})
+    arm, at, seed = name.partition("@")  # "<arm>@seed<N>": the dense fine-tune of that seed
+    spec = ARMS.get(arm, {})
     key = (spec.get("lr", LR), spec.get("steps", STEPS))
     for other, other_spec in ARMS.items():
-        if (other.startswith("ft-dense") and other in results
+        if (other.startswith("ft-dense") and other + at + seed in results
                 and (other_spec.get("lr", LR), other_spec.get("steps", STEPS)) == key):
-            return other
+            return other + at + seed
     return None
 
 
@@ -273,6 +275,8 @@ def main(argv=None) -> None:
     parser.add_argument("--window", type=int, default=10, help="encoder audio window, seconds")
     parser.add_argument("--uncached", action="store_true",
                         help="also evaluate palettized arms without parametrize.cached() (slow)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="training seed (data order, init); results as '<arm>@seed<N>'")
     parser.add_argument("--plot", action="store_true", help="only write quality_real.png")
     parser.add_argument("--table", action="store_true", help="only print the RESULTS.md table")
     args = parser.parse_args(argv)
@@ -315,7 +319,7 @@ def main(argv=None) -> None:
         r["seconds"] = time.perf_counter() - t0
         r["config"] = ARMS[name]
         results = json.loads(args.out.read_text()) if args.out.is_file() else {}
-        results[name] = r
+        results[name if args.seed == 0 else f"{name}@seed{args.seed}"] = r
         args.out.write_text(json.dumps(results, indent=1, default=str))
         log(f"{name}: " + ", ".join(f"{k}={v:.4g}" for k, v in r.items() if isinstance(v, float))
             + (f" ERROR {r['error']}" if "error" in r else ""))

@@ -74,12 +74,12 @@ def run_python(*args: str, cwd: Path = REPO, timeout: int = 300,
                           timeout=timeout, env={**os.environ, **(env or {})})
 
 
-def tiny_llama(tied: bool = False, seed: int = 0):
+def tiny_llama(tied: bool = False, seed: int = 0, intermediate_size: int = 128):
     """A 2-layer LlamaForCausalLM built from config (no hub)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    config = LlamaConfig(hidden_size=64, intermediate_size=intermediate_size, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=4, vocab_size=256,
                          max_position_embeddings=128, tie_word_embeddings=tied)
     return LlamaForCausalLM(config)

@@ -58,9 +58,9 @@ def test_model_parallel_with_ste_passes_and_fsdp1_deepspeed_name_the_supported_p
 # ------------------------------------------------------------------ engine API, own loop
 
 
-def _single_process_step(lr: float) -> tuple[torch.nn.Module, str]:
+def _single_process_step(lr: float, intermediate: int = 128) -> tuple[torch.nn.Module, str]:
     """What the engine script does on 2 ranks, in one process on the whole global batch."""
-    model = tiny_llama()
+    model = tiny_llama(intermediate_size=intermediate)
     x = global_batch()
     engine = Palettization("w4", modules=ENGINE_MODULES, export_formats=[])
     engine.prepare(model, {"input_ids": x[:1]})
@@ -143,6 +143,23 @@ def test_engine_meta_build_shard_then_load_matches_one_process(tmp_path):
     assert len(originals) == 15
     for name in originals:
         torch.testing.assert_close(state[name], ours[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.slow
+def test_groups_straddling_the_shard_boundary_are_clustered_on_the_shards(tmp_path):
+    """MLP width 176: gate/up have 88 rows per rank, 5.5 LUT groups of 16. Rank 0 clusters
+    its 5 whole groups plus the one it completes with rank 1's first 8 rows; rank 1 the other
+    5. No weight of them is gathered, and the LUTs equal one process's."""
+    result = run_python("-m", "torch.distributed.run", "--nproc_per_node=2",
+                        f"--master_port={_free_port()}", str(SCRIPTS / "fsdp2_engine.py"),
+                        "--out", str(tmp_path), "--intermediate", "176", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = _ranks(tmp_path)
+    _, luts = _single_process_step(lr=2.0, intermediate=176)
+    assert ranks[0]["lut_hash"] == ranks[1]["lut_hash"] == luts
+    assert ranks[0]["stats_mode"] == "fsdp2 (14 local, 1 gathered)"   # lm_head (w8) only
+    for names in (facts["kmeans"] for facts in ranks):
+        assert "model.layers.0.mlp.gate_proj.weight" in names
 
 
 def test_meta_built_model_must_be_materialized_before_kmeans():

@@ -154,8 +154,11 @@ def _row_ranges(rows: int, world: int) -> list[tuple[int, int]]:
     return [(min(r * chunk, rows), min((r + 1) * chunk, rows)) for r in range(world)]
 
 
-def _aligned(t: compat.PalettizedTensor, weight: Any) -> bool:
-    """The weight's LUT groups are whole on each rank's dim-0 shard."""
+def _group_rows(t: compat.PalettizedTensor, weight: Any) -> list[tuple[int, int]] | None:
+    """Each rank's ``[start, end)`` rows of whole LUT groups: the groups that start on its dim-0
+    shard, completed by the first rows of the next rank's shard when a group straddles the
+    boundary. None when the weight cannot be clustered on its shards (groups not along dim 0,
+    scales, sensitivities, a 2-D mesh, or a straddle longer than the next shard)."""
     from torch.distributed.tensor import Shard
 
     fake = t.fake
@@ -163,10 +166,32 @@ def _aligned(t: compat.PalettizedTensor, weight: Any) -> bool:
     if (group is None or fake.cluster_dim != 1 or fake.enable_per_channel_scale
             or fake._sensitivities is not None or weight.device_mesh.ndim != 1
             or weight.device_mesh.size() != distributed.world_size()
-            or tuple(weight.placements) != (Shard(0),)):
-        return False
+            or tuple(weight.placements) != (Shard(0),) or weight.shape[0] % group):
+        return None
     ranges = _row_ranges(weight.shape[0], weight.device_mesh.size())
-    return all(start % group == 0 for start, _ in ranges) and weight.shape[0] % group == 0
+    starts = [-(-start // group) * group for start, _ in ranges]  # first group starting here
+    if any(first > end for first, (_, end) in zip(starts, ranges)):
+        return None  # a shard shorter than the tail of the group straddling into it
+    return [(first, -(-end // group) * group if end > first else first)
+            for first, (_, end) in zip(starts, ranges)]
+
+
+def _rows_of_groups(weight: Any, plan: list[tuple[int, int]]) -> torch.Tensor:
+    """This rank's rows of ``plan``: its shard without the head it lends the previous rank,
+    plus the head of the next rank's shard (one all-gather of the heads; every rank calls it)."""
+    world, me = len(plan), distributed.rank()
+    ranges = _row_ranges(weight.shape[0], world)
+    local = weight.to_local()
+    heads = [first - start for (start, _), (first, _) in zip(ranges, plan)]
+    if max(heads) == 0:  # the shards are group-aligned: nothing to exchange
+        return local
+    device = distributed._comm_device()
+    padded = torch.zeros((max(heads), *local.shape[1:]), dtype=local.dtype, device=device)
+    padded[:heads[me]] = local[:heads[me]].to(device)
+    pieces = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(pieces, padded)
+    tail = pieces[me + 1][:heads[me + 1]] if me + 1 < world else padded[:0]
+    return torch.cat([local[heads[me]:], tail.to(local.device)])
 
 
 def _cluster_one(fake: Any, weight: torch.Tensor) -> None:
@@ -181,19 +206,22 @@ def cluster(palettizer: Any, tensors: list[compat.PalettizedTensor], mode: str
     """k-means for ``tensors`` whose weights FSDP2 sharded; every rank ends with the full LUTs."""
     world, me = distributed.world_size(), distributed.rank()
     weights = [t.original.detach() for t in tensors]
-    local = [is_sharded(w) and _aligned(t, w) for t, w in zip(tensors, weights)]
+    plans = [_group_rows(t, w) if is_sharded(w) else None for t, w in zip(tensors, weights)]
+    local = [plan is not None for plan in plans]
     compat.end_deferral(tensors)
     compat.ensure_kmeans_extension()
     with distributed.agree("k-means (local shards)"), distributed._progress_on_rank_zero():
-        for t, w, here in zip(tensors, weights, local):
-            if here and w.to_local().shape[0]:
-                _cluster_one(t.fake, w.to_local())
+        for t, w, plan in zip(tensors, weights, plans):
+            if plan is not None:
+                rows = _rows_of_groups(w, plan)
+                if rows.shape[0]:
+                    _cluster_one(t.fake, rows)
     sparse = _any_rank([bool(here and t.fake._sparsity_mask is not None)
                         for t, here in zip(tensors, local)])
     local = [here and not s for here, s in zip(local, sparse)]
-    for t, here in zip(tensors, local):
+    for t, here, plan in zip(tensors, local, plans):
         if here:
-            _gather_luts(t)
+            _gather_luts(t, plan)
     rest = [i for i, here in enumerate(local) if not here]
     owners = distributed.plan_owners([weights[i].numel() for i in rest], world, mode)
     stats = distributed.ClusterStats(
@@ -233,16 +261,15 @@ def _reset_sparsity(fake: Any) -> None:
     fake._sparsity_detected = False
 
 
-def _gather_luts(t: compat.PalettizedTensor) -> None:
-    """All-gather the LUT rows each rank clustered for its shard into the full LUT (rank order
-    is row order), then load it as a restored LUT (indices re-derived from it)."""
+def _gather_luts(t: compat.PalettizedTensor, plan: list[tuple[int, int]]) -> None:
+    """All-gather the LUT rows each rank clustered for its groups (``plan``) into the full LUT
+    (rank order is row order), then load it as a restored LUT (indices re-derived from it)."""
     from .._coreai_compat.layouts import centroids_shape
 
     weight = t.original.detach()
     full_shape = centroids_shape(t)
     group = t.fake._axis0_group_size()
-    ranges = _row_ranges(weight.shape[0], distributed.world_size())
-    counts = [(end - start) // group for start, end in ranges]
+    counts = [(end - start) // group for start, end in plan]
     most = max(counts)
     mine = t.fake.centroids if counts[distributed.rank()] else None
     device = distributed._comm_device()

@@ -32,12 +32,14 @@ def main() -> None:
     parser.add_argument("--build", choices=["cpu", "meta"], default="cpu",
                         help="meta: torchtune's pattern (build on meta, attach, shard, "
                              "to_empty, load the full dense state dict from rank 0)")
+    parser.add_argument("--intermediate", type=int, default=128,
+                        help="MLP width: 176 puts a 16-row LUT group across the shard boundary")
     args = parser.parse_args()
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     with torch.device("meta" if args.build == "meta" else "cpu"):
-        model = tiny_llama()
+        model = tiny_llama(intermediate_size=args.intermediate)
     x = global_batch()
     engine = Palettization("w4", modules=ENGINE_MODULES, export_dir=args.out / "export",
                            export_formats=["torch"])
@@ -52,7 +54,8 @@ def main() -> None:
     if args.build == "meta":
         record(args.out, rank, on_meta_after_shard=all(p.is_meta for p in model.parameters()))
         model.to_empty(device="cpu")
-        full = engine.map_dense_state_dict(tiny_llama().state_dict()) if rank == 0 else {}
+        full = (engine.map_dense_state_dict(tiny_llama(intermediate_size=args.intermediate)
+                                            .state_dict()) if rank == 0 else {})
         set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True,
                                                                    broadcast_from_rank0=True))
         rotary = model.model.rotary_emb  # a non-persistent buffer: the model's own to re-init
