@@ -21,6 +21,7 @@ Both end bit-identical to a single-process run (scalar k-means is deterministic,
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -176,22 +177,43 @@ def _group_rows(t: compat.PalettizedTensor, weight: Any) -> list[tuple[int, int]
             for first, (_, end) in zip(starts, ranges)]
 
 
-def _rows_of_groups(weight: Any, plan: list[tuple[int, int]]) -> torch.Tensor:
-    """This rank's rows of ``plan``: its shard without the head it lends the previous rank,
-    plus the head of the next rank's shard (one all-gather of the heads; every rank calls it)."""
-    world, me = len(plan), distributed.rank()
-    ranges = _row_ranges(weight.shape[0], world)
-    local = weight.to_local()
-    heads = [first - start for (start, _), (first, _) in zip(ranges, plan)]
-    if max(heads) == 0:  # the shards are group-aligned: nothing to exchange
-        return local
+def _rows_of_groups(items: list[tuple[Any, list[tuple[int, int]]]]) -> list[torch.Tensor]:
+    """This rank's rows of each ``(weight, plan)``: its shard without the head it lends the
+    previous rank, plus the head of the next rank's shard. One all-gather carries every
+    weight's heads (every rank calls it), so the k-means that follows runs without a sync."""
+    if not items:
+        return []
+    world, me = distributed.world_size(), distributed.rank()
     device = distributed._comm_device()
-    padded = torch.zeros((max(heads), *local.shape[1:]), dtype=local.dtype, device=device)
-    padded[:heads[me]] = local[:heads[me]].to(device)
-    pieces = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(pieces, padded)
-    tail = pieces[me + 1][:heads[me + 1]] if me + 1 < world else padded[:0]
-    return torch.cat([local[heads[me]:], tail.to(local.device)])
+    layout, slabs = [], []
+    for weight, plan in items:
+        local = weight.to_local()
+        ranges = _row_ranges(weight.shape[0], world)
+        heads = [first - start for (start, _), (first, _) in zip(ranges, plan)]
+        row_bytes = math.prod(weight.shape[1:]) * local.element_size()
+        slab = torch.zeros(max(heads) * row_bytes, dtype=torch.uint8)
+        if heads[me]:
+            slab[:heads[me] * row_bytes] = local[:heads[me]].contiguous().reshape(-1).view(
+                torch.uint8)
+        layout.append((local, heads, row_bytes, slab.numel()))
+        slabs.append(slab)
+    mine = torch.cat(slabs).to(device)
+    if mine.numel() == 0:  # every shard is group-aligned: nothing to exchange
+        return [local for local, *_ in layout]
+    pieces = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(pieces, mine)
+    following = pieces[me + 1].cpu() if me + 1 < world else None
+    rows, offset = [], 0
+    for local, heads, row_bytes, size in layout:
+        tail_rows = heads[me + 1] if following is not None else 0
+        if tail_rows:
+            tail = (following[offset:offset + tail_rows * row_bytes].clone()
+                    .view(local.dtype).reshape(tail_rows, *local.shape[1:]))
+            rows.append(torch.cat([local[heads[me]:], tail.to(local.device)]))
+        else:
+            rows.append(local[heads[me]:])
+        offset += size
+    return rows
 
 
 def _cluster_one(fake: Any, weight: torch.Tensor) -> None:
@@ -211,11 +233,11 @@ def cluster(palettizer: Any, tensors: list[compat.PalettizedTensor], mode: str
     compat.end_deferral(tensors)
     compat.ensure_kmeans_extension()
     with distributed.agree("k-means (local shards)"), distributed._progress_on_rank_zero():
-        for t, w, plan in zip(tensors, weights, plans):
-            if plan is not None:
-                rows = _rows_of_groups(w, plan)
-                if rows.shape[0]:
-                    _cluster_one(t.fake, rows)
+        planned = [(t, w, plan) for t, w, plan in zip(tensors, weights, plans) if plan is not None]
+        shard_rows = _rows_of_groups([(w, plan) for _, w, plan in planned])
+        for (t, _, _), rows in zip(planned, shard_rows):
+            if rows.shape[0]:
+                _cluster_one(t.fake, rows)
     sparse = _any_rank([bool(here and t.fake._sparsity_mask is not None)
                         for t, here in zip(tensors, local)])
     local = [here and not s for here, s in zip(local, sparse)]
