@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -41,19 +42,26 @@ def read_texts(data: DataSection | Mapping[str, Any], *, local_files_only: bool 
         if path.suffix == ".txt":
             texts.append(path.read_text(encoding="utf-8"))
             continue
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise RecipeError(f"recipe.data.files: {reference}:{number}: invalid JSON "
-                                  f"({e.msg})") from None
+        for number, record in jsonl_records(path, reference):
             if not isinstance(record, Mapping) or not isinstance(record.get(data.text_field), str):
                 raise RecipeError(f"recipe.data.text_field: {reference}:{number} has no "
                                   f"string field {data.text_field!r}")
             texts.append(record[data.text_field])
     return texts
+
+
+def jsonl_records(path: Path, reference: str) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed record) for each non-empty line of a ``.jsonl`` file; invalid JSON
+    is a ``RecipeError`` naming ``reference`` and the line."""
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise RecipeError(f"recipe.data.files: {reference}:{number}: invalid JSON "
+                              f"({e.msg})") from None
+        yield number, record
 
 
 def require_datasets() -> Any:

@@ -15,7 +15,6 @@ metrics, WER and the teacher-forced decoder cross-entropy.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import shutil
 import subprocess
@@ -277,14 +276,10 @@ def read_jsonl_speech(path: Path, text_field: str, audio_field: str) -> tuple[li
                                                                                 list[np.ndarray]]:
     """Transcripts and audio of a ``.jsonl`` file (``audio_field``: a ``.wav`` path, relative to
     the file's folder)."""
+    from .data import jsonl_records
+
     texts, audio = [], []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise RecipeError(f"recipe.data.files: {path}:{number}: invalid JSON ({e.msg})") from None
+    for number, record in jsonl_records(path, str(path)):
         for field, key in ((text_field, "text_field"), (audio_field, "audio_field")):
             if not isinstance(record, dict) or not isinstance(record.get(field), str):
                 raise RecipeError(f"recipe.data.{key}: {path}:{number} has no string field "
