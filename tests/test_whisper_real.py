@@ -94,6 +94,10 @@ def test_hf_whisper_folder_loads_like_the_ctranslate2_source(whisper, tmp_path):
                        from_wheel.train_dataset.decoder_input_ids)
     a, b = from_wheel.evaluate(from_wheel.model), from_folder.evaluate(from_folder.model)
     assert a["perplexity"] == pytest.approx(b["perplexity"], rel=1e-5) and a["wer"] == b["wer"]
+    bf16 = load_task(load_recipe("whisper-tiny-offline", [*overrides, "model.dtype=bfloat16"]),
+                     LocalOnly())
+    assert bf16.train_dataset.features.dtype == torch.bfloat16      # features follow the model
+    assert bf16.evaluate(bf16.model)["perplexity"] == pytest.approx(a["perplexity"], rel=0.1)
 
 
 def test_whisper_recipe_end_to_end_exports_what_it_measured(whisper, tmp_path):

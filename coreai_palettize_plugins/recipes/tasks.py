@@ -99,10 +99,11 @@ def _speech_to_text(recipe: Recipe, local: LocalOnly) -> TaskRun:
                           "data or lower data.eval_fraction")
 
     def split(start: int, stop: int) -> speech.SpeechSet:
-        return speech.speech_set(texts[start:stop], tokens, section.audio_window,
-                                 audio[start:stop],
-                                 num_mel_bins=model.config.num_mel_bins,
+        part = speech.speech_set(texts[start:stop], tokens, section.audio_window,
+                                 audio[start:stop], num_mel_bins=model.config.num_mel_bins,
                                  max_tokens=model.config.max_target_positions)
+        part.features = part.features.to(getattr(torch, section.dtype))  # the model's dtype
+        return part
 
     train = split(0, train_stop)
     evaluation = split(train_end, len(texts)) if held_out else None
