@@ -74,7 +74,7 @@ from .tracing import (
     storage_bits,
     watch_weight_uses,
 )
-from .trial import granularity_for, lut_count, respec, trial_bits, trial_palettize
+from .trial import granularity_for, lut_count, respec, respec_tensor, trial_bits, trial_palettize
 
 __all__ = [
     "CACHE_ENV",
@@ -133,6 +133,7 @@ __all__ = [
     "resolve_module_configs",
     "resolved_module_configs",
     "respec",
+    "respec_tensor",
     "set_kmeans_sensitivities",
     "set_step",
     "storage_bits",

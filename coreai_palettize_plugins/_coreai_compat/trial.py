@@ -8,7 +8,10 @@ from coreai_opt.inspection._bpw_utils import tensor_storage_bits
 from coreai_opt.palettization.kmeans.kmeans_fake_palettize import _KMeansFakePalettize
 from coreai_opt.palettization.spec import PerGroupedChannelGranularity, PerTensorGranularity
 
-__all__ = ["granularity_for", "lut_count", "respec", "trial_bits", "trial_palettize"]
+from .tensors import PalettizedTensor
+
+__all__ = ["granularity_for", "lut_count", "respec", "respec_tensor", "trial_bits",
+           "trial_palettize"]
 
 
 def granularity_for(group_size: int | None, axis: int | None):
@@ -83,3 +86,20 @@ def respec(fake: _KMeansFakePalettize, n_bits: int, granularity) -> None:
                            f"switch it to {n_bits} bits")
     fake.n_bits = int(n_bits)
     fake.granularity = granularity
+
+
+def respec_tensor(tensor: PalettizedTensor, n_bits: int, granularity) -> None:
+    """``respec`` a weight; a placeholder LUT it holds (zeros not clustered yet, that a sharded
+    checkpoint can restore into: FSDP2) takes the new spec's shape."""
+    from .layouts import centroids_shape
+
+    fake = tensor.fake
+    placeholder = fake.centroids is not None and not fake._centroids_initialized
+    if placeholder:
+        fake.centroids = None
+    respec(fake, n_bits, granularity)
+    if placeholder:
+        weight = tensor.original
+        fake.centroids = torch.zeros(centroids_shape(tensor), dtype=weight.dtype,
+                                     device=weight.device)
+        fake._centroids_initialized = False

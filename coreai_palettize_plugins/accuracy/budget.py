@@ -44,6 +44,7 @@ from typing import Any
 import torch
 
 from .. import _coreai_compat as compat
+from ..core import sharding
 from ..core._utils import is_int
 from ..core.checks import (
     VALID_N_BITS,
@@ -302,11 +303,15 @@ def budget_floor(scope: BudgetScope, budget: Any) -> float:
 
 
 def allocate(scope: BudgetScope, budget: Any,
-             sensitivities: Mapping[str, torch.Tensor] | None = None) -> Allocation:
+             sensitivities: Mapping[str, torch.Tensor] | None = None,
+             dist: DistContext | None = None) -> Allocation:
     """The allocation for ``budget`` (``palettize.budget``) on the attached, not yet clustered
     weights of ``scope`` (this process only; ``apply_budget`` is the distributed entry point).
 
     ``sensitivities``: ``{weight name: tensor shaped like the weight}`` (``calibration``).
+    ``dist``: the weights are FSDP2 shards (and the sensitivities too): every rank calls it and
+    evaluates its share of the weights, each gathered whole to its owner
+    (``_evaluate_sharded``); every rank returns the same allocation.
 
     Raises:
         PalettizeConfigError: the target is below the smallest whole-model bpw the choices reach.
@@ -320,13 +325,19 @@ def allocate(scope: BudgetScope, budget: Any,
     lowest = (fixed_bits + sum(min(c[3] for c in costs) for _, _, costs in plan)) / numel
     if math.floor(budget.bits_per_weight * numel) < lowest * numel:
         raise _unreachable(budget, lowest)  # before any trial k-means: shapes decide it
-    items, runs = [], 0
     compat.ensure_kmeans_extension()
-    for t, owners, costs in plan:
-        options, n = evaluate(t, [c[:3] for c in costs], sens.get(t.name), cache)
-        runs += n
-        items.append((t, owners, sorted(options, key=lambda o: (o[3], o[0]))))
-    cache.save()
+    if dist is None:
+        evaluated, runs = [], 0
+        for t, _, costs in plan:
+            options, n = evaluate(t, [c[:3] for c in costs], sens.get(t.name), cache)
+            runs += n
+            evaluated.append(options)
+    else:
+        evaluated, runs = _evaluate_sharded(plan, sens, cache, dist)
+    items = [(t, owners, sorted(options, key=lambda o: (o[3], o[0])))
+             for (t, owners, _), options in zip(plan, evaluated)]
+    if dist is None or dist.is_main:
+        cache.save()
 
     budget_bits = math.floor(budget.bits_per_weight * numel) - fixed_bits
     costs = [[o[3] for o in options] for _, _, options in items]
@@ -343,13 +354,50 @@ def allocate(scope: BudgetScope, budget: Any,
                         seconds=time.perf_counter() - start, kmeans_runs=runs,
                         explicit_modules=dict(scope.modules))
     highest = (fixed_bits + sum(max(c) for c in costs)) / numel
-    if achieved < budget.bits_per_weight - TOLERANCE:
+    if achieved < budget.bits_per_weight - TOLERANCE and (dist is None or dist.is_main):
         warnings.warn(f"palettize.budget: achieved {achieved:.4f} bits/weight, more than "
                       f"{TOLERANCE} under the target {budget.bits_per_weight}"
                       + (f" (every allocated weight at its largest choice gives {highest:.4f})"
                          if highest <= budget.bits_per_weight else
                          " (the choices' steps are too coarse for this model)"), stacklevel=2)
     return result
+
+
+def _evaluate_sharded(plan: list[tuple[Any, list[str], list]],
+                      sens: Mapping[str, torch.Tensor], cache: ErrorCache, dist: DistContext
+                      ) -> tuple[list[list], int]:
+    """FSDP2: each weight (and its sensitivities) is gathered whole to one owner rank, one at a
+    time (greedy by size: each rank holds about 1/world of the weights whole at the peak), the
+    owners run the trial k-means of their share, and every rank receives every weight's options;
+    rank 0's cache gets the new entries."""
+    owners = sharding.plan_owners([t.original.numel() for t, _, _ in plan], dist.world_size,
+                                  "sharded")
+    mine = []
+    for i, ((t, _, _), owner) in enumerate(zip(plan, owners)):
+        weight = sharding.full_rows(t.original.detach())
+        shard = sens.get(t.name)
+        whole = (sharding.gather_rows(shard, t.original.shape[0])
+                 if shard is not None and sharding.is_sharded(t.original) else shard)
+        if owner == dist.rank:
+            mine.append((i, weight, whole))
+        del weight, whole
+    found, runs = {}, 0
+    for i, weight, whole in mine:
+        t, _, costs = plan[i]
+        found[i], n = evaluate(t, [c[:3] for c in costs], whole, cache, weight=weight)
+        runs += n
+    mine.clear()
+    names = {plan[i][0].name for i in found}
+    new = {k: v for k, v in cache.entries.items() if v.get("name") in names} if runs else {}
+    evaluated: dict[int, list] = {}
+    total = 0
+    for options, n, entries in dist.all_gather_object((found, runs, new)):
+        evaluated.update(options)
+        total += n
+        if dist.is_main and n:
+            cache.entries.update(entries)
+            cache.dirty = True
+    return [evaluated[i] for i in range(len(plan))], total
 
 
 def apply_allocation(tensors: list[compat.PalettizedTensor], allocation: Allocation
@@ -362,7 +410,8 @@ def apply_allocation(tensors: list[compat.PalettizedTensor], allocation: Allocat
         raise RuntimeError(f"palettize.budget: the allocation names weights this model does not "
                            f"palettize: {', '.join(missing[:5])}")
     for x in allocation.layers:
-        compat.respec(by_name[x.name].fake, x.n_bits, compat.granularity_for(x.group_size, x.axis))
+        compat.respec_tensor(by_name[x.name], x.n_bits,
+                             compat.granularity_for(x.group_size, x.axis))
     return allocation.modules_block()
 
 
@@ -392,14 +441,14 @@ def allocation_from_state(scope: BudgetScope, budget: Any) -> Allocation | None:
             LUTs match no option of this run's budget.
     """
     tensors = scope.tensors
-    if not any(t.fake.centroids is not None for t in tensors):
+    if not any(t.initialized for t in tensors):  # (an FSDP2 placeholder LUT is not restored)
         return None
     budget = check_budget(budget)
     layers, fixed = [], {}
     for t in tensors:
         owners = _owners(scope, t)
         reason = _fixed_reason(scope, t, owners)
-        if reason is not None or t.fake.centroids is None:  # missing state: ensure_clustered says
+        if reason is not None or not t.initialized:  # missing state: ensure_clustered says
             fixed[t.name] = reason or "no restored state"
             continue
         entries, luts = t.fake.centroids.shape[1], t.fake.centroids.shape[0]
@@ -442,8 +491,12 @@ def apply_budget(scope: BudgetScope, budget: Any, dist: DistContext,
     """Rank 0 allocates, every rank applies the same allocation to ``scope.tensors`` (a failure
     stops all ranks)."""
     plain = None
+    sharded = dist.active and any(sharding.is_sharded(t.original) for t in scope.tensors)
     with dist.agree("palettize budget"):
-        if dist.is_main:
+        if sharded:  # FSDP2: every rank evaluates its share of the weights
+            allocation = allocate(scope, budget, sensitivities, dist)
+            plain = allocation.to_dict() if dist.is_main else None
+        elif dist.is_main:
             plain = allocate(scope, budget, sensitivities).to_dict()
     allocation = Allocation.from_dict(dist.broadcast_object(plain))
     apply_allocation(scope.tensors, allocation)

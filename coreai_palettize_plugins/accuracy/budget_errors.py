@@ -32,8 +32,9 @@ def _digest(tensor: torch.Tensor | None) -> str:
     return hashlib.blake2b(data.tobytes(), digest_size=16).hexdigest()
 
 
-def _layer_key(t: compat.PalettizedTensor, sensitivities: torch.Tensor | None) -> str:
-    fake, weight = t.fake, t.original
+def _layer_key(t: compat.PalettizedTensor, weight: torch.Tensor,
+               sensitivities: torch.Tensor | None) -> str:
+    fake = t.fake
     spec = [fake.cluster_dim, str(getattr(fake.lut_qspec, "dtype", None)),
             fake.enable_per_channel_scale, type(fake.reshape_strategy).__name__]
     parts = [t.name, list(weight.shape), str(weight.dtype), _digest(weight),
@@ -88,10 +89,12 @@ class ErrorCache:
 
 
 def evaluate(t: compat.PalettizedTensor, options, sensitivities: torch.Tensor | None,
-              cache: ErrorCache) -> tuple[list[tuple[int, int | None, int | None, int, float]], int]:
-    """``[(n_bits, group_size, axis, bits, error)]`` for the compatible options; k-means runs."""
-    entry = cache.entries.setdefault(_layer_key(t, sensitivities), {"name": t.name})
-    weight = t.original.detach().cpu()  # coreai-opt clusters on the CPU
+             cache: ErrorCache, weight: torch.Tensor | None = None
+             ) -> tuple[list[tuple[int, int | None, int | None, int, float]], int]:
+    """``[(n_bits, group_size, axis, bits, error)]`` for the compatible options; k-means runs.
+    ``weight``: the whole weight when ``t.original`` is one shard of it (FSDP2)."""
+    weight = (t.original if weight is None else weight).detach().cpu()  # coreai-opt: on the CPU
+    entry = cache.entries.setdefault(_layer_key(t, weight, sensitivities), {"name": t.name})
     # k-means gets the sensitivities as calibration gives them to coreai-opt (zeros raised: a
     # cluster of zero-weight values would get a 0/0 centroid); the objective keeps them raw.
     kmeans_weights = None if sensitivities is None else calibration.kmeans_weights(sensitivities)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import random
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -42,6 +43,7 @@ import torch
 import torch.nn as nn
 
 from .. import _coreai_compat as compat
+from ..core import sharding
 from ..core._utils import is_int
 from ..core.checks import PalettizeConfigError, build_section, choices, section_mapping
 from ..core.dist_context import DistContext
@@ -259,13 +261,7 @@ def _accumulate(params: Mapping[str, nn.Parameter], loss_fn: Callable[[Any, int]
     n_batches = n_samples = 0
     try:
         for index, batch in batches:
-            loss = loss_fn(batch, index)
-            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-                raise RuntimeError(f"palettize.calibration: the loss must be a scalar tensor, got "
-                                   f"{type(loss).__name__}")
-            if not loss.requires_grad:
-                raise RuntimeError("palettize.calibration: the loss does not depend on the "
-                                   "palettized weights (no gradient)")
+            loss = _checked_loss(loss_fn(batch, index))
             loss.float().backward()
             n_batches += 1
             n_samples += _batch_size(batch)
@@ -275,6 +271,81 @@ def _accumulate(params: Mapping[str, nn.Parameter], loss_fn: Callable[[Any, int]
         for handle in handles:
             handle.remove()
     return sums, n_batches, n_samples
+
+
+def _accumulate_sharded(tensors: list[compat.PalettizedTensor],
+                        loss_fn: Callable[[Any, int], torch.Tensor],
+                        batches: Iterable[tuple[int, Any]], pad: Callable[[], tuple[int, Any]],
+                        ctx: DistContext, progress: Any = None
+                        ) -> tuple[dict[str, torch.Tensor], int, int]:
+    """FSDP2: this rank's rows of each weight's sum of squared per-batch gradients (float64),
+    over every rank's batches, and this rank's batch and sample counts.
+
+    The sharded parameters never see a per-batch gradient (FSDP2 reduce-scatters the average),
+    so a tensor hook on each weight as its parametrization receives it (the unsharded weight,
+    one batch of this rank) squares the gradient and reduce-scatters the square, one weight at a
+    time. Every rank's backward must reach the same weights (as FSDP2's own reduce-scatter
+    needs); a rank out of batches runs a zero-weighted ``pad`` batch while others still have
+    some, so the collectives pair up."""
+    sharded = {t.name for t in tensors if sharding.is_sharded(t.original)}
+    sums = {t.name: torch.zeros((t.original.to_local() if t.name in sharded else t.original).shape,
+                                dtype=torch.float64, device=t.original.device) for t in tensors}
+    hooked: set[int] = set()
+    grad_handles: list[Any] = []
+
+    def square_into(name: str, grad: torch.Tensor) -> None:
+        squared = grad.detach().double().square()
+        if name in sharded:
+            sums[name] += sharding.reduce_scatter_rows(squared)
+        else:  # a weight every rank holds whole (not sharded): sum the whole square
+            sums[name] += ctx.all_reduce([squared])[0]
+
+    def on_weight(name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            weight = args[0] if args else None
+            if (isinstance(weight, torch.Tensor) and weight.requires_grad
+                    and torch.is_grad_enabled() and id(weight) not in hooked):
+                hooked.add(id(weight))  # once per batch (a recomputed forward sees it again)
+                grad_handles.append(weight.register_hook(
+                    lambda grad, name=name: square_into(name, grad)))
+        return hook
+
+    handles = [t.fake.register_forward_pre_hook(on_weight(t.name)) for t in tensors]
+    n_batches = n_samples = 0
+    mine = iter(batches)
+    try:
+        while True:
+            item = next(mine, None)
+            (pending,) = ctx.all_reduce([torch.tensor([int(item is not None)])])
+            if not int(pending.item()):
+                break
+            counted = item is not None
+            index, batch = item if counted else pad()
+            loss = _checked_loss(loss_fn(batch, index))
+            (loss.float() * (1.0 if counted else 0.0)).backward()
+            for handle in grad_handles:
+                handle.remove()
+            grad_handles.clear()
+            hooked.clear()
+            if counted:
+                n_batches += 1
+                n_samples += _batch_size(batch)
+                if progress is not None:
+                    progress.update(1)
+    finally:
+        for handle in [*handles, *grad_handles]:
+            handle.remove()
+    return sums, n_batches, n_samples
+
+
+def _checked_loss(loss: Any) -> torch.Tensor:
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise RuntimeError(f"palettize.calibration: the loss must be a scalar tensor, got "
+                           f"{type(loss).__name__}")
+    if not loss.requires_grad:
+        raise RuntimeError("palettize.calibration: the loss does not depend on the "
+                           "palettized weights (no gradient)")
+    return loss
 
 
 def _all_reduce(sums: dict[str, torch.Tensor], n_batches: int, n_samples: int,
@@ -338,16 +409,41 @@ def _progress(total: int | None, show: bool) -> Any:
     return tqdm(total=total, desc="palettize: calibrating", unit="batch", **kwargs)
 
 
-def kmeans_weights(sensitivity: torch.Tensor) -> torch.Tensor:
+def kmeans_weights(sensitivity: torch.Tensor, peak: float | None = None,
+                   floor: float | None = None) -> torch.Tensor:
     """The weights coreai-opt's k-means gets, normalized as its ``calibration_mode`` does: divided
-    by the tensor's maximum, zeros raised to the smallest non-zero value, floored at 1e-12."""
+    by the tensor's maximum, zeros raised to the smallest non-zero value, floored at 1e-12.
+
+    ``peak``/``floor``: the whole tensor's maximum and smallest non-zero normalized value when
+    ``sensitivity`` is one shard of it (FSDP2; ``kmeans_weight_bounds``)."""
     s = sensitivity.detach().float().cpu()
-    peak = s.max() if s.numel() else torch.tensor(0.0)
-    if not peak > 0:
+    top = torch.tensor(peak if peak is not None else (s.max().item() if s.numel() else 0.0),
+                       dtype=torch.float32)
+    if not top > 0:
         return torch.ones_like(s)
-    s = s / peak
-    s[s == 0] = s[s > 0].min()
+    s = s / top
+    zeros = s == 0
+    if zeros.any():
+        s[zeros] = s[s > 0].min() if floor is None else torch.tensor(floor, dtype=torch.float32)
     return s.clamp_(min=1e-12)
+
+
+def kmeans_weight_bounds(shards: Mapping[str, torch.Tensor], ctx: DistContext
+                         ) -> dict[str, tuple[float, float | None]]:
+    """Per name, the ``(peak, floor)`` ``kmeans_weights`` needs for each rank's shard of a
+    tensor to be normalized as the whole tensor would be (two small all-gathers)."""
+    names = list(shards)
+    local = [shards[n].max().item() if shards[n].numel() else 0.0 for n in names]
+    peaks = [max(v) for v in zip(*ctx.all_gather_object(local))] if names else []
+    floors = []
+    for name, peak in zip(names, peaks):
+        if not peak > 0:
+            floors.append(math.inf)
+            continue
+        s = shards[name].detach().float().cpu() / torch.tensor(peak, dtype=torch.float32)
+        floors.append(s[s > 0].min().item() if bool((s > 0).any()) else math.inf)
+    floors = [min(v) for v in zip(*ctx.all_gather_object(floors))] if names else []
+    return {n: (p, f if math.isfinite(f) else None) for n, p, f in zip(names, peaks, floors)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -367,18 +463,20 @@ def save_sensitivities(path: str | os.PathLike, sensitivities: Mapping[str, torc
     os.replace(tmp, target)
 
 
-def load_sensitivities(path: str | os.PathLike, tensors: list[compat.PalettizedTensor]
+def load_sensitivities(path: str | os.PathLike, tensors: list[compat.PalettizedTensor],
+                       rows: Callable[[compat.PalettizedTensor], tuple[int, int]] | None = None
                        ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """``({weight name: fp32 tensor}, meta)`` for ``tensors`` from a file of ``save_sensitivities``
     or a plain ``{name: tensor}`` file (coreai-opt's ``<module>.parametrizations.weight.original``
-    keys accepted).
+    keys accepted). ``rows(t)``: only those ``[start, end)`` rows of each tensor (an FSDP2
+    shard), read from a memory-mapped file.
 
     Raises:
         PalettizeConfigError: ``calibration.path`` unreadable, or a weight missing or mis-shaped.
     """
     key = "calibration.path"
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=rows is not None)
     except Exception as e:
         raise PalettizeConfigError(key, f"cannot read {path} ({type(e).__name__}: "
                                    f"{str(e).splitlines()[0] if str(e) else ''}); delete it to "
@@ -396,6 +494,9 @@ def load_sensitivities(path: str | os.PathLike, tensors: list[compat.PalettizedT
         elif tuple(value.shape) != tuple(t.original.shape):
             raise PalettizeConfigError(key, f"{path}: {t.name} has shape {tuple(value.shape)}, "
                                        f"the weight {tuple(t.original.shape)}; delete it to recompute")
+        elif rows is not None:  # one shard: only its rows are read (memory-mapped)
+            start, end = rows(t)
+            out[t.name] = value[start:end].float().clone()
         else:
             out[t.name] = value.float()
     if missing:

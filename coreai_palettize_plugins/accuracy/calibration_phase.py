@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from .. import _coreai_compat as compat
+from ..core import sharding
 from ..core.checks import PalettizeConfigError
 from ..core.dist_context import DistContext
 from . import calibration as core
@@ -89,16 +90,19 @@ def calibrate(tensors: list[compat.PalettizedTensor], settings: CalibrationSetti
     started = time.perf_counter()
     path = settings.path
     exists = dist.broadcast_object(bool(path) and Path(path).is_file())
+    sharded = any(sharding.is_sharded(t.original) for t in tensors)  # FSDP2: this rank's rows
     if exists:
-        sens, meta = _load_everywhere(path, tensors, dist)
+        sens, meta = (_load_shards if sharded else _load_everywhere)(path, tensors, dist)
         stats = CalibrationStats("loaded", int(meta.get("samples", 0)), int(meta.get("batches", 0)),
                                  0.0, len(tensors), dist.world_size, path,
                                  str(meta.get("data", "")))
     else:
-        sens, stats = _compute_everywhere(model, data, tensors, settings, dist)
+        sens, stats = _compute_everywhere(model, data, tensors, settings, dist, sharded)
     raw = {t.name: sens[t.name] for t in tensors} if keep_raw else None
-    compat.set_kmeans_sensitivities(tensors, {t.name: core.kmeans_weights(sens.pop(t.name))
-                                              for t in tensors})
+    bounds = core.kmeans_weight_bounds(sens, dist) if sharded else {}
+    compat.set_kmeans_sensitivities(
+        tensors, {t.name: core.kmeans_weights(sens.pop(t.name), *bounds.get(t.name, (None, None)))
+                  for t in tensors})
     stats.seconds = time.perf_counter() - started
     if dist.is_main:
         if stats.source == "loaded":
@@ -113,7 +117,8 @@ def calibrate(tensors: list[compat.PalettizedTensor], settings: CalibrationSetti
 
 def _compute_everywhere(model: nn.Module, provider: Callable[[], CalibrationData] | None,
                         tensors: list[compat.PalettizedTensor], settings: CalibrationSettings,
-                        dist: DistContext) -> tuple[dict[str, torch.Tensor], CalibrationStats]:
+                        dist: DistContext, sharded: bool = False
+                        ) -> tuple[dict[str, torch.Tensor], CalibrationStats]:
     # Deferred fakes forward the dense Parameter itself (no lazy k-means); the caller's
     # end_deferral / k-means follows.
     compat.defer_clustering(tensors)
@@ -126,18 +131,69 @@ def _compute_everywhere(model: nn.Module, provider: Callable[[], CalibrationData
         batches, total, how = plan_batches(data, settings, dist.rank, dist.world_size)
         progress = core._progress(total, settings.show_progress and dist.is_main)
         with core._calibration_mode(model, params), progress:
-            sums, n_batches, n_samples = core._accumulate(params, data.loss, batches, progress)
-    n_batches, n_samples = core._all_reduce(sums, n_batches, n_samples, dist)
+            if sharded:  # FSDP2: the sums of this rank's rows, over every rank's batches
+                sums, n_batches, n_samples = core._accumulate_sharded(
+                    tensors, data.loss, batches, lambda: _pad_batch(data, settings), dist,
+                    progress)
+            else:
+                sums, n_batches, n_samples = core._accumulate(params, data.loss, batches,
+                                                              progress)
+    if sharded:
+        (counts,) = dist.all_reduce([torch.tensor([n_batches, n_samples], dtype=torch.float64)])
+        n_batches, n_samples = int(counts[0].item()), int(counts[1].item())
+    else:
+        n_batches, n_samples = core._all_reduce(sums, n_batches, n_samples, dist)
     if n_batches == 0:
         raise PalettizeConfigError("calibration", "the train data gave no batch to calibrate on")
     sens = core._means(sums, n_batches)
     if settings.path:
+        full = _gather_on_main(tensors, sens, dist) if sharded else sens
         with dist.agree("palettize.calibration save"):
             if dist.is_main:
-                core.save_sensitivities(settings.path, sens, batches=n_batches, samples=n_samples,
+                core.save_sensitivities(settings.path, full, batches=n_batches, samples=n_samples,
                                         data=how)
+        del full
     return sens, CalibrationStats("computed", n_samples, n_batches, 0.0, len(tensors),
                                   dist.world_size, settings.path, how)
+
+
+def _pad_batch(data: CalibrationData, settings: CalibrationSettings) -> tuple[int, Any]:
+    """A batch for a rank that ran out while others calibrate on (FSDP2: every rank must run as
+    many forwards); its loss counts zero. The plan's first batch (a new loader iterator's)."""
+    if _map_style(data):
+        size = min(int(data.batch_size), len(data.dataset))
+        return 0, data.collate_fn([data.dataset[j] for j in range(size)])
+    if data.loader is None:
+        raise PalettizeConfigError("calibration", "no training data to calibrate with")
+    return 0, next(iter(data.loader))
+
+
+def _gather_on_main(tensors: list[compat.PalettizedTensor], shards: dict[str, torch.Tensor],
+                    dist: DistContext) -> dict[str, torch.Tensor]:
+    """The full sensitivities on rank 0 (``calibration.path``; one weight gathered at a time, the
+    file holds them all), ``{}`` elsewhere."""
+    full = {}
+    for t in tensors:
+        whole = (sharding.gather_rows(shards[t.name], t.original.shape[0]).cpu()
+                 if sharding.is_sharded(t.original) else shards[t.name])
+        if dist.is_main:
+            full[t.name] = whole
+        del whole
+    return full
+
+
+def _load_shards(path: str, tensors: list[compat.PalettizedTensor], dist: DistContext
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """FSDP2: every rank reads its rows of each weight from the memory-mapped file."""
+    out: tuple[dict[str, torch.Tensor], dict[str, Any]] = ({}, {})
+    with dist.agree("palettize.calibration load"):
+        out = core.load_sensitivities(path, tensors, rows=_shard_rows)
+    return out
+
+
+def _shard_rows(t: compat.PalettizedTensor) -> tuple[int, int]:
+    rows = t.original.shape[0]
+    return sharding.local_rows(rows) if sharding.is_sharded(t.original) else (0, rows)
 
 
 def _load_everywhere(path: str, tensors: list[compat.PalettizedTensor], dist: DistContext

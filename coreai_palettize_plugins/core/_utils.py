@@ -46,6 +46,8 @@ def dtype_from_name(name: str) -> torch.dtype:
 
 
 def _storage_identity(t: torch.Tensor) -> tuple:
+    if type(t).__name__ == "DTensor" or hasattr(t, "to_local"):  # FSDP2: a tied pair is one object
+        return ("sharded", id(t))
     return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape),
             tuple(t.stride()), t.dtype)
 

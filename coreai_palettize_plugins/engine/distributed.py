@@ -18,7 +18,7 @@ import contextlib
 import logging
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -29,6 +29,7 @@ from .. import _coreai_compat as compat
 from ..core._utils import dtype_from_name, dtype_name
 from ..core.checks import PalettizeConfigError
 from ..core.dist_context import DistContext
+from ..core.sharding import plan_owners
 from ..core.strategies import trains_dense_weight
 
 if TYPE_CHECKING:
@@ -98,22 +99,8 @@ def palettized_state_hash(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def plan_owners(sizes: Sequence[int], world: int, mode: str) -> list[int]:
-    """Owner rank of each weight: all 0 for ``rank0``; greedy bin packing by size for
-    ``sharded`` (deterministic: ties go to the lower index and the lower rank)."""
-    if mode == "rank0" or world <= 1:
-        return [0] * len(sizes)
-    loads = [0] * world
-    owners = [0] * len(sizes)
-    for index in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
-        owner = min(range(world), key=lambda r: (loads[r], r))
-        owners[index] = owner
-        loads[owner] += sizes[index]
-    return owners
-
-
 UNSUPPORTED_PARALLELISM = ("fsdp", "deepspeed")
-SUPPORTED = "palettize.training=ste (the default), without compact/adapters/calibration/budget"
+SUPPORTED = "palettize.training=ste (the default), without compact/adapters/distillation"
 
 
 def check_parallelism(settings: PalettizeSettings, kind: str, *, what: str,
@@ -163,10 +150,6 @@ def check_fsdp2(settings: PalettizeSettings, what: str) -> None:
     tail = f"is not supported under {what} (FSDP2); supported: {SUPPORTED}, or train with DDP"
     if settings.adapters is not None:
         raise PalettizeConfigError("adapters", f"(LoRA on the compact base) {tail}")
-    if settings.calibration is not None:
-        raise PalettizeConfigError("calibration", tail)
-    if settings.budget is not None:
-        raise PalettizeConfigError("budget", tail)
     if settings.distillation is not None:
         raise PalettizeConfigError("distillation", f"(a dense teacher per rank) {tail}")
     if settings.training_strategy != "ste":

@@ -31,6 +31,7 @@ import torch.nn as nn
 from coreai_opt.palettization.kmeans.palettizer import _calculate_centroids_for_module
 
 from .. import _coreai_compat as compat
+from ..core import sharding
 from ..core.checks import PalettizeConfigError
 from ..core.dist_context import DistContext
 from . import distributed
@@ -165,7 +166,7 @@ def _group_rows(t: compat.PalettizedTensor, weight: Any) -> list[tuple[int, int]
     fake = t.fake
     group = fake._axis0_group_size()
     if (group is None or fake.cluster_dim != 1 or fake.enable_per_channel_scale
-            or fake._sensitivities is not None or weight.device_mesh.ndim != 1
+            or weight.device_mesh.ndim != 1
             or weight.device_mesh.size() != distributed.world_size()
             or tuple(weight.placements) != (Shard(0),) or weight.shape[0] % group):
         return None
@@ -177,20 +178,21 @@ def _group_rows(t: compat.PalettizedTensor, weight: Any) -> list[tuple[int, int]
             for first, (_, end) in zip(starts, ranges)]
 
 
-def _rows_of_groups(items: list[tuple[Any, list[tuple[int, int]]]]) -> list[torch.Tensor]:
-    """This rank's rows of each ``(weight, plan)``: its shard without the head it lends the
-    previous rank, plus the head of the next rank's shard. One all-gather carries every
-    weight's heads (every rank calls it), so the k-means that follows runs without a sync."""
+def _rows_of_groups(items: list[tuple[torch.Tensor, int, list[tuple[int, int]]]]
+                    ) -> list[torch.Tensor]:
+    """This rank's rows of each ``(local shard, rows, plan)``: its shard without the head it
+    lends the previous rank, plus the head of the next rank's shard. One all-gather carries
+    every tensor's heads (every rank calls it), so the k-means that follows runs without a
+    sync."""
     if not items:
         return []
     world, me = distributed.world_size(), distributed.rank()
     device = distributed._comm_device()
     layout, slabs = [], []
-    for weight, plan in items:
-        local = weight.to_local()
-        ranges = _row_ranges(weight.shape[0], world)
+    for local, total_rows, plan in items:
+        ranges = _row_ranges(total_rows, world)
         heads = [first - start for (start, _), (first, _) in zip(ranges, plan)]
-        row_bytes = math.prod(weight.shape[1:]) * local.element_size()
+        row_bytes = math.prod(local.shape[1:]) * local.element_size()
         slab = torch.zeros(max(heads) * row_bytes, dtype=torch.uint8)
         if heads[me]:
             slab[:heads[me] * row_bytes] = local[:heads[me]].contiguous().reshape(-1).view(
@@ -216,11 +218,18 @@ def _rows_of_groups(items: list[tuple[Any, list[tuple[int, int]]]]) -> list[torc
     return rows
 
 
-def _cluster_one(fake: Any, weight: torch.Tensor) -> None:
-    """coreai-opt's per-weight k-means (as its sequential path), on ``weight``."""
+def _cluster_one(fake: Any, weight: torch.Tensor, sensitivities: torch.Tensor | None = None
+                 ) -> None:
+    """coreai-opt's per-weight k-means (as its sequential path), on ``weight`` (some rows of
+    the weight, or all of it), weighted by ``sensitivities`` of the same rows when calibrated."""
+    shard = fake._sensitivities  # this rank's rows (calibration under FSDP2): kept for re-clustering
+    fake._sensitivities = sensitivities
     fake.disable_fake_palett()
-    _calculate_centroids_for_module((fake, weight))
-    fake.enable_fake_palett()
+    try:
+        _calculate_centroids_for_module((fake, weight))
+    finally:
+        fake.enable_fake_palett()
+        fake._sensitivities = shard
 
 
 def cluster(palettizer: Any, tensors: list[compat.PalettizedTensor], mode: str
@@ -234,10 +243,14 @@ def cluster(palettizer: Any, tensors: list[compat.PalettizedTensor], mode: str
     compat.ensure_kmeans_extension()
     with distributed.agree("k-means (local shards)"), distributed._progress_on_rank_zero():
         planned = [(t, w, plan) for t, w, plan in zip(tensors, weights, plans) if plan is not None]
-        shard_rows = _rows_of_groups([(w, plan) for _, w, plan in planned])
-        for (t, _, _), rows in zip(planned, shard_rows):
+        weighted = [(t, w, plan) for t, w, plan in planned if t.fake._sensitivities is not None]
+        rows_of = _rows_of_groups([(w.to_local(), w.shape[0], plan) for _, w, plan in planned]
+                                  + [(t.fake._sensitivities, w.shape[0], plan)
+                                     for t, w, plan in weighted])
+        sens_of = dict(zip((t.name for t, _, _ in weighted), rows_of[len(planned):]))
+        for (t, _, _), rows in zip(planned, rows_of):
             if rows.shape[0]:
-                _cluster_one(t.fake, rows)
+                _cluster_one(t.fake, rows, sens_of.get(t.name))
     sparse = _any_rank([bool(here and t.fake._sparsity_mask is not None)
                         for t, here in zip(tensors, local)])
     local = [here and not s for here, s in zip(local, sparse)]
@@ -251,16 +264,19 @@ def cluster(palettizer: Any, tensors: list[compat.PalettizedTensor], mode: str
         clustered_here=[t.name for t, here in zip(tensors, local) if here],
         owners={tensors[i].name: o for i, o in zip(rest, owners)},
         palettized_elements=sum(w.numel() for w in weights))
-    mine: list[tuple[compat.PalettizedTensor, torch.Tensor]] = []
+    mine: list[tuple[compat.PalettizedTensor, torch.Tensor, torch.Tensor | None]] = []
     for i, owner in zip(rest, owners):  # one weight at a time; only its owner keeps it
-        full = weights[i].full_tensor() if is_sharded(weights[i]) else weights[i]
+        weight, shard = weights[i], tensors[i].fake._sensitivities
+        full = weight.full_tensor() if is_sharded(weight) else weight
+        sens = (sharding.gather_rows(shard, weight.shape[0])
+                if shard is not None and is_sharded(weight) else shard)
         if owner == me:
-            mine.append((tensors[i], full))
-        del full
+            mine.append((tensors[i], full, sens))
+        del full, sens
     with distributed.agree("k-means (gathered weights)"), distributed._progress_on_rank_zero():
-        for t, full in mine:
+        for t, full, sens in mine:
             _reset_sparsity(t.fake)
-            _cluster_one(t.fake, full)
+            _cluster_one(t.fake, full, sens)
             stats.clustered_here.append(t.name)
     mine.clear()
     if world > 1 and rest:
@@ -381,3 +397,32 @@ def attach_before_sharding(engine: Any, model: nn.Module, attach: Callable[[], N
             "should only apply fully_shard), or use the engine API (prepare, then fully_shard)")
     attach()
     placeholder_centroids(engine.tensors())
+
+
+def shape_placeholders_like(tensors: Sequence[compat.PalettizedTensor], checkpoint: Any,
+                            prefix: str) -> list[str]:
+    """Before a sharded (DCP) checkpoint loads: each placeholder LUT takes the shape the
+    checkpoint saved (a ``palettize.budget`` allocation changes them; DCP loads only into
+    tensors of the saved shape). ``prefix``: the checkpoint's key prefix of the palettized
+    model. Returns the weights reshaped; a file (not a DCP directory) is left as it is."""
+    from pathlib import Path
+
+    path = Path(checkpoint)
+    if not path.is_dir():
+        return []
+    from torch.distributed.checkpoint import FileSystemReader
+
+    saved = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    reshaped = []
+    for t in tensors:
+        fake = t.fake
+        if fake.centroids is None or fake._centroids_initialized:
+            continue
+        meta = saved.get(f"{prefix}{t.state_prefix}0.centroids")
+        size = tuple(getattr(meta, "size", ()) or ())
+        if size and size != tuple(fake.centroids.shape):
+            fake.centroids = torch.zeros(size, dtype=meta.properties.dtype,
+                                         device=fake.centroids.device)
+            fake._centroids_initialized = False
+            reshaped.append(t.name)
+    return reshaped

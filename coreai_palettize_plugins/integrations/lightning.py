@@ -91,7 +91,7 @@ def _first_batch_of_stage(trainer: pl.Trainer, stage: str) -> Any:
     return next(iter(loaders))
 
 
-def _replace_method(module: nn.Module, name: str, replacement: Callable[..., Any]
+def _replace_method(module: object, name: str, replacement: Callable[..., Any]
                     ) -> Callable[[], None]:
     """Set ``replacement`` as ``module``'s instance attribute ``name``; returns the undo.
 
@@ -228,6 +228,7 @@ class PalettizationCallback(Callback):
         if kind == "model_parallel":  # before configure_model applies fully_shard
             fsdp.attach_before_sharding(self.engine, pl_module,
                                         lambda: self._attach(trainer, pl_module))
+            self._shape_placeholders_on_load(trainer, pl_module)
         elif is_overridden("configure_model", pl_module):
             self._attach_after_configure_model(trainer, pl_module)
         else:
@@ -244,6 +245,23 @@ class PalettizationCallback(Callback):
             self._factory_wrapped = True
         self.engine.attach(network, self._resolve_example_inputs(trainer, pl_module, stage,
                                                                  network))
+
+    def _shape_placeholders_on_load(self, trainer: pl.Trainer,
+                                    pl_module: pl.LightningModule) -> None:
+        """ModelParallelStrategy resume: the strategy loads the sharded checkpoint (after
+        ``on_fit_start``) only into tensors of the saved shapes; right before it does, the
+        placeholder LUTs take the checkpoint's shapes (a ``palettize.budget`` allocation)."""
+        strategy = trainer.strategy
+        original = strategy.load_checkpoint
+        network = self.engine.model
+        prefix = next(name for name, m in pl_module.named_modules() if m is network)
+        keys = f"state_dict.{prefix}." if prefix else "state_dict."
+
+        def load_checkpoint(checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
+            fsdp.shape_placeholders_like(self.engine.tensors(), checkpoint_path, keys)
+            return original(checkpoint_path, *args, **kwargs)
+
+        self._undo.append(_replace_method(strategy, "load_checkpoint", load_checkpoint))
 
     def _attach_after_configure_model(self, trainer: pl.Trainer,
                                       pl_module: pl.LightningModule) -> None:

@@ -16,7 +16,8 @@ KMEANS_CALLS: list[str] = []
 
 
 def _record(fake) -> None:
-    if int(os.environ.get("FAIL_ON_RANK", "-1")) == dist.get_rank():
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if int(os.environ.get("FAIL_ON_RANK", "-1")) == rank:
         raise ValueError(f"injected k-means failure on {fake.tensor_fqn}")
     KMEANS_CALLS.append(fake.tensor_fqn)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from _fsdp2_models import ENGINE_MODULES, global_batch
+from _fsdp2_models import ENGINE_MODULES, accuracy_settings, calibration_data, global_batch
 from _probe import KMEANS_CALLS, record
 from helpers import lut_hash, tiny_llama
 from torch.distributed.checkpoint.state_dict import (
@@ -34,6 +34,10 @@ def main() -> None:
                              "to_empty, load the full dense state dict from rank 0)")
     parser.add_argument("--intermediate", type=int, default=128,
                         help="MLP width: 176 puts a 16-row LUT group across the shard boundary")
+    parser.add_argument("--calibration", type=int, default=0,
+                        help="palettize.calibration samples (batches of 1 from calibration_set)")
+    parser.add_argument("--calibration-path", default=None)
+    parser.add_argument("--budget", type=float, default=0.0, help="bits_per_weight")
     args = parser.parse_args()
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -42,7 +46,10 @@ def main() -> None:
         model = tiny_llama(intermediate_size=args.intermediate)
     x = global_batch()
     engine = Palettization("w4", modules=ENGINE_MODULES, export_dir=args.out / "export",
-                           export_formats=["torch"])
+                           export_formats=["torch"], **accuracy_settings(
+                               args.calibration, args.calibration_path, args.budget))
+    if args.calibration:
+        engine.calibration_data = lambda: calibration_data(model)
     if args.cluster == "before-shard":
         engine.prepare(model, {"input_ids": x[:1]})
     else:
@@ -63,6 +70,9 @@ def main() -> None:
             getattr(rotary, name).copy_(buffer)
     engine.ensure_clustered()
     record(args.out, rank, lut_hash=lut_hash(model), kmeans=list(KMEANS_CALLS),
+           calibration=(engine.calibration_stats.to_dict() if engine.calibration_stats
+                        else None),
+           allocation=engine.allocation.to_dict() if engine.allocation else None,
            stats_mode=engine.cluster_stats.mode if engine.cluster_stats else None,
            replicated_bytes=replicated_state_bytes(model),
            sharded_bytes=sum(p.to_local().numel() * p.element_size() for p in model.parameters()))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from _fsdp2_models import TinyLlamaModule
+from _fsdp2_models import TinyLlamaModule, accuracy_settings
 from _probe import KMEANS_CALLS, record
 from helpers import TokenDataset, lut_hash
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
@@ -40,6 +40,9 @@ def main() -> None:
     parser.add_argument("--ckpt", default=None)
     parser.add_argument("--training", default="ste")
     parser.add_argument("--formats", default="torch", help="comma-separated, or 'default'")
+    parser.add_argument("--calibration", type=int, default=0, help="samples")
+    parser.add_argument("--budget", type=float, default=0.0, help="bits_per_weight")
+    parser.add_argument("--devices", type=int, default=2, help="1: one process, no FSDP2")
     args = parser.parse_args()
     torch.set_num_threads(1)
     pl.seed_everything(0, verbose=False)
@@ -47,15 +50,19 @@ def main() -> None:
     formats = {"export_formats": args.formats.split(",") if args.formats else []}
     callback = PalettizationCallback("w4", export_dir=args.out / "export",
                                      training=args.training,
-                                     **(formats if args.formats != "default" else {}))
+                                     **(formats if args.formats != "default" else {}),
+                                     **accuracy_settings(args.calibration, None, args.budget))
     # 2 batches of 2 per rank and epoch, every block the same: Lightning's epoch-end checkpoint
     # resumes with a different batch order, which must not matter here.
     dataset = TokenDataset(blocks=8, length=16)
     dataset.tokens[:] = dataset.tokens[0]
     data = torch.utils.data.DataLoader(dataset, batch_size=2)
+    if args.devices == 1:  # the reference: one process, configure_model not sharding
+        module.configure_model = lambda: None
     trainer = pl.Trainer(
-        accelerator="cpu", devices=2, max_steps=args.steps, logger=False,
-        strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+        accelerator="cpu", devices=args.devices, max_steps=args.steps, logger=False,
+        strategy=(ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+                  if args.devices == 2 else "auto"),
         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(args.out),
         callbacks=[callback, Probe(args.out, callback),
                    ModelCheckpoint(dirpath=args.out / "ckpt", save_top_k=-1,
@@ -65,7 +72,10 @@ def main() -> None:
     except Exception as error:
         record(args.out, trainer.global_rank, error=f"{type(error).__name__}: {error}")
         raise
-    record(args.out, trainer.global_rank, exported=callback.export_result is not None)
+    engine = callback.engine
+    record(args.out, trainer.global_rank, exported=callback.export_result is not None,
+           calibration=engine.calibration_stats.to_dict() if engine.calibration_stats else None,
+           allocation=engine.allocation.to_dict() if engine.allocation else None)
 
 
 if __name__ == "__main__":
