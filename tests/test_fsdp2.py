@@ -20,7 +20,13 @@ from coreai_palettize_plugins.settings.schema import PalettizeSettings
 
 SCRIPTS = Path(__file__).resolve().parent / "ddp_scripts"
 sys.path.insert(0, str(SCRIPTS))
-from _fsdp2_models import ENGINE_MODULES, TinyLlamaModule, global_batch  # noqa: E402
+from _fsdp2_models import (  # noqa: E402
+    ENGINE_MODULES,
+    TinyLlamaModule,
+    accuracy_settings,
+    calibration_data,
+    global_batch,
+)
 
 
 def _free_port() -> int:
@@ -38,7 +44,7 @@ def _ranks(out: Path) -> list[dict]:
 
 @pytest.mark.parametrize(("fields", "key"), [
     ({"training": "frozen"}, "training"), ({"training": "lut"}, "training"),
-    ({"adapters": {"r": 4}}, "adapters"), ({"calibration": {"samples": 2}}, "calibration"),
+    ({"adapters": {"r": 4}}, "adapters"), ({"distillation": {"weight": 1.0}}, "distillation"),
 ])
 def test_model_parallel_refuses_what_fsdp2_does_not_support(fields, key):
     settings = PalettizeSettings.resolve("w4", **fields)
@@ -50,6 +56,9 @@ def test_model_parallel_refuses_what_fsdp2_does_not_support(fields, key):
 def test_model_parallel_with_ste_passes_and_fsdp1_deepspeed_name_the_supported_path():
     settings = PalettizeSettings.resolve("w4")
     assert check_parallelism(settings, "model_parallel", what="the ModelParallelStrategy") is False
+    accuracy = PalettizeSettings.resolve("w4", calibration={"samples": 2},
+                                         budget={"bits_per_weight": 4.0})
+    assert check_parallelism(accuracy, "model_parallel", what="the ModelParallelStrategy") is False
     for kind in ("fsdp", "deepspeed"):
         with pytest.raises(PalettizeConfigError, match=r"use FSDP2 .*ModelParallelStrategy"):
             check_parallelism(settings, kind, what=kind)
@@ -162,6 +171,93 @@ def test_groups_straddling_the_shard_boundary_are_clustered_on_the_shards(tmp_pa
         assert "model.layers.0.mlp.gate_proj.weight" in names
 
 
+def _single_process_accuracy(samples: int, bits: float, path: Path | None
+                             ) -> Palettization:
+    """The engine script's calibration/budget run, in one process on the same data."""
+    model = tiny_llama()
+    engine = Palettization("w4", modules=ENGINE_MODULES, export_formats=[],
+                           **accuracy_settings(samples, str(path) if path else None, bits))
+    engine.calibration_data = lambda: calibration_data(model)
+    engine.prepare(model, {"input_ids": global_batch()[:1]})
+    return engine
+
+
+@pytest.mark.slow
+def test_engine_calibration_and_budget_on_shards_match_one_process(tmp_path):
+    """``palettize.calibration`` and ``budget`` under fully_shard: per-batch squared gradients
+    reduce-scattered to the shards (3 batches on 2 ranks: rank 1 runs a zero-weighted pad batch),
+    the budget's trial k-means on each rank's share of whole weights, sensitivity-weighted
+    k-means on the shards. The sensitivities file, the allocation and the LUTs equal one
+    process's bit for bit; a second run loads its rows of the file (no forward, no trial k-means
+    changes the result)."""
+    def run(out: Path) -> list[dict]:
+        result = run_python("-m", "torch.distributed.run", "--nproc_per_node=2",
+                            f"--master_port={_free_port()}", str(SCRIPTS / "fsdp2_engine.py"),
+                            "--out", str(out), "--calibration", "3", "--budget", "7.6",
+                            "--calibration-path", str(tmp_path / "sens.pt"), timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return _ranks(out)
+
+    ranks = run(tmp_path / "computed")
+    reference = _single_process_accuracy(3, 7.6, tmp_path / "reference_sens.pt")
+    _, uncalibrated = _single_process_step(lr=2.0)
+    luts = lut_hash(reference.model)
+    assert luts != uncalibrated                                    # the sensitivities mattered
+    assert [facts["lut_hash"] for facts in ranks] == [luts, luts]
+    for facts in ranks:
+        assert facts["calibration"]["batches"] == 3 and facts["calibration"]["world_size"] == 2
+        assert facts["allocation"]["layers"] == reference.allocation.to_dict()["layers"]
+    assert {x.n_bits for x in reference.allocation.layers} == {2, 4}  # a real choice was made
+    saved, expected = (torch.load(tmp_path / name, weights_only=True)["sensitivities"]
+                       for name in ("sens.pt", "reference_sens.pt"))
+    assert saved.keys() == expected.keys() and len(saved) == 15
+    for name, tensor in expected.items():
+        assert torch.equal(saved[name], tensor), name
+
+    loaded = run(tmp_path / "loaded")
+    assert [facts["calibration"]["source"] for facts in loaded] == ["loaded", "loaded"]
+    assert [facts["lut_hash"] for facts in loaded] == [luts, luts]
+
+
+def test_sharded_sensitivities_normalize_as_the_whole_tensor():
+    """Each shard normalized with the whole tensor's peak and smallest non-zero value equals
+    the whole tensor normalized (zeros raised to that value)."""
+    from coreai_palettize_plugins.accuracy.calibration import kmeans_weights
+
+    whole = torch.rand(10, 6) * 3
+    whole[7:] = 0                                   # the second shard: only zeros in 3 rows
+    whole[1, 2] = 0
+    reference = kmeans_weights(whole)
+    peak = whole.max().item()
+    scaled = whole / torch.tensor(peak)
+    floor = scaled[scaled > 0].min().item()
+    shards = [kmeans_weights(part, peak, floor) for part in whole.split(5)]
+    assert torch.equal(torch.cat(shards), reference)
+    assert torch.equal(kmeans_weights(whole[7:], peak, floor), reference[7:])
+
+
+def test_budget_ignores_placeholder_luts_and_reshapes_them():
+    """Lightning's ModelParallelStrategy gives each weight a zero placeholder LUT (a sharded
+    checkpoint restores only into existing keys): the budget must not read them as a restored
+    allocation, and the weights it gives another width get a placeholder of the new shape."""
+    from coreai_palettize_plugins.engine import allocation
+    from coreai_palettize_plugins.engine.fsdp import placeholder_centroids
+
+    engine = Palettization("w4", budget={"bits_per_weight": 6.8, "choices": [2, 4, 8]},
+                           export_formats=[])
+    model = tiny_llama()
+    engine.attach(model, {"input_ids": torch.zeros(1, 8, dtype=torch.long)})
+    placeholder_centroids(engine.tensors())
+    scope = allocation.scope(model, engine.settings, engine.tied)
+    from coreai_palettize_plugins.accuracy import budget
+    assert budget.allocation_from_state(scope, engine.settings.budget) is None
+    engine.cluster()
+    widths = {t.name: t.fake.n_bits for t in engine.tensors()}
+    assert set(widths.values()) - {4}                               # some weight changed width
+    for t in engine.tensors():
+        assert t.fake.centroids.shape[1] == 2 ** widths[t.name] and t.initialized
+
+
 def test_meta_built_model_must_be_materialized_before_kmeans():
     """Attached on the meta device, k-means before ``to_empty`` + load is a one-line error
     naming the fix; afterwards the engine re-initializes the flags ``to_empty`` left empty."""
@@ -244,3 +340,42 @@ def test_lightning_model_parallel_resume_is_exact_without_kmeans(tmp_path):
     assert exported.keys() == uninterrupted.keys()
     for name, tensor in uninterrupted.items():
         assert torch.equal(exported[name], tensor), name
+
+
+@pytest.mark.slow
+def test_lightning_model_parallel_calibration_budget_match_one_process_and_resume(tmp_path):
+    """``PalettizationCallback("w4", calibration=..., budget=...)`` under the
+    ModelParallelStrategy: the calibration batches come from the train dataloader (3 samples in
+    batches of 2: one batch per rank), the allocation and LUTs equal a one-process Lightning
+    run's, and a resume from the sharded checkpoint (its LUTs of the allocated widths) runs no
+    k-means and exports the uninterrupted run's tensors."""
+    flags = ("--calibration", "3", "--budget", "7.6", "--steps", "4")
+    ranks = _lightning(tmp_path / "run", *flags)
+    single = _lightning_single(tmp_path / "single", *flags)
+    module = TinyLlamaModule()
+    Palettization("w4").prepare(module, {"input_ids": torch.randint(0, 256, (1, 16))})
+    assert single["lut_hash_at_start"] != lut_hash(module)         # calibrated and allocated
+    for facts in ranks:
+        assert facts["lut_hash_at_start"] == single["lut_hash_at_start"]
+        assert facts["allocation"]["layers"] == single["allocation"]["layers"]
+        assert facts["calibration"]["batches"] == single["calibration"]["batches"] == 2
+    widths = {x["n_bits"] for x in single["allocation"]["layers"]}
+    assert widths == {2, 4}
+
+    resumed = _lightning(tmp_path / "resumed", *flags,
+                         "--ckpt", str(tmp_path / "run" / "ckpt" / "step=2.ckpt"))
+    for facts in resumed:
+        assert facts["kmeans_total"] == []                    # no k-means, no trial k-means
+        assert facts["lut_hash_at_start"] == single["lut_hash_at_start"]
+        assert facts["allocation"]["layers"] == single["allocation"]["layers"]
+    uninterrupted, exported = (_tensors(tmp_path / d / "export") for d in ("run", "resumed"))
+    assert exported.keys() == uninterrupted.keys()
+    for name, tensor in uninterrupted.items():
+        assert torch.equal(exported[name], tensor), name
+
+
+def _lightning_single(out: Path, *args: str) -> dict:
+    result = run_python(str(SCRIPTS / "lightning_fsdp2.py"), "--out", str(out), "--devices", "1",
+                        *args, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads((out / "rank0.json").read_text())

@@ -157,15 +157,29 @@ def test_metrics_reach_report_to_backends_with_the_callback_alone(tmp_path, capl
     assert [r.getMessage() for r in caplog.records] == []
 
 
-def test_fsdp_is_refused_from_the_arguments_before_training(tmp_path):
+def test_fsdp1_and_what_fsdp2_cannot_run_are_refused_from_the_arguments(tmp_path):
+    """FSDP version 1 is refused; accelerate's FSDP2 (transformers' default version) runs with
+    ``ste`` and builds the structure with placeholder LUTs a sharded checkpoint loads into
+    (the run itself needs a GPU: accelerate takes no FSDP on the CPU); ``frozen`` under FSDP2
+    is refused naming the supported settings."""
     from coreai_palettize_plugins import PalettizeConfigError
 
     callback = PalettizationTrainerCallback("w4")
-    args = SimpleNamespace(fsdp="full_shard", deepspeed=None, world_size=2,
-                           ddp_find_unused_parameters=None)
-    with pytest.raises(PalettizeConfigError, match=r"^palettize: FSDP is not supported"):
+    args = SimpleNamespace(fsdp="full_shard", fsdp_config={"version": 1}, deepspeed=None,
+                           world_size=2, ddp_find_unused_parameters=None, output_dir=str(tmp_path))
+    with pytest.raises(PalettizeConfigError, match=r"^palettize: FSDP \(fsdp_config version 1\) "
+                       r"is not supported.*use FSDP2"):
         callback.on_init_end(args, None, None, model=tiny_llama())
     assert not callback.engine.attached
+    args.fsdp_config = {}                                            # version 2, the default
+    frozen = PalettizationTrainerCallback("w4", training="frozen")
+    with pytest.raises(PalettizeConfigError, match=r"accelerate FSDP2.*supported: "
+                       r"palettize\.training=ste"):
+        frozen.on_init_end(args, None, None, model=tiny_llama())
+    callback.on_init_end(args, None, None, model=tiny_llama())
+    assert callback.engine.attached and not callback.engine.clustered
+    assert all(t.fake.centroids is not None and not t.initialized
+               for t in callback.engine.tensors())
     warm_up = PalettizationTrainerCallback("w4", schedule={"start_step": 3}, training="frozen")
     args = SimpleNamespace(fsdp=None, deepspeed=None, world_size=2, ddp_find_unused_parameters=False)
     with pytest.raises(PalettizeConfigError, match="ddp_find_unused_parameters=True"):

@@ -118,8 +118,9 @@ def check_parallelism(settings: PalettizeSettings, kind: str, *, what: str,
     if kind in UNSUPPORTED_PARALLELISM:
         raise PalettizeConfigError(
             "", f"{what} is not supported (FSDP1 and DeepSpeed ZeRO shard or ignore the "
-            "palettization state); use FSDP2 (Lightning ModelParallelStrategy, or fully_shard "
-            "after Palettization.prepare) or DDP, see README 'Distributed'")
+            "palettization state); use FSDP2 (Lightning ModelParallelStrategy, HF "
+            "fsdp_config={'version': 2}, or fully_shard after Palettization.prepare) or DDP, "
+            "see README 'Distributed'")
     if kind == "model_parallel":
         check_fsdp2(settings, what)
     needs = (kind == "ddp" and settings.start_step > 0

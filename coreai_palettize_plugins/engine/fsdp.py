@@ -103,6 +103,20 @@ def placeholder_centroids(tensors: Sequence[compat.PalettizedTensor]) -> None:
             t.fake._centroids_initialized = False
 
 
+def forget_placeholders(tensors: Sequence[compat.PalettizedTensor]) -> list[str]:
+    """Placeholder LUTs that a state-dict load marked clustered (coreai-opt marks every loaded
+    LUT so), e.g. accelerate broadcasting rank 0's state at wrap time: uninitialized again, so
+    k-means runs. Only all-zero LUTs are placeholders (k-means gives zeros only for an all-zero
+    weight, which it then clusters again to the same zeros). Returns their names."""
+    forgotten = []
+    for t in tensors:
+        centroids = t.fake.centroids
+        if centroids is not None and t.fake._centroids_initialized and not centroids.any():
+            t.fake._centroids_initialized = False
+            forgotten.append(t.name)
+    return forgotten
+
+
 # ---------------------------------------------------------------- models built on the meta device
 
 

@@ -60,8 +60,13 @@ def parallelism(args: TrainingArguments, model: nn.Module | None) -> tuple[str, 
     from accelerate.state import AcceleratorState
 
     state = AcceleratorState() if AcceleratorState._shared_state else None
-    if args.fsdp or getattr(state, "fsdp_plugin", None) is not None:
-        return "fsdp", "FSDP", None
+    plugin = getattr(state, "fsdp_plugin", None)
+    if args.fsdp or plugin is not None:
+        config = args.fsdp_config if isinstance(args.fsdp_config, dict) else {}
+        version = getattr(plugin, "fsdp_version", None) or config.get("version", 2)
+        if int(version) == 2:  # accelerate's fully_shard path (transformers' default)
+            return "model_parallel", "accelerate FSDP2 (fsdp_config version 2)", None
+        return "fsdp", "FSDP (fsdp_config version 1)", None
     if args.deepspeed or getattr(state, "deepspeed_plugin", None) is not None:
         return "deepspeed", "DeepSpeed", None
     if args.world_size <= 1:

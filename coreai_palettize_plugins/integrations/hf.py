@@ -39,7 +39,7 @@ from ..accuracy import adapters
 from ..accuracy.calibration import CalibrationData, move_to_device
 from ..core import integrity
 from ..core._inputs import CallSpec
-from ..engine import distributed
+from ..engine import distributed, fsdp
 from ..engine.lifecycle import Palettization, as_example_inputs
 from ..export.report import CompressionReport
 from ..export.writer import ExportResult
@@ -133,6 +133,7 @@ class PalettizationTrainerCallback(TrainerCallback):
         self._warned_no_handler = False
         self._train_loader: Any = None
         self._batch_size: int | None = None
+        self._sharded = False  # accelerate FSDP2 (set by the parallelism check)
 
     @property
     def trainer(self) -> Trainer | None:
@@ -181,6 +182,7 @@ class PalettizationTrainerCallback(TrainerCallback):
     def _check_parallelism(self, args: TrainingArguments, model: nn.Module | None) -> None:
         """The parallelism rules and the export directory, before training."""
         kind, what, find_unused = parallelism(args, model)
+        self._sharded = kind == "model_parallel"  # accelerate wraps the model with fully_shard
         distributed.check_parallelism(
             self.engine.settings, kind, what=what, find_unused=find_unused,
             fix="set TrainingArguments(ddp_find_unused_parameters=True)")
@@ -189,6 +191,8 @@ class PalettizationTrainerCallback(TrainerCallback):
     def _attach(self, model: nn.Module, example_inputs: Any) -> None:
         with kv_cache_disabled(model):
             self.engine.attach(model, example_inputs)
+        if self._sharded:  # accelerate FSDP2: a sharded checkpoint loads only existing keys
+            fsdp.placeholder_centroids(self.engine.tensors())
         self.engine.calibration_data = self._calibration_data
         if self.engine.tied and hasattr(model, "_tied_weights_keys"):
             declare_tied(model, self.engine.tied)
@@ -242,6 +246,10 @@ class PalettizationTrainerCallback(TrainerCallback):
                 "Trainer.__init__): pass it to Trainer(callbacks=...), or pass example_inputs= "
                 "to PalettizationTrainerCallback")
         self._train_loader, self._batch_size = train_dataloader, args.per_device_train_batch_size
+        if self._sharded and state.global_step == 0:
+            # accelerate may have broadcast the placeholder LUTs as a state dict (rank 0's
+            # copy, cpu_ram_efficient_loading): coreai-opt then marks them clustered
+            fsdp.forget_placeholders(self.engine.tensors())
         # HF loaded any checkpoint with strict=False just before: verify, don't trust it.
         try:
             self.engine.ensure_clustered(expect_restored=state.global_step > 0)
