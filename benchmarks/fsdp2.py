@@ -1,7 +1,7 @@
 """FSDP2 vs DDP on 2 CPU ranks (gloo) with the default ``w4`` / ``ste``: per-rank model +
 gradient + AdamW state, the k-means phase (vs one process) and the step time.
 
-    python benchmarks/fsdp2.py [--layers 4 --hidden 256 --steps 5]
+    python benchmarks/fsdp2.py [--layers 4 --hidden 256 --steps 5] [--dense]
 
 Runs ``torchrun --nproc_per_node=2`` on itself twice (``--worker fsdp2``, ``--worker ddp``) and
 the single-process k-means in this process; prints a Markdown table and the raw JSON.
@@ -57,8 +57,9 @@ def worker(args: argparse.Namespace) -> None:
     tokens = torch.randint(0, args.vocab, (args.batch * world, args.seq),
                            generator=torch.Generator().manual_seed(1))
     batch = tokens[rank * args.batch:(rank + 1) * args.batch]
-    engine = Palettization("w4", export_formats=[])
-    engine.attach(model, {"input_ids": batch[:1]})
+    engine = None if args.dense else Palettization("w4", export_formats=[])
+    if engine is not None:
+        engine.attach(model, {"input_ids": batch[:1]})
     if args.worker == "fsdp2":
         mesh = init_device_mesh("cpu", (world,))
         for layer in model.model.layers:
@@ -66,22 +67,26 @@ def worker(args: argparse.Namespace) -> None:
         fully_shard(model, mesh=mesh)
     dist.barrier()
     start = time.perf_counter()
-    engine.ensure_clustered()
+    if engine is not None:
+        engine.ensure_clustered()
     dist.barrier()
     kmeans_s = time.perf_counter() - start
     wrapped = DistributedDataParallel(model) if args.worker == "ddp" else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    engine.start_training(0)
+    if engine is not None:
+        engine.start_training(0)
     times, grads = [], 0
     for step in range(1, args.warmup + args.steps + 1):
         dist.barrier()
         start = time.perf_counter()
         wrapped(input_ids=batch, labels=batch).loss.backward()
         grads = _bytes(p.grad for p in model.parameters() if p.grad is not None)
-        engine.before_optimizer_step()
+        if engine is not None:
+            engine.before_optimizer_step()
         optimizer.step()
         optimizer.zero_grad()
-        engine.after_optimizer_step(step)
+        if engine is not None:
+            engine.after_optimizer_step(step)
         dist.barrier()
         if step > args.warmup:
             times.append(time.perf_counter() - start)
@@ -92,8 +97,10 @@ def worker(args: argparse.Namespace) -> None:
              "step_s": statistics.median(times), "params_bytes": params, "grad_bytes": grads,
              "optim_bytes": optim, "total_bytes": params + grads + optim,
              "replicated_lut_bytes": replicated_state_bytes(model),
-             "cluster_mode": engine.cluster_stats.mode if engine.cluster_stats else None}
-    (Path(args.out) / f"{args.worker}{rank}.json").write_text(json.dumps(facts))
+             "cluster_mode": engine.cluster_stats.mode if engine and engine.cluster_stats
+             else None}
+    name = f"{args.worker}{'_dense' if args.dense else ''}{rank}.json"
+    (Path(args.out) / name).write_text(json.dumps(facts))
     dist.destroy_process_group()
 
 
@@ -127,6 +134,8 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--dense", action="store_true",
+                        help="also run both arms without palettization (FSDP2's own cost)")
     args = parser.parse_args()
     if args.worker:
         worker(args)
@@ -135,13 +144,15 @@ def main() -> None:
              ("layers", "hidden", "intermediate", "vocab", "batch", "seq", "steps", "warmup")]
     out = tempfile.mkdtemp()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for mode in ("fsdp2", "ddp"):
+    arms = [(m, d) for d in ([False, True] if args.dense else [False]) for m in ("fsdp2", "ddp")]
+    for mode, dense in arms:
         subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                         f"--master_port={_port()}", __file__, "--worker", mode, "--out", out,
-                        *shape], check=True, env=env)
+                        *shape, *(["--dense"] if dense else [])], check=True, env=env)
     single = single_kmeans(args)
+    names = [f"{m}{'_dense' if d else ''}" for m, d in arms]
     runs = {m: [json.loads((Path(out) / f"{m}{r}.json").read_text()) for r in (0, 1)]
-            for m in ("fsdp2", "ddp")}
+            for m in names}
 
     def worst(mode: str, key: str) -> float:
         return max(r[key] for r in runs[mode])
@@ -159,6 +170,11 @@ def main() -> None:
     print(f"| k-means phase s (1 process: {single:.3f}) | {f:.3f} | {worst('ddp', 'kmeans_s'):.3f}"
           f" | FSDP2/1 process {f / single:.3f} | <= 0.6 |")
     print(f"| replicated LUT bytes per rank | {worst('fsdp2', 'replicated_lut_bytes')} | | | |")
+    if args.dense:
+        f, d = worst("fsdp2_dense", "step_s"), worst("ddp_dense", "step_s")
+        print(f"| dense step s (no palettization) | {f:.3f} | {d:.3f} | {f / d:.3f} | |")
+        print(f"| palettized / dense step | {worst('fsdp2', 'step_s') / f:.3f} | "
+              f"{worst('ddp', 'step_s') / d:.3f} | | |")
     print(json.dumps({"single_kmeans_s": single, **runs}))
 
 

@@ -29,6 +29,8 @@ from coreai_opt.palettization.kmeans.kmeans_fake_palettize import _KMeansFakePal
 from coreai_opt.palettization.spec import PerGroupedChannelGranularity
 from coreai_opt.palettization.spec.fake_palettize import _FakePalettizeImplBase
 
+from .tensors import meta_like
+
 __all__ = ["CACHE_ENV", "CompactKMeansFakePalettize", "compact_support",
            "drop_emptied_optimizer_state", "is_compact", "make_compact",
            "pack_bits", "storage_width", "unpack_bits"]
@@ -281,7 +283,7 @@ def make_compact(fake: _KMeansFakePalettize, parametrizations: list[nn.Module],
     shape, dtype = original.shape, original.dtype
     num_luts = fake.centroids.shape[0] if fake.centroids is not None else None
     if num_luts is None:
-        blocks, _ = fake._reshape_and_block(original.detach().to("meta"))
+        blocks, _ = fake._reshape_and_block(meta_like(original))
         num_luts = len(blocks)
     layout, width = _layout(fake, shape, num_luts, storage_width(fake.n_bits))
     if indices is None and fake.indices is not None and not fake._indices_stale:

@@ -18,7 +18,7 @@ from coreai_opt.palettization.spec import PerGroupedChannelGranularity, PerTenso
 
 from ..core.linear_like import experts_transposed
 from .foreign import fold_foreign_parametrizations
-from .tensors import PalettizedTensor
+from .tensors import PalettizedTensor, meta_like
 from .tracing import every_use_palettized
 
 __all__ = [
@@ -38,7 +38,7 @@ def lut_groups(fake: _KMeansFakePalettize, weight: torch.Tensor) -> list[torch.T
 def centroids_shape(tensor: PalettizedTensor) -> tuple[int, int, int]:
     """Shape ``(num_luts, 2**n_bits, cluster_dim)`` k-means will give ``tensor``'s centroids."""
     fake = tensor.fake
-    blocks, _ = fake._reshape_and_block(tensor.original.detach().to("meta"))
+    blocks, _ = fake._reshape_and_block(meta_like(tensor.original))
     return len(blocks), 2**fake.n_bits, fake.cluster_dim
 
 
@@ -191,7 +191,7 @@ def fit_granularity(fake: _KMeansFakePalettize, weight: torch.Tensor) -> tuple[A
     spec = fake.granularity
     if not isinstance(spec, PerGroupedChannelGranularity):
         return None
-    meta = weight.detach().to("meta")
+    meta = meta_like(weight)
 
     def luts(candidate: Any) -> int | None:
         fake.granularity = candidate

@@ -8,7 +8,7 @@ from coreai_opt.inspection._bpw_utils import tensor_storage_bits
 from coreai_opt.palettization.kmeans.kmeans_fake_palettize import _KMeansFakePalettize
 from coreai_opt.palettization.spec import PerGroupedChannelGranularity, PerTensorGranularity
 
-from .tensors import PalettizedTensor
+from .tensors import PalettizedTensor, meta_like
 
 __all__ = ["granularity_for", "lut_count", "respec", "respec_tensor", "trial_bits",
            "trial_palettize"]
@@ -45,7 +45,7 @@ def trial_bits(template: _KMeansFakePalettize, weight: torch.Tensor, n_bits: int
     """The storage bits ``trial_palettize`` would report for this choice, from the shapes alone
     (no k-means, no data read: a meta copy); None when the shape is incompatible."""
     fake = _new_fake(template, n_bits, granularity, None)
-    meta = weight.detach().to("meta")
+    meta = meta_like(weight)
     if not fake.check_compatible(meta):
         return None
     return int(tensor_storage_bits(meta, fake))
@@ -57,7 +57,7 @@ def lut_count(template: _KMeansFakePalettize, weight: torch.Tensor, granularity)
     fake = _new_fake(template, template.n_bits, granularity, None)
     if not fake.check_compatible(weight):
         return None
-    blocks, _ = fake._reshape_and_block(weight.detach().to("meta"))
+    blocks, _ = fake._reshape_and_block(meta_like(weight))
     return len(blocks)
 
 

@@ -268,9 +268,7 @@ def cluster(palettizer: Any, tensors: list[compat.PalettizedTensor], mode: str
     sparse = _any_rank([bool(here and t.fake._sparsity_mask is not None)
                         for t, here in zip(tensors, local)])
     local = [here and not s for here, s in zip(local, sparse)]
-    for t, here, plan in zip(tensors, local, plans):
-        if here:
-            _gather_luts(t, plan)
+    _gather_luts([(t, plan) for t, here, plan in zip(tensors, local, plans) if here])
     rest = [i for i, here in enumerate(local) if not here]
     owners = distributed.plan_owners([weights[i].numel() for i in rest], world, mode)
     stats = distributed.ClusterStats(
@@ -313,31 +311,42 @@ def _reset_sparsity(fake: Any) -> None:
     fake._sparsity_detected = False
 
 
-def _gather_luts(t: compat.PalettizedTensor, plan: list[tuple[int, int]]) -> None:
-    """All-gather the LUT rows each rank clustered for its groups (``plan``) into the full LUT
-    (rank order is row order), then load it as a restored LUT (indices re-derived from it)."""
+def _gather_luts(items: list[tuple[compat.PalettizedTensor, list[tuple[int, int]]]]) -> None:
+    """All-gather the LUT rows each rank clustered for its groups (``plan``) into each full LUT
+    (rank order is row order), then load it as a restored LUT (indices re-derived from it).
+    One all-gather carries every weight's rows (float64: exact for every float dtype)."""
     from .._coreai_compat.layouts import centroids_shape
 
-    weight = t.original.detach()
-    full_shape = centroids_shape(t)
-    group = t.fake._axis0_group_size()
-    counts = [(end - start) // group for start, end in plan]
-    most = max(counts)
-    mine = t.fake.centroids if counts[distributed.rank()] else None
+    if not items:
+        return
+    me = distributed.rank()
+    layout, mine = [], []
+    for t, plan in items:
+        shape = centroids_shape(t)
+        group = t.fake._axis0_group_size()
+        counts = [(end - start) // group for start, end in plan]
+        row = math.prod(shape[1:])
+        block = torch.zeros(max(counts) * row, dtype=torch.float64)
+        if counts[me]:
+            block[:counts[me] * row] = t.fake.centroids.detach().reshape(-1).cpu().double()
+        layout.append((t, shape, counts, row, block.numel()))
+        mine.append(block)
     device = distributed._comm_device()
-    dtype = mine.dtype if mine is not None else weight.dtype
-    padded = torch.zeros((most, *full_shape[1:]), dtype=dtype, device=device)
-    if mine is not None:
-        padded[:mine.shape[0]] = mine.to(device)
-    pieces = [torch.empty_like(padded) for _ in counts]
-    dist.all_gather(pieces, padded)
-    full = torch.cat([p[:n] for p, n in zip(pieces, counts)]).to(weight.device)
-    _reset_sparsity(t.fake)
-    t.fake.indices = None
-    state = t.fake.state_dict()
-    state["centroids"] = full
-    state.pop("indices", None)
-    t.fake.load_state_dict(state, strict=False)
+    flat = torch.cat(mine).to(device)
+    pieces = [torch.empty_like(flat) for _ in range(distributed.world_size())]
+    dist.all_gather(pieces, flat)
+    pieces = [piece.cpu() for piece in pieces]
+    offset = 0
+    for t, shape, counts, row, size in layout:
+        weight = t.original.detach()
+        full = torch.cat([piece[offset:offset + n * row] for piece, n in zip(pieces, counts)])
+        offset += size
+        _reset_sparsity(t.fake)
+        t.fake.indices = None
+        state = t.fake.state_dict()
+        state["centroids"] = full.reshape(shape).to(weight.dtype).to(weight.device)
+        state.pop("indices", None)
+        t.fake.load_state_dict(state, strict=False)
 
 
 # ---------------------------------------------------------------- export and state
