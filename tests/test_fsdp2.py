@@ -67,11 +67,11 @@ def test_model_parallel_with_ste_passes_and_fsdp1_deepspeed_name_the_supported_p
 # ------------------------------------------------------------------ engine API, own loop
 
 
-def _single_process_step(lr: float, intermediate: int = 128) -> tuple[torch.nn.Module, str]:
+def _single_process_step(lr: float, intermediate: int = 128, **fields) -> tuple[torch.nn.Module, str]:
     """What the engine script does on 2 ranks, in one process on the whole global batch."""
     model = tiny_llama(intermediate_size=intermediate)
     x = global_batch()
-    engine = Palettization("w4", modules=ENGINE_MODULES, export_formats=[])
+    engine = Palettization("w4", modules=ENGINE_MODULES, export_formats=[], **fields)
     engine.prepare(model, {"input_ids": x[:1]})
     luts = lut_hash(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
@@ -169,6 +169,50 @@ def test_groups_straddling_the_shard_boundary_are_clustered_on_the_shards(tmp_pa
     assert ranks[0]["stats_mode"] == "fsdp2 (14 local, 1 gathered)"   # lm_head (w8) only
     for names in (facts["kmeans"] for facts in ranks):
         assert "model.layers.0.mlp.gate_proj.weight" in names
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("training", "adapters"), [("frozen", 0), ("lut", 0), ("frozen", 4)])
+def test_packed_strategies_clustered_before_sharding_match_one_process(tmp_path, training,
+                                                                        adapters):
+    """``frozen``/``lut`` on the compact base, and LoRA adapters on it: k-means (and the compact
+    base, the adapters) before ``fully_shard``, whose shards then hold what still trains (the
+    LUT Parameters, the adapters, the dense layers); the packed indices and LUTs are buffers
+    replicated on every rank. One SGD step equals one process's on the global batch; LoRA
+    trains the adapters only. Clustering after sharding is refused, naming this order."""
+    flags = ["--training", training, *(["--adapters", str(adapters)] if adapters else [])]
+    result = run_python("-m", "torch.distributed.run", "--nproc_per_node=2",
+                        f"--master_port={_free_port()}", str(SCRIPTS / "fsdp2_engine.py"),
+                        "--out", str(tmp_path), "--cluster", "before-shard", *flags, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = _ranks(tmp_path)
+    fields = {"training": training, **({"adapters": {"r": adapters}} if adapters else {})}
+    reference, luts = _single_process_step(lr=2.0, **fields)
+    assert ranks[0]["lut_hash"] == ranks[1]["lut_hash"] == luts       # k-means: bit-identical
+    assert ranks[0]["lut_hash_at_end"] == ranks[1]["lut_hash_at_end"]  # (lut: trained, below)
+    assert ranks[0]["replicated_bytes"] > 0           # packed indices + LUTs on every rank
+    state = torch.load(tmp_path / "full_state.pt", weights_only=True)
+    ours, before = reference.state_dict(), tiny_llama().state_dict()
+    moved = []
+    for name, value in ours.items():
+        if not value.is_floating_point() or value.numel() == 0:
+            continue
+        torch.testing.assert_close(state[name], value, atol=1e-6, rtol=1e-5, msg=name)
+        initial = before.get(name)
+        if initial is None or initial.shape != value.shape or not torch.equal(initial, value):
+            moved.append(name)
+    trained = [n for n in moved if "lora_" in n] if adapters else [
+        n for n in moved if "trainable_lut" in n or n.startswith(("model.embed", "model.norm"))]
+    assert trained, moved
+    if adapters:  # only the adapters train: every dense tensor keeps its initial value
+        assert not [n for n in moved if n in before], moved
+    assert (tmp_path / "export" / "palettized.safetensors").is_file()
+
+    refused = run_python("-m", "torch.distributed.run", "--nproc_per_node=2",
+                         f"--master_port={_free_port()}", str(SCRIPTS / "fsdp2_engine.py"),
+                         "--out", str(tmp_path / "after"), *flags, timeout=300)
+    assert refused.returncode != 0
+    assert "cluster before sharding instead: Palettization.prepare" in refused.stderr
 
 
 def _single_process_accuracy(samples: int, bits: float, path: Path | None

@@ -35,6 +35,7 @@ import torch.nn as nn
 from coreai_opt.palettization.spec import TrainingStrategy, TrainingStrategySpec
 
 from .. import _coreai_compat as compat
+from . import sharding
 from .checks import TRAINING_STRATEGY_KEYS, PalettizeConfigError
 
 __all__ = [
@@ -356,8 +357,8 @@ class TrainableLUTStrategy(StrategyHooks, TrainingStrategy):
 
     @torch.no_grad()
     def after_optimizer_step(self, t: compat.PalettizedTensor, step: int) -> None:
-        if t.fake.centroids is not None:
-            t.fake.centroids.copy_(getattr(t.fake, TRAINABLE_LUT))
+        if t.fake.centroids is not None:  # FSDP2 shards the LUT Parameter: every rank gathers it
+            t.fake.centroids.copy_(sharding.full_rows(getattr(t.fake, TRAINABLE_LUT)))
 
     def finish(self, t: compat.PalettizedTensor) -> None:
         self.after_optimizer_step(t, step=0)

@@ -142,21 +142,34 @@ def broadcast_object(value: Any, src: int = 0) -> Any:
     return DistContext.current().broadcast_object(value, src)
 
 
-def check_fsdp2(settings: PalettizeSettings, what: str) -> None:
+BEFORE_SHARDING = ("cluster before sharding instead: Palettization.prepare(model, ...), then "
+                   "fully_shard (the compact base's packed indices and LUTs are replicated on "
+                   "every rank)")
+
+
+def check_fsdp2(settings: PalettizeSettings, what: str, *, clustered_before: bool = False
+                ) -> None:
     """The settings FSDP2 runs with; anything else fails before training with the fix.
+
+    ``clustered_before``: k-means (and the compact base, the adapters) ran before ``fully_shard``
+    (the engine API's ``prepare``): ``frozen``/``lut`` and LoRA adapters then train with their
+    packed state replicated on every rank. The callbacks cluster after sharding.
 
     Raises:
         PalettizeConfigError: naming the key and the supported path.
     """
     tail = f"is not supported under {what} (FSDP2); supported: {SUPPORTED}, or train with DDP"
-    if settings.adapters is not None:
-        raise PalettizeConfigError("adapters", f"(LoRA on the compact base) {tail}")
     if settings.distillation is not None:
         raise PalettizeConfigError("distillation", f"(a dense teacher per rank) {tail}")
+    if clustered_before:
+        return
+    if settings.adapters is not None:
+        raise PalettizeConfigError("adapters", f"(LoRA on the compact base) {tail}; or "
+                                   f"{BEFORE_SHARDING}")
     if settings.training_strategy != "ste":
         raise PalettizeConfigError(
-            "training", f"{settings.training_strategy!r} {tail} (frozen/lut keep weight-shaped "
-            "index state or LUT Parameters FSDP2 would replicate or shard wrongly)")
+            "training", f"{settings.training_strategy!r} {tail} (k-means on the shards keeps "
+            f"no weight-shaped index state); or {BEFORE_SHARDING}")
 
 
 @contextlib.contextmanager

@@ -94,6 +94,7 @@ class Palettization(ReportAndExport):
         self.calibration_stats: CalibrationStats | None = None
         self._restored = False
         self._built_on_meta = False  # attached on the meta device: re-initialize at k-means
+        self._clustered_before_sharding = False  # FSDP2: k-means/restore ran before fully_shard
         self._model_factory = model_factory
         self._skeleton: nn.Module | None = None
         self._training: Any = None
@@ -233,6 +234,10 @@ class Palettization(ReportAndExport):
         if pending:
             integrity.check_weights_finite(pending, self.dist)  # every rank: no NaN is clustered
             sharded = any(fsdp.is_sharded(t.original) for t in pending)  # FSDP2
+            if sharded:  # frozen/lut/adapters: k-means before fully_shard, or refused here
+                fsdp.check_supported(self.settings, "fully_shard")
+            elif not fsdp.model_is_sharded(self.model):
+                self._clustered_before_sharding = True
             self.cluster_stats = (fsdp.cluster if sharded else distributed.cluster)(
                 self.palettizer, pending, self.settings.distributed)
             self._run_hooks(pending, "after_cluster")
@@ -260,6 +265,8 @@ class Palettization(ReportAndExport):
         checkpoint.require_restored(tensors, restored)
         integrity.check_restored(tensors, self.model)  # finite LUTs and weights, indices < 2**n_bits
         self._restored = True
+        if not fsdp.model_is_sharded(self.model):
+            self._clustered_before_sharding = True
         self._update_compact()
 
     def _materialized(self) -> None:
@@ -346,7 +353,8 @@ class Palettization(ReportAndExport):
         if self._training is not None:
             return
         if fsdp.model_is_sharded(self.model):  # fully_shard'ed by the user's own loop
-            fsdp.check_supported(self.settings, "fully_shard")
+            fsdp.check_supported(self.settings, "fully_shard",
+                                 clustered_before=self._clustered_before_sharding)
             fsdp.check_placements(self.model)
         compat.set_step(self.palettizer, step)
         self._training = self.palettizer.training_mode()

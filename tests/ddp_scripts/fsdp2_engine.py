@@ -38,6 +38,8 @@ def main() -> None:
                         help="palettize.calibration samples (batches of 1 from calibration_set)")
     parser.add_argument("--calibration-path", default=None)
     parser.add_argument("--budget", type=float, default=0.0, help="bits_per_weight")
+    parser.add_argument("--training", default="ste")
+    parser.add_argument("--adapters", type=int, default=0, help="LoRA rank (0: none)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -46,7 +48,9 @@ def main() -> None:
         model = tiny_llama(intermediate_size=args.intermediate)
     x = global_batch()
     engine = Palettization("w4", modules=ENGINE_MODULES, export_dir=args.out / "export",
-                           export_formats=["torch"], **accuracy_settings(
+                           export_formats=["torch"], training=args.training,
+                           **({"adapters": {"r": args.adapters}} if args.adapters else {}),
+                           **accuracy_settings(
                                args.calibration, args.calibration_path, args.budget))
     if args.calibration:
         engine.calibration_data = lambda: calibration_data(model)
