@@ -423,3 +423,28 @@ def _lightning_single(out: Path, *args: str) -> dict:
                         *args, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads((out / "rank0.json").read_text())
+
+
+def test_budget_resume_loads_into_placeholders_of_another_width(monkeypatch):
+    """HF FSDP2 resumes through ``load_state_dict`` (accelerate's full state dict): placeholder
+    LUTs of the base width take the loaded allocation's shapes; nothing is clustered again."""
+    from coreai_palettize_plugins.engine.fsdp import placeholder_centroids
+
+    budget = {"bits_per_weight": 6.8, "choices": [2, 4, 8]}
+    inputs = {"input_ids": torch.zeros(1, 8, dtype=torch.long)}
+    trained = tiny_llama()
+    first = Palettization("w4", budget=budget, export_formats=[])
+    first.prepare(trained, inputs)
+    assert {x.n_bits for x in first.allocation.layers} == {2, 4}
+    resumed = Palettization("w4", budget=budget, export_formats=[])
+    model = tiny_llama()
+    resumed.attach(model, inputs)
+    placeholder_centroids(resumed.tensors())
+    model.load_state_dict(trained.state_dict())
+    calls: list[object] = []
+    count_kmeans(calls.append, monkeypatch.setattr)
+    resumed.ensure_clustered(expect_restored=True)
+    assert calls == [] and resumed.restored
+    assert lut_hash(model) == lut_hash(trained)
+    assert ([(x.name, x.n_bits) for x in resumed.allocation.layers]
+            == [(x.name, x.n_bits) for x in first.allocation.layers])

@@ -150,8 +150,23 @@ def watch_loads(model: nn.Module, tensors: Callable[[], list[compat.PalettizedTe
             verify_record(directory, tensors(), config_yaml(), config=not budget)
         if not budget:  # the allocation is read from the restored LUT sizes otherwise
             _check_lut_shapes(tensors(), state_dict, prefix)
+        else:
+            _shape_placeholders(tensors(), state_dict, prefix)
 
     model.register_load_state_dict_pre_hook(pre_hook)
+
+
+def _shape_placeholders(tensors: list[compat.PalettizedTensor], state_dict: Mapping[str, Any],
+                        prefix: str) -> None:
+    """With a budget, a placeholder LUT (zeros not clustered yet, that FSDP2 checkpoints load
+    into) takes the shape of the LUT being loaded: the checkpoint's allocation."""
+    for t in tensors:
+        fake = t.fake
+        value = state_dict.get(f"{prefix}{t.state_prefix}0.centroids")
+        if (isinstance(value, torch.Tensor) and fake.centroids is not None
+                and not fake._centroids_initialized and value.shape != fake.centroids.shape):
+            fake.centroids = torch.zeros(value.shape, dtype=fake.centroids.dtype,
+                                         device=fake.centroids.device)
 
 
 def loaded_from(model: nn.Module) -> str | None:
