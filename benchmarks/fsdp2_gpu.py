@@ -2,12 +2,15 @@
 
     python benchmarks/fsdp2_gpu.py --out DIR [--layers 2]
     python benchmarks/fsdp2_gpu.py --out DIR --smoke      # on a CPU: what runs without a GPU
+    python benchmarks/fsdp2_gpu.py --out DIR --skip-big --calibration 5 --budget 5.0
 
 1. HF ``Trainer`` with accelerate's FSDP2 (``fsdp="full_shard"``, ``fsdp_config`` version 2),
    one process under torchrun, a tiny Llama, ``PalettizationTrainerCallback("w4")``:
    a. lr 0, 2 steps: the packed artifact equals the same run without FSDP;
    b. 4 steps saving ``checkpoint-2``, then a resume from it: no k-means on the resume, and the
       export equals the uninterrupted run's.
+   With ``--calibration``/``--budget`` every arm calibrates on the train data and allocates
+   the bits (the allocation and LUTs must equal the run without FSDP).
 2. The engine API with ``fully_shard`` (NCCL) on Llama layers of the 1.1B shape (TinyLlama:
    hidden 2048, MLP 5632, vocab 32000; ``--layers`` of its 22), fp32 master weights with bf16
    compute (``MixedPrecisionPolicy``): k-means seconds, median step and peak memory, against the
@@ -73,7 +76,11 @@ def hf_worker(args: argparse.Namespace) -> None:
         use_cpu=args.smoke, fsdp="full_shard" if fsdp else "",
         fsdp_config={"fsdp_version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}
         if fsdp else None)
-    callback = PalettizationTrainerCallback("w4", export_formats=["torch"])
+    accuracy = ({"calibration": {"samples": args.calibration, "show_progress": False}}
+                if args.calibration else {})
+    if args.budget:
+        accuracy["budget"] = {"bits_per_weight": args.budget, "choices": [2, 4, 8]}
+    callback = PalettizationTrainerCallback("w4", export_formats=["torch"], **accuracy)
     trainer = Trainer(model=model, args=targs, train_dataset=data, callbacks=[callback])
     facts: dict = {"arm": args.arm}
     try:
@@ -85,6 +92,9 @@ def hf_worker(args: argparse.Namespace) -> None:
             restored=engine.restored, global_step=trainer.state.global_step,
             cluster_mode=engine.cluster_stats.mode if engine.cluster_stats else None,
             lut_hash=_lut_hash(engine), exported=callback.export_result is not None,
+            allocation=[[x.name, x.n_bits] for x in engine.allocation.layers]
+            if engine.allocation else None,
+            calibration=engine.calibration_stats.to_dict() if engine.calibration_stats else None,
             export_errors=dict(callback.export_result.errors) if callback.export_result else None)
     except Exception as error:
         facts["error"] = f"{type(error).__name__}: {error}"[:2000]
@@ -115,12 +125,16 @@ def _equal(a: dict, b: dict) -> bool:
 
 
 def hf_part(args: argparse.Namespace, out: Path) -> dict:
-    arms = [("single", ["--lr", "0", "--steps", "2"])]
+    extra = (["--calibration", str(args.calibration)] if args.calibration else []) + (
+        ["--budget", str(args.budget)] if args.budget else [])
+    arms = [("single", ["--lr", "0", "--steps", "2", *extra])]
     if not args.smoke:
-        arms += [("fsdp2_lr0", ["--lr", "0", "--steps", "2"]),
-                 ("fsdp2", ["--lr", "1e-3", "--steps", "4", "--save"]),
+        arms += [("fsdp2_lr0", ["--lr", "0", "--steps", "2", *extra]),
+                 ("fsdp2", ["--lr", "1e-3", "--steps", "4", "--save", *extra]),
                  ("fsdp2_resumed", ["--lr", "1e-3", "--steps", "4", "--save", "--resume",
-                                    str(out / "fsdp2" / "checkpoint-2")])]
+                                    str(out / "fsdp2" / "checkpoint-2"), *extra])]
+    if args.arms:
+        arms = [(arm, flags) for arm, flags in arms if arm in args.arms.split(",")]
     result: dict = {}
     for arm, flags in arms:
         started = time.perf_counter()
@@ -132,9 +146,14 @@ def hf_part(args: argparse.Namespace, out: Path) -> dict:
         if code:
             facts["stderr_tail"] = stderr
         result[arm] = facts
-    if not args.smoke:
+    if not args.smoke and {"single", "fsdp2_lr0"} <= set(result):
+        result["luts_equal_single"] = (result["fsdp2_lr0"].get("lut_hash")
+                                       == result["single"].get("lut_hash"))
+        result["allocation_equals_single"] = (result["fsdp2_lr0"].get("allocation")
+                                              == result["single"].get("allocation"))
         result["lr0_export_equals_single"] = _equal(_safetensors(out / "fsdp2_lr0"),
                                                      _safetensors(out / "single"))
+    if not args.smoke and {"fsdp2", "fsdp2_resumed"} <= set(result):
         result["resume_export_equals_uninterrupted"] = _equal(
             _safetensors(out / "fsdp2_resumed"), _safetensors(out / "fsdp2"))
     return result
@@ -251,9 +270,12 @@ def main() -> None:
     parser.add_argument("--save", action="store_true")
     parser.add_argument("--resume")
     parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--calibration", type=int, default=0, help="HF arms: samples")
+    parser.add_argument("--budget", type=float, default=0.0, help="HF arms: bits per weight")
     parser.add_argument("--big-timeout", type=float, default=360)
     parser.add_argument("--smoke", action="store_true", help="CPU: the parts that need no GPU")
     parser.add_argument("--skip-big", action="store_true")
+    parser.add_argument("--arms", default="", help="HF arms to run, comma-separated (all)")
     args = parser.parse_args()
     if args.worker == "hf":
         return hf_worker(args)

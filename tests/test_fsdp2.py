@@ -227,29 +227,31 @@ def _single_process_accuracy(samples: int, bits: float, path: Path | None
 
 
 @pytest.mark.slow
-def test_engine_calibration_and_budget_on_shards_match_one_process(tmp_path):
+@pytest.mark.parametrize("ranks_n", [2, 1])
+def test_engine_calibration_and_budget_on_shards_match_one_process(tmp_path, ranks_n):
     """``palettize.calibration`` and ``budget`` under fully_shard: per-batch squared gradients
     reduce-scattered to the shards (3 batches on 2 ranks: rank 1 runs a zero-weighted pad batch),
     the budget's trial k-means on each rank's share of whole weights, sensitivity-weighted
     k-means on the shards. The sensitivities file, the allocation and the LUTs equal one
     process's bit for bit; a second run loads its rows of the file (no forward, no trial k-means
-    changes the result)."""
+    changes the result). One rank (a 1-device mesh: DTensors, no peer) takes the same path."""
     def run(out: Path) -> list[dict]:
-        result = run_python("-m", "torch.distributed.run", "--nproc_per_node=2",
+        result = run_python("-m", "torch.distributed.run", f"--nproc_per_node={ranks_n}",
                             f"--master_port={_free_port()}", str(SCRIPTS / "fsdp2_engine.py"),
                             "--out", str(out), "--calibration", "3", "--budget", "7.6",
                             "--calibration-path", str(tmp_path / "sens.pt"), timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
-        return _ranks(out)
+        return [json.loads((out / f"rank{r}.json").read_text()) for r in range(ranks_n)]
 
     ranks = run(tmp_path / "computed")
     reference = _single_process_accuracy(3, 7.6, tmp_path / "reference_sens.pt")
     _, uncalibrated = _single_process_step(lr=2.0)
     luts = lut_hash(reference.model)
     assert luts != uncalibrated                                    # the sensitivities mattered
-    assert [facts["lut_hash"] for facts in ranks] == [luts, luts]
+    assert [facts["lut_hash"] for facts in ranks] == [luts] * ranks_n
     for facts in ranks:
-        assert facts["calibration"]["batches"] == 3 and facts["calibration"]["world_size"] == 2
+        assert facts["calibration"]["batches"] == 3
+        assert facts["calibration"]["world_size"] == ranks_n
         assert facts["allocation"]["layers"] == reference.allocation.to_dict()["layers"]
     assert {x.n_bits for x in reference.allocation.layers} == {2, 4}  # a real choice was made
     saved, expected = (torch.load(tmp_path / name, weights_only=True)["sensitivities"]
@@ -259,8 +261,8 @@ def test_engine_calibration_and_budget_on_shards_match_one_process(tmp_path):
         assert torch.equal(saved[name], tensor), name
 
     loaded = run(tmp_path / "loaded")
-    assert [facts["calibration"]["source"] for facts in loaded] == ["loaded", "loaded"]
-    assert [facts["lut_hash"] for facts in loaded] == [luts, luts]
+    assert [facts["calibration"]["source"] for facts in loaded] == ["loaded"] * ranks_n
+    assert [facts["lut_hash"] for facts in loaded] == [luts] * ranks_n
 
 
 def test_sharded_sensitivities_normalize_as_the_whole_tensor():

@@ -49,6 +49,7 @@ from .structure import (
     fitted_layout,
     insert_parametrizations,
     resolve_module_configs,
+    type_before_parametrization,
 )
 from .tensors import (
     KMEANS_ENTRY,
@@ -142,6 +143,7 @@ __all__ = [
     "traceable_experts",
     "trial_bits",
     "trial_palettize",
+    "type_before_parametrization",
     "unpack_bits",
     "use_exportable_experts",
     "watch_weight_uses",

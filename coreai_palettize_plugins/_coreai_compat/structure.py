@@ -93,6 +93,18 @@ def resolve_module_configs(config: KMeansPalettizerConfig, model: nn.Module) -> 
     return resolved
 
 
+def type_before_parametrization(module: nn.Module) -> type:
+    """The module's class before ``register_parametrization`` (torch's
+    ``type_before_parametrizations`` takes the first base class, which is ``FSDPModule`` once
+    FSDP2's ``fully_shard`` has wrapped the parametrized module itself, e.g. accelerate's
+    lm_head group)."""
+    for cls in type(module).__mro__:
+        base = cls.__bases__[0] if cls.__bases__ else None
+        if base is not None and cls.__name__ == f"Parametrized{base.__name__}":
+            return base
+    return P.type_before_parametrizations(module)
+
+
 @contextlib.contextmanager
 def classes_before_parametrization(model: nn.Module) -> Iterator[None]:
     """Within the block, every parametrized module of ``model`` has its class from before
@@ -100,7 +112,7 @@ def classes_before_parametrization(model: nn.Module) -> Iterator[None]:
     swapped = [(m, type(m)) for m in model.modules() if P.is_parametrized(m)]
     try:
         for module, _ in swapped:
-            module.__class__ = P.type_before_parametrizations(module)
+            module.__class__ = type_before_parametrization(module)
         yield
     finally:
         for module, cls in swapped:

@@ -491,7 +491,7 @@ def apply_budget(scope: BudgetScope, budget: Any, dist: DistContext,
     """Rank 0 allocates, every rank applies the same allocation to ``scope.tensors`` (a failure
     stops all ranks)."""
     plain = None
-    sharded = dist.active and any(sharding.is_sharded(t.original) for t in scope.tensors)
+    sharded = any(sharding.is_sharded(t.original) for t in scope.tensors)  # (even on 1 rank)
     with dist.agree("palettize budget"):
         if sharded:  # FSDP2: every rank evaluates its share of the weights
             allocation = allocate(scope, budget, sensitivities, dist)

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.utils.parametrize as parametrize
 
-from .._coreai_compat import fitted_layout
+from .._coreai_compat import fitted_layout, type_before_parametrization
 from ..core._utils import one_line
 from ..engine.lifecycle import Palettization
 from ..integrations._synthetic import synthetic_candidates
@@ -335,7 +335,7 @@ def _plan(name: str, module: nn.Module, weight: torch.Tensor, tensor: Any) -> La
 
 
 def _type_name(module: nn.Module) -> str:
-    return parametrize.type_before_parametrizations(module).__name__
+    return type_before_parametrization(module).__name__
 
 
 def _resolved_configs(engine: Palettization, model: nn.Module) -> dict[str, Any]:

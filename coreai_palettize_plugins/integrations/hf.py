@@ -256,7 +256,7 @@ class PalettizationTrainerCallback(TrainerCallback):
         except integrity.IntegrityError:
             raise
         except RuntimeError as e:  # e.g. a PeftModel's checkpoint: transformers saves adapters only
-            raise RuntimeError(f"{e}{adapters.resume_hint(self.engine.adapters)}") from None
+            raise RuntimeError(f"{e}{adapters.resume_hint(self.engine.adapters)}") from e
         if state.global_step > 0:
             self._verify_resume(args, state)
         sample = self._inputs_from_dataset(self.engine.model,

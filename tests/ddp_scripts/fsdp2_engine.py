@@ -61,6 +61,9 @@ def main() -> None:
     mesh = init_device_mesh("cpu", (world,))
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh)
+    # accelerate's layout: the final norm and the (palettized) lm_head as one group, so the
+    # parametrized lm_head's own class is wrapped (FSDPParametrizedLinear)
+    fully_shard([model.model.norm, model.lm_head], mesh=mesh, reshard_after_forward=False)
     fully_shard(model, mesh=mesh)
     if args.build == "meta":
         record(args.out, rank, on_meta_after_shard=all(p.is_meta for p in model.parameters()))
