@@ -208,6 +208,8 @@ def test_packed_strategies_clustered_before_sharding_match_one_process(tmp_path,
         assert not [n for n in moved if n in before], moved
     assert (tmp_path / "export" / "palettized.safetensors").is_file()
 
+    if (training, adapters) != ("frozen", 0):
+        return
     refused = run_python("-m", "torch.distributed.run", "--nproc_per_node=2",
                          f"--master_port={_free_port()}", str(SCRIPTS / "fsdp2_engine.py"),
                          "--out", str(tmp_path / "after"), *flags, timeout=300)
@@ -260,6 +262,8 @@ def test_engine_calibration_and_budget_on_shards_match_one_process(tmp_path, ran
     for name, tensor in expected.items():
         assert torch.equal(saved[name], tensor), name
 
+    if ranks_n == 1:
+        return
     loaded = run(tmp_path / "loaded")
     assert [facts["calibration"]["source"] for facts in loaded] == ["loaded"] * ranks_n
     assert [facts["lut_hash"] for facts in loaded] == [luts] * ranks_n
