@@ -9,13 +9,16 @@ and replicates the fake-palettize buffers: the LUTs (``centroids``) are full on 
 k-means on sharded weights (``cluster``):
 
 - **local**: when a weight's LUT groups lie along dim 0 (``per_grouped_channel``, axis 0, scalar
-  LUTs) and every rank's row range starts on a group boundary, each rank clusters the rows it
-  holds; the LUT pieces are all-gathered. No weight is gathered, and the k-means time divides by
-  the number of ranks.
+  LUTs), each rank clusters the groups that start on its shard, a group straddling the boundary
+  completed with the next rank's first rows (one all-gather for every weight's heads, and one
+  for every weight's LUT rows). No weight is gathered, and the k-means time divides by the
+  number of ranks. Calibration's sensitivities (sharded like the weight) travel the same way.
 - **gather**: otherwise one weight at a time is all-gathered (``full_tensor``), its owner (greedy
-  bin packing, as ``distributed.plan_owners``) keeps it, clusters it, and broadcasts the state.
+  bin packing, as ``sharding.plan_owners``) keeps it, clusters it, and broadcasts the state.
 
 Both end bit-identical to a single-process run (scalar k-means is deterministic, per group).
+``frozen``/``lut`` and LoRA adapters cluster before sharding instead (their packed state is
+built from whole weights), which ``check_supported`` enforces.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from .. import _coreai_compat as compat
 from ..core import sharding
 from ..core.checks import PalettizeConfigError
 from ..core.dist_context import DistContext
+from ..core.sharding import is_sharded
 from . import distributed
 from .distributed import check_fsdp2 as check_supported
 
@@ -52,20 +56,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-
-
-def _dtensor() -> type | None:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without DTensor
-        return None
-    return DTensor
-
-
-def is_sharded(tensor: torch.Tensor) -> bool:
-    """A ``DTensor`` (a parameter FSDP2 sharded)."""
-    dtensor = _dtensor()
-    return dtensor is not None and isinstance(tensor, dtensor)
 
 
 def model_is_sharded(model: nn.Module) -> bool:
@@ -164,12 +154,6 @@ def map_dense_state_dict(tensors: Sequence[compat.PalettizedTensor],
 # ---------------------------------------------------------------- k-means on shards
 
 
-def _row_ranges(rows: int, world: int) -> list[tuple[int, int]]:
-    """Each rank's ``[start, end)`` rows under FSDP2's ``Shard(0)`` (``torch.chunk`` sizes)."""
-    chunk = -(-rows // world)
-    return [(min(r * chunk, rows), min((r + 1) * chunk, rows)) for r in range(world)]
-
-
 def _group_rows(t: compat.PalettizedTensor, weight: Any) -> list[tuple[int, int]] | None:
     """Each rank's ``[start, end)`` rows of whole LUT groups: the groups that start on its dim-0
     shard, completed by the first rows of the next rank's shard when a group straddles the
@@ -184,7 +168,7 @@ def _group_rows(t: compat.PalettizedTensor, weight: Any) -> list[tuple[int, int]
             or weight.device_mesh.size() != distributed.world_size()
             or tuple(weight.placements) != (Shard(0),) or weight.shape[0] % group):
         return None
-    ranges = _row_ranges(weight.shape[0], weight.device_mesh.size())
+    ranges = sharding.row_ranges(weight.shape[0], weight.device_mesh.size())
     starts = [-(-start // group) * group for start, _ in ranges]  # first group starting here
     if any(first > end for first, (_, end) in zip(starts, ranges)):
         return None  # a shard shorter than the tail of the group straddling into it
@@ -204,7 +188,7 @@ def _rows_of_groups(items: list[tuple[torch.Tensor, int, list[tuple[int, int]]]]
     device = distributed._comm_device()
     layout, slabs = [], []
     for local, total_rows, plan in items:
-        ranges = _row_ranges(total_rows, world)
+        ranges = sharding.row_ranges(total_rows, world)
         heads = [first - start for (start, _), (first, _) in zip(ranges, plan)]
         row_bytes = math.prod(local.shape[1:]) * local.element_size()
         slab = torch.zeros(max(heads) * row_bytes, dtype=torch.uint8)
