@@ -454,3 +454,25 @@ def test_budget_resume_loads_into_placeholders_of_another_width(monkeypatch):
     assert lut_hash(model) == lut_hash(trained)
     assert ([(x.name, x.n_bits) for x in resumed.allocation.layers]
             == [(x.name, x.n_bits) for x in first.allocation.layers])
+
+
+def test_placeholders_a_state_dict_load_marked_clustered_are_clustered_on_a_fresh_run():
+    """accelerate's ``cpu_ram_efficient_loading`` broadcasts rank 0's state dict at wrap time,
+    placeholder LUTs included, and coreai-opt marks every loaded LUT clustered: on a fresh run
+    (HF ``global_step == 0``) those all-zero LUTs are forgotten, and k-means runs."""
+    from coreai_palettize_plugins.engine.fsdp import forget_placeholders, placeholder_centroids
+
+    inputs = {"input_ids": torch.zeros(1, 8, dtype=torch.long)}
+    engine = Palettization("w4", export_formats=[])
+    model = tiny_llama()
+    engine.attach(model, inputs)
+    placeholder_centroids(engine.tensors())
+    model.load_state_dict(model.state_dict())                  # as accelerate's broadcast
+    assert all(t.initialized for t in engine.tensors())       # coreai-opt took them as LUTs
+    assert sorted(forget_placeholders(engine.tensors())) == sorted(
+        t.name for t in engine.tensors())
+    engine.ensure_clustered()
+    reference = tiny_llama()
+    Palettization("w4", export_formats=[]).prepare(reference, inputs)
+    assert lut_hash(model) == lut_hash(reference)
+    assert forget_placeholders(engine.tensors()) == []        # real LUTs are never forgotten
