@@ -14,6 +14,8 @@ import torch.nn.utils.parametrize as P
 from coreai_opt.palettization import KMeansPalettizer
 from coreai_opt.palettization.kmeans.kmeans_fake_palettize import _KMeansFakePalettize
 
+from ..core.sharding import is_sharded
+
 __all__ = [
     "KMEANS_ENTRY", "PalettizedTensor", "defer_clustering", "deferred", "end_deferral",
     "fake_palettized_tensors", "get_step", "is_palettized_state", "is_prepared",
@@ -181,6 +183,19 @@ def meta_like(weight: torch.Tensor) -> torch.Tensor:
     """A meta copy of ``weight`` for shape-only work; of the global shape for an FSDP2
     ``DTensor`` (its own meta copy would dispatch every op through DTensor's sharding
     propagation: ~40 ms per weight)."""
-    if hasattr(weight, "to_local") and hasattr(weight, "placements"):
+    if is_sharded(weight):
         return torch.empty(tuple(weight.shape), dtype=weight.dtype, device="meta")
     return weight.detach().to("meta")
+
+
+def is_placeholder(fake: _KMeansFakePalettize) -> bool:
+    """A zero LUT not clustered yet (FSDP2: a sharded checkpoint restores only into keys the
+    model has, so each weight gets one before k-means)."""
+    return fake.centroids is not None and not fake._centroids_initialized
+
+
+def set_placeholder(fake: _KMeansFakePalettize, shape: Any, dtype: torch.dtype,
+                    device: torch.device) -> None:
+    """Give ``fake`` a placeholder LUT of ``shape`` (zeros, marked not clustered)."""
+    fake.centroids = torch.zeros(tuple(shape), dtype=dtype, device=device)
+    fake._centroids_initialized = False

@@ -8,7 +8,7 @@ from coreai_opt.inspection._bpw_utils import tensor_storage_bits
 from coreai_opt.palettization.kmeans.kmeans_fake_palettize import _KMeansFakePalettize
 from coreai_opt.palettization.spec import PerGroupedChannelGranularity, PerTensorGranularity
 
-from .tensors import PalettizedTensor, meta_like
+from .tensors import PalettizedTensor, is_placeholder, meta_like, set_placeholder
 
 __all__ = ["granularity_for", "lut_count", "respec", "respec_tensor", "trial_bits",
            "trial_palettize"]
@@ -94,12 +94,10 @@ def respec_tensor(tensor: PalettizedTensor, n_bits: int, granularity) -> None:
     from .layouts import centroids_shape
 
     fake = tensor.fake
-    placeholder = fake.centroids is not None and not fake._centroids_initialized
+    placeholder = is_placeholder(fake)
     if placeholder:
         fake.centroids = None
     respec(fake, n_bits, granularity)
     if placeholder:
-        weight = tensor.original
-        fake.centroids = torch.zeros(centroids_shape(tensor), dtype=weight.dtype,
-                                     device=weight.device)
-        fake._centroids_initialized = False
+        set_placeholder(fake, centroids_shape(tensor), tensor.original.dtype,
+                        tensor.original.device)

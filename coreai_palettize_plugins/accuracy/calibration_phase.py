@@ -133,7 +133,7 @@ def _compute_everywhere(model: nn.Module, provider: Callable[[], CalibrationData
         with core._calibration_mode(model, params), progress:
             if sharded:  # FSDP2: the sums of this rank's rows, over every rank's batches
                 sums, n_batches, n_samples = core._accumulate_sharded(
-                    tensors, data.loss, batches, lambda: _pad_batch(data, settings), dist,
+                    tensors, data.loss, batches, lambda: _pad_batch(data), dist,
                     progress)
             else:
                 sums, n_batches, n_samples = core._accumulate(params, data.loss, batches,
@@ -157,7 +157,7 @@ def _compute_everywhere(model: nn.Module, provider: Callable[[], CalibrationData
                                   dist.world_size, settings.path, how)
 
 
-def _pad_batch(data: CalibrationData, settings: CalibrationSettings) -> tuple[int, Any]:
+def _pad_batch(data: CalibrationData) -> tuple[int, Any]:
     """A batch for a rank that ran out while others calibrate on (FSDP2: every rank must run as
     many forwards); its loss counts zero. The plan's first batch (a new loader iterator's)."""
     if _map_style(data):

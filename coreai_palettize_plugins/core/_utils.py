@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from .sharding import is_sharded
+
 __all__ = ["dtype_from_name", "dtype_name", "is_int", "one_line", "to_device", "unique_by_storage"]
 
 
@@ -46,7 +48,7 @@ def dtype_from_name(name: str) -> torch.dtype:
 
 
 def _storage_identity(t: torch.Tensor) -> tuple:
-    if type(t).__name__ == "DTensor" or hasattr(t, "to_local"):  # FSDP2: a tied pair is one object
+    if is_sharded(t):  # FSDP2: a tied pair is one object
         return ("sharded", id(t))
     return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape),
             tuple(t.stride()), t.dtype)

@@ -163,10 +163,9 @@ def _shape_placeholders(tensors: list[compat.PalettizedTensor], state_dict: Mapp
     for t in tensors:
         fake = t.fake
         value = state_dict.get(f"{prefix}{t.state_prefix}0.centroids")
-        if (isinstance(value, torch.Tensor) and fake.centroids is not None
-                and not fake._centroids_initialized and value.shape != fake.centroids.shape):
-            fake.centroids = torch.zeros(value.shape, dtype=fake.centroids.dtype,
-                                         device=fake.centroids.device)
+        if (isinstance(value, torch.Tensor) and compat.is_placeholder(fake)
+                and value.shape != fake.centroids.shape):
+            compat.set_placeholder(fake, value.shape, fake.centroids.dtype, fake.centroids.device)
 
 
 def loaded_from(model: nn.Module) -> str | None:

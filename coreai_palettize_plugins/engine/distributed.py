@@ -29,7 +29,7 @@ from .. import _coreai_compat as compat
 from ..core._utils import dtype_from_name, dtype_name
 from ..core.checks import PalettizeConfigError
 from ..core.dist_context import DistContext
-from ..core.sharding import plan_owners
+from ..core.sharding import comm_device, plan_owners
 from ..core.strategies import trains_dense_weight
 
 if TYPE_CHECKING:
@@ -189,12 +189,6 @@ def _progress_on_rank_zero() -> Iterator[None]:
             os.environ["TQDM_DISABLE"] = previous
 
 
-def _comm_device() -> torch.device:
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def cluster(palettizer, tensors: list[compat.PalettizedTensor], mode: str) -> ClusterStats:
     """k-means for ``tensors`` (those without centroids), once across all ranks."""
     world = world_size()
@@ -230,7 +224,7 @@ def _broadcast_results(tensors: list[compat.PalettizedTensor], owners: list[int]
     }
     all_meta: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(all_meta, local_meta)
-    device = _comm_device()
+    device = comm_device()
     by_name = {t.name: t for t in tensors}
     shipments: list[_Shipment] = []
     for owner, meta in enumerate(all_meta):

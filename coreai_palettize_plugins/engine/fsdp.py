@@ -88,9 +88,8 @@ def placeholder_centroids(tensors: Sequence[compat.PalettizedTensor]) -> None:
 
     for t in tensors:
         if t.fake.centroids is None:
-            t.fake.centroids = torch.zeros(centroids_shape(t), dtype=t.original.dtype,
-                                           device=t.original.device)
-            t.fake._centroids_initialized = False
+            compat.set_placeholder(t.fake, centroids_shape(t), t.original.dtype,
+                                   t.original.device)
 
 
 def forget_placeholders(tensors: Sequence[compat.PalettizedTensor]) -> list[str]:
@@ -185,7 +184,7 @@ def _rows_of_groups(items: list[tuple[torch.Tensor, int, list[tuple[int, int]]]]
     if not items:
         return []
     world, me = distributed.world_size(), distributed.rank()
-    device = distributed._comm_device()
+    device = sharding.comm_device()
     layout, slabs = [], []
     for local, total_rows, plan in items:
         ranges = sharding.row_ranges(total_rows, world)
@@ -315,7 +314,7 @@ def _gather_luts(items: list[tuple[compat.PalettizedTensor, list[tuple[int, int]
             block[:counts[me] * row] = t.fake.centroids.detach().reshape(-1).cpu().double()
         layout.append((t, shape, counts, row, block.numel()))
         mine.append(block)
-    device = distributed._comm_device()
+    device = sharding.comm_device()
     flat = torch.cat(mine).to(device)
     pieces = [torch.empty_like(flat) for _ in range(distributed.world_size())]
     dist.all_gather(pieces, flat)
@@ -423,13 +422,11 @@ def shape_placeholders_like(tensors: Sequence[compat.PalettizedTensor], checkpoi
     reshaped = []
     for t in tensors:
         fake = t.fake
-        if fake.centroids is None or fake._centroids_initialized:
+        if not compat.is_placeholder(fake):
             continue
         meta = saved.get(f"{prefix}{t.state_prefix}0.centroids")
         size = tuple(getattr(meta, "size", ()) or ())
         if size and size != tuple(fake.centroids.shape):
-            fake.centroids = torch.zeros(size, dtype=meta.properties.dtype,
-                                         device=fake.centroids.device)
-            fake._centroids_initialized = False
+            compat.set_placeholder(fake, size, meta.properties.dtype, fake.centroids.device)
             reshaped.append(t.name)
     return reshaped
